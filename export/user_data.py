@@ -1,0 +1,217 @@
+"""Event sequences, the user-level validation split and full-ranking metrics for the user tower.
+
+Torch-free (numpy only) so that later evaluations, e.g. of the ranking service, can reuse the
+same split, windows and metric definitions.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from clients.datasets import iter_events
+from services.fusion.pooling import (ACTION_INTERACT, ACTION_RATE, DEFAULT_ACTION_WEIGHT,
+                                     baseline_user_vec, rank_ages)
+
+# The user's most recent events, across platforms, the model sees (newest last).
+MAX_EVENTS = 50
+# Validation users: a fixed, seeded fraction of the users, held out from training entirely.
+VAL_FRACTION = 0.10
+SPLIT_SEED = 0
+UNKNOWN_PLATFORM = "<other>"
+HISTORY, HELDOUT_TARGET = "history", "heldout_target"
+K = 10
+
+
+@dataclass
+class UserSeq:
+    """One user's events, oldest first. `items` index the catalogue rows (item_vectors order);
+    the first `n_history` events have role=history, the rest are held-out targets."""
+    user_id: str
+    items: np.ndarray      # int64 [T]
+    platforms: np.ndarray  # int64 [T], platform vocab ids
+    actions: np.ndarray    # int64 [T], Action enum values
+    weights: np.ndarray    # float32 [T]
+    n_history: int
+
+
+def _action_and_weight(value: str) -> tuple[int, float]:
+    """Amazon rows say `interact`; MovieLens rows carry the 1..5 star rating."""
+    try:
+        return ACTION_RATE, float(value)
+    except ValueError:
+        return ACTION_INTERACT, DEFAULT_ACTION_WEIGHT[ACTION_INTERACT]
+
+
+def load_sequences(dataset: str, ids: list[tuple[str, str]]) -> tuple[list[dict], int]:
+    """Per-user raw sequences ordered by seq_index (else timestamp), and how many events were
+    dropped because their item is missing from the catalogue `ids`."""
+    row_of = {key: i for i, key in enumerate(ids)}
+    by_user: dict[str, list] = collections.defaultdict(list)
+    missing = 0
+    for ev in iter_events(dataset):
+        row = row_of.get((ev["platform"], ev["item_id"]))
+        if row is None:
+            missing += 1
+            continue
+        order = ev.get("seq_index") or ev.get("timestamp") or "0"
+        action, weight = _action_and_weight(ev["rating_or_action"])
+        by_user[ev["user_id"]].append((float(order), row, ev["platform"], action, weight,
+                                       ev.get("role") or HISTORY))
+    users = []
+    for user_id in sorted(by_user):
+        events = sorted(by_user[user_id], key=lambda e: e[0])
+        users.append({"user_id": user_id, "events": events})
+    return users, missing
+
+
+def split_users(user_ids: list[str], fraction: float = VAL_FRACTION,
+                seed: int = SPLIT_SEED) -> tuple[set[str], set[str]]:
+    """(train, validation) user ids: a seeded sample of `fraction` of the sorted ids."""
+    ordered = sorted(user_ids)
+    val = set(random.Random(seed).sample(ordered, round(fraction * len(ordered))))
+    return set(ordered) - val, val
+
+
+def platform_vocab(users: list[dict]) -> dict[str, int]:
+    """{platform: id}; 0 is any platform the training data does not have."""
+    names = sorted({e[2] for u in users for e in u["events"]})
+    return {UNKNOWN_PLATFORM: 0, **{name: i + 1 for i, name in enumerate(names)}}
+
+
+def to_seq(user: dict, vocab: dict[str, int]) -> UserSeq:
+    ev = user["events"]
+    roles = [e[5] for e in ev]
+    n_history = roles.index(HELDOUT_TARGET) if HELDOUT_TARGET in roles else len(ev)
+    return UserSeq(user["user_id"],
+                   np.array([e[1] for e in ev], dtype=np.int64),
+                   np.array([vocab.get(e[2], 0) for e in ev], dtype=np.int64),
+                   np.array([e[3] for e in ev], dtype=np.int64),
+                   np.array([e[4] for e in ev], dtype=np.float32), n_history)
+
+
+@dataclass
+class Windows:
+    """Model inputs for a set of (user, target) queries, left-padded to MAX_EVENTS; the ONNX
+    contract's layout (see export/user_tower.py) plus each query's target catalogue row."""
+    items: np.ndarray            # int64 [Q, L] catalogue rows (0 on padding)
+    platform_ids: np.ndarray     # int64 [Q, L]
+    action_ids: np.ndarray       # int64 [Q, L]
+    weights: np.ndarray          # float32 [Q, L]
+    ages: np.ndarray             # float32 [Q, L]
+    mask: np.ndarray             # float32 [Q, L]
+    target_platform: np.ndarray  # int64 [Q]
+    target_item: np.ndarray      # int64 [Q] catalogue row
+
+    def __len__(self) -> int:
+        return len(self.target_item)
+
+
+def heldout_windows(seqs: list[UserSeq], hide_target_platform: bool,
+                    max_events: int = MAX_EVENTS) -> Windows:
+    """One query per held-out target of each user: the input is the user's history rows (the
+    last `max_events`), without the target platform's events when `hide_target_platform`.
+    Targets whose input would be empty are skipped."""
+    rows = []
+    for s in seqs:
+        for t in range(s.n_history, len(s.items)):
+            keep = np.arange(s.n_history)
+            if hide_target_platform:
+                keep = keep[s.platforms[keep] != s.platforms[t]]
+            keep = keep[-max_events:]
+            if len(keep):
+                rows.append((s, keep, t))
+    q, L = len(rows), max_events
+    w = Windows(np.zeros((q, L), np.int64), np.zeros((q, L), np.int64),
+                np.zeros((q, L), np.int64), np.zeros((q, L), np.float32),
+                np.zeros((q, L), np.float32), np.zeros((q, L), np.float32),
+                np.zeros(q, np.int64), np.zeros(q, np.int64))
+    for r, (s, keep, t) in enumerate(rows):
+        n = len(keep)
+        w.items[r, L - n:] = s.items[keep]
+        w.platform_ids[r, L - n:] = s.platforms[keep]
+        w.action_ids[r, L - n:] = s.actions[keep]
+        w.weights[r, L - n:] = s.weights[keep]
+        w.ages[r, L - n:] = rank_ages(n)
+        w.mask[r, L - n:] = 1.0
+        w.target_platform[r] = s.platforms[t]
+        w.target_item[r] = s.items[t]
+    return w
+
+
+def baseline_vectors(w: Windows, item_vecs: np.ndarray) -> np.ndarray:
+    """Time-decayed mean pooling (services.fusion.pooling) of each window: float32 [Q, dim]."""
+    return baseline_user_vec(item_vecs[w.items], w.weights * w.mask, w.ages)
+
+
+def same_platform_baseline_vectors(w: Windows, item_vecs: np.ndarray) -> np.ndarray:
+    """The same pooling over the target platform's events of the window only, falling back to
+    the whole window when it has none (the per-platform vector a service would keep)."""
+    same = (w.platform_ids == w.target_platform[:, None]).astype(np.float32) * w.mask
+    use = np.where(same.sum(1, keepdims=True) > 0, same, w.mask)
+    # Ages are re-ranked within the events kept, as a per-platform profile would see them.
+    ages = np.flip(np.cumsum(np.flip(use, 1), 1), 1) - use
+    return baseline_user_vec(item_vecs[w.items], w.weights * use, ages)
+
+
+def rank_of_targets(user_vecs: np.ndarray, w: Windows, item_vecs: np.ndarray,
+                    catalogue: dict[int, np.ndarray], chunk: int = 512) -> np.ndarray:
+    """1-based rank of each target among its platform's whole catalogue by dot(user, item).
+
+    Ties count against the target (an item with the same score ranks above it), so identical
+    item texts cannot make a ranking look better than it is."""
+    ranks = np.zeros(len(w), dtype=np.int64)
+    for pid, rows in catalogue.items():
+        sel = np.flatnonzero(w.target_platform == pid)
+        mat = item_vecs[rows]
+        for c0 in range(0, len(sel), chunk):
+            q = sel[c0:c0 + chunk]
+            scores = user_vecs[q] @ mat.T
+            target = np.einsum("qd,qd->q", user_vecs[q], item_vecs[w.target_item[q]])
+            # The target itself is among the >= (1e-6 absorbs matmul vs einsum rounding).
+            ranks[q] = np.maximum((scores >= target[:, None] - 1e-6).sum(1), 1)
+    return ranks
+
+
+def rank_by_score(scores_by_platform: dict[int, np.ndarray], w: Windows,
+                  catalogue: dict[int, np.ndarray]) -> np.ndarray:
+    """1-based rank of each target under a user-independent score per catalogue row (e.g.
+    popularity); ties are broken by catalogue order, deterministically."""
+    ranks = np.zeros(len(w), dtype=np.int64)
+    for pid, rows in catalogue.items():
+        order = np.lexsort((np.arange(len(rows)), -scores_by_platform[pid]))
+        position = np.empty(len(rows), dtype=np.int64)
+        position[order] = np.arange(1, len(rows) + 1)
+        local = {int(r): i for i, r in enumerate(rows)}
+        for q in np.flatnonzero(w.target_platform == pid):
+            ranks[q] = position[local[int(w.target_item[q])]]
+    return ranks
+
+
+def metrics_from_ranks(ranks: np.ndarray, k: int = K) -> dict:
+    """Recall@k (one target per query, so = HR@k) and NDCG@k, averaged over queries."""
+    hit = ranks <= k
+    ndcg = np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
+    return {f"recall@{k}": float(hit.mean()), f"ndcg@{k}": float(ndcg.mean()),
+            "mrr": float((1.0 / ranks).mean()), "n": int(len(ranks))}
+
+
+def catalogue_rows(ids: list[tuple[str, str]], vocab: dict[str, int]) -> dict[int, np.ndarray]:
+    """{platform id: catalogue rows of that platform} for every platform in `vocab`."""
+    out: dict[int, list[int]] = collections.defaultdict(list)
+    for row, (platform, _) in enumerate(ids):
+        if platform in vocab:
+            out[vocab[platform]].append(row)
+    return {pid: np.array(rows, dtype=np.int64) for pid, rows in sorted(out.items())}
+
+
+def popularity(seqs: list[UserSeq], catalogue: dict[int, np.ndarray],
+               n_items: int) -> dict[int, np.ndarray]:
+    """Event counts of each catalogue row among `seqs`, per platform's catalogue."""
+    counts = np.zeros(n_items, dtype=np.float64)
+    for s in seqs:
+        np.add.at(counts, s.items, 1.0)
+    return {pid: counts[rows] for pid, rows in catalogue.items()}

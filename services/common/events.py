@@ -1,0 +1,101 @@
+"""Behaviour events as engines see them, and their validation (shared by fusion and ranking)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from dataclasses import dataclass
+
+from services.common.errors import InvalidInput
+from services.common.text import MAX_TEXT_CHARS, normalize_text
+
+PLATFORM_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MAX_ID_BYTES = 128
+MAX_FUTURE_MS = 24 * 3600 * 1000
+MAX_WEIGHT = 100.0
+# Longer item text is refused; shorter text is normalised and cut to MAX_TEXT_CHARS.
+MAX_RAW_TEXT_CHARS = 65536
+
+# Action ids are the crossrec.common.v1.Action enum numbers.
+ACTIONS = {1: "view", 2: "click", 3: "like", 4: "add_to_cart", 5: "purchase", 6: "rate",
+           7: "interact"}
+ACTION_IDS = {name: number for number, name in ACTIONS.items()}
+# Weight of an event whose weight is unset. For "rate" the weight is the 1..5 rating itself;
+# 3 is a neutral rating.
+DEFAULT_WEIGHT = {"view": 0.5, "click": 1.0, "like": 2.0, "add_to_cart": 2.0, "purchase": 3.0,
+                  "rate": 3.0, "interact": 1.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated, normalised event. `action` is the Action enum number."""
+    event_id: str
+    user_id: str
+    platform: str
+    action: int
+    item_id: str
+    item_text: str
+    event_time_ms: int
+    weight: float
+
+
+def _check_id(value: str, field: str, required: bool = True) -> None:
+    if not value:
+        if required:
+            raise InvalidInput(f"{field} is required, got an empty string")
+        return
+    size = len(value.encode("utf-8"))
+    if size > MAX_ID_BYTES:
+        raise InvalidInput(f"{field} must be at most {MAX_ID_BYTES} bytes, got {size}")
+
+
+def check_platform(platform: str, field: str = "platform") -> None:
+    if not PLATFORM_PATTERN.match(platform):
+        shown = platform if len(platform) <= 40 else platform[:40] + "..."
+        raise InvalidInput(f"{field} must match {PLATFORM_PATTERN.pattern}, got {shown!r}")
+
+
+def derived_event_id(user_id: str, platform: str, item_id: str, action: int,
+                     event_time_ms: int) -> str:
+    key = f"{user_id}\x1f{platform}\x1f{item_id}\x1f{action}\x1f{event_time_ms}"
+    return "d:" + hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def validate_event(event_id: str, user_id: str, platform: str, action: int, item_id: str,
+                   item_text: str, event_time_ms: int, weight: float | None, *, field: str,
+                   now_ms: int | None = None, require_user: bool = True) -> Event:
+    """Check one event's fields and return it normalised; InvalidInput names `field`.<name>.
+
+    `weight` None means unset (the action's default). Time 0 means "now".
+    """
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    _check_id(user_id, f"{field}.user_id", required=require_user)
+    check_platform(platform, f"{field}.platform")
+    if action not in ACTIONS:
+        if action == 0:
+            raise InvalidInput(f"{field}.action must be set, got ACTION_UNSPECIFIED")
+        raise InvalidInput(f"{field}.action must be one of {sorted(ACTIONS)} "
+                           f"({', '.join(ACTIONS.values())}), got {action}")
+    _check_id(item_id, f"{field}.item_id")
+    if event_id:
+        _check_id(event_id, f"{field}.event_id")
+        if not event_id.isascii() or not event_id.isprintable():
+            raise InvalidInput(f"{field}.event_id must be printable ASCII")
+    if event_time_ms < 0:
+        raise InvalidInput(f"{field}.event_time_ms must be >= 0, got {event_time_ms}")
+    if event_time_ms > now_ms + MAX_FUTURE_MS:
+        raise InvalidInput(f"{field}.event_time_ms must be at most 24 h in the future "
+                           f"(<= {now_ms + MAX_FUTURE_MS}), got {event_time_ms}")
+    time_ms = event_time_ms or now_ms
+    if weight is None:
+        weight = DEFAULT_WEIGHT[ACTIONS[action]]
+    elif not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+        raise InvalidInput(f"{field}.weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
+    if len(item_text) > MAX_RAW_TEXT_CHARS:
+        raise InvalidInput(f"{field}.item_text must be at most {MAX_RAW_TEXT_CHARS} characters, "
+                           f"got {len(item_text)}")
+    text = normalize_text(item_text)
+    event_id = event_id or derived_event_id(user_id, platform, item_id, action, time_ms)
+    return Event(event_id, user_id, platform, action, item_id, text, time_ms, float(weight))

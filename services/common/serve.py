@@ -1,0 +1,218 @@
+"""The serve loop every crossrec server shares: flags with env twins, JSON logs, health,
+reflection, bounded concurrency, undecodable-request handling and graceful shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from google.protobuf import message as pb_message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import EngineError, status_name
+from services.common.wire import find_bad_field
+
+log = logging.getLogger("crossrec")
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def env_name(flag: str) -> str:
+    """Env twin of a flag: --model-repo -> CROSSREC_MODEL_REPO."""
+    return "CROSSREC_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, default, help: str, type=None):
+    """A flag whose default comes from its env twin when set, else `default`."""
+    kind = type or default.__class__
+    env = os.environ.get(env_name(flag))
+    if kind is bool:
+        value = default if env is None else env.lower() in ("1", "true", "yes", "on")
+        parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction,
+                            help=f"{help} (env {env_name(flag)})")
+    else:
+        value = default if env is None else kind(env)
+        parser.add_argument(flag, default=value, type=kind,
+                            help=f"{help} [default: %(default)s] (env {env_name(flag)})")
+
+
+def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+    add_flag(parser, "--host", "127.0.0.1", "address to bind; 0.0.0.0 in containers")
+    add_flag(parser, "--port", default_port, "port to bind; 0 picks a free one")
+    add_flag(parser, "--port-file", "", "write the bound port to this file once serving")
+    add_flag(parser, "--workers", 64, "gRPC handler threads")
+    add_flag(parser, "--max-concurrent-rpcs", 512,
+             "RPCs accepted at once; more are refused with RESOURCE_EXHAUSTED")
+    add_flag(parser, "--grace-s", 10.0, "seconds in-flight RPCs get to finish on SIGTERM")
+    add_flag(parser, "--log-level", "INFO", "DEBUG, INFO, WARNING, ERROR")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname,
+                 "logger": record.name, "msg": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def abort_on_error(context: grpc.ServicerContext, err: Exception):
+    """Abort the RPC with the status the errors table gives `err` (raises)."""
+    name = status_name(err)
+    if name == "INTERNAL":
+        log.exception("internal error")
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}")
+    context.abort(getattr(grpc.StatusCode, name), str(err))
+
+
+def engine_call(context: grpc.ServicerContext, fn: Callable, *args, **kwargs):
+    """Run an engine call, mapping EngineError and anything unexpected to a gRPC status."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - every error becomes a status, never a crash
+        if not isinstance(err, EngineError):
+            log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
+        abort_on_error(context, err)
+
+
+def wait_for(fn: Callable, timeout_s: float, what: str):
+    """Call `fn` until it stops raising EngineError (a dependency still starting), bounded."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    while True:
+        try:
+            return fn()
+        except EngineError as err:
+            if time.monotonic() + delay > deadline:
+                raise RuntimeError(f"{what} not ready after {timeout_s:.0f} s: {err}") from None
+            log.info("waiting for dependency", extra={"fields": {"what": what, "error": str(err)}})
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class _Undecodable:
+    """Stands for a request that failed to parse; the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, field: str):
+        self.field = field
+
+
+class DecodeErrorInterceptor(grpc.ServerInterceptor):
+    """Turns a request that does not parse (e.g. invalid UTF-8 in a string) into
+    INVALID_ARGUMENT naming the field, instead of grpc's generic INTERNAL."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except pb_message.DecodeError:
+                field = find_bad_field(descriptor, data) if descriptor else "request"
+                return _Undecodable(field or "request")
+
+        def reject(bad: _Undecodable, context):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{bad.field}: not valid UTF-8 or malformed protobuf")
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            def unary_unary(request, context):
+                if isinstance(request, _Undecodable):
+                    reject(request, context)
+                return inner(request, context)
+            return handler._replace(request_deserializer=tolerant, unary_unary=unary_unary)
+        if handler.stream_unary:
+            inner_stream = handler.stream_unary
+
+            def stream_unary(request_iterator, context):
+                def checked():
+                    for request in request_iterator:
+                        if isinstance(request, _Undecodable):
+                            reject(request, context)
+                        yield request
+                return inner_stream(checked(), context)
+            return handler._replace(request_deserializer=tolerant, stream_unary=stream_unary)
+        return handler
+
+
+def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server], list[str]],
+          load: Callable[[], object], interceptors: tuple = ()) -> int:
+    """Bind, answer health NOT_SERVING while `load()` runs, then SERVING until SIGTERM/SIGINT.
+
+    `register(server)` adds the servicers and returns their full service names; `load()` loads
+    and warms the engine and returns it (it is closed on shutdown). Returns the exit code.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix=name),
+        interceptors=(DecodeErrorInterceptor(),) + tuple(interceptors),
+        maximum_concurrent_rpcs=args.max_concurrent_rpcs,
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.so_reuseport", 0)])
+    services = register(server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ["", *services]:
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        log.error("could not bind %s:%s", args.host, args.port)
+        return 1
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    log.info("listening", extra={"fields": {"service": name, "host": args.host, "port": port}})
+
+    started = time.monotonic()
+    try:
+        engine = load()
+    except Exception:
+        log.exception("loading failed")
+        server.stop(0)
+        return 1
+    for service in ["", *services]:
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    if args.port_file:
+        tmp = Path(args.port_file).with_suffix(".tmp")
+        tmp.write_text(str(port))
+        os.replace(tmp, args.port_file)
+    log.info("serving", extra={"fields": {"service": name, "port": port,
+                                           "load_s": round(time.monotonic() - started, 2)}})
+
+    stop.wait()
+    log.info("draining", extra={"fields": {"service": name, "grace_s": args.grace_s}})
+    health_servicer.enter_graceful_shutdown()
+    server.stop(args.grace_s).wait()
+    close = getattr(engine, "close", None)
+    if close:
+        close()
+    log.info("stopped", extra={"fields": {"service": name}})
+    return 0

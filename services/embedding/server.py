@@ -1,0 +1,141 @@
+"""Embedding gRPC server: `python -m services.embedding.server --port 0 --port-file F`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+from crossrec.common.v1 import common_pb2
+from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from services.common import modelrepo
+from services.common.errors import NotReady
+from services.common.serve import add_flag, add_server_flags, engine_call, serve, setup_logging
+from services.embedding.batcher import DynamicBatcher
+from services.embedding.engine import EmbeddingEngine
+
+log = logging.getLogger("crossrec.embedding")
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class Config:
+    model_repo: str
+    model_name: str
+    model_version: int | None
+    device: str
+    intra_op_threads: int
+    max_texts_per_request: int
+    max_batch_size: int
+    max_batch_tokens: int
+    max_delay_ms: float
+    max_queue_texts: int
+
+
+class EmbeddingService:
+    """Engine + batcher: what the servicer calls. Built by load() after the port is bound."""
+
+    def __init__(self, config: Config):
+        model_dir = modelrepo.resolve(config.model_repo, config.model_name, config.model_version)
+        self.engine = EmbeddingEngine(model_dir, device=config.device,
+                                      intra_op_threads=config.intra_op_threads,
+                                      max_texts_per_request=config.max_texts_per_request)
+        self.engine.warmup()
+        batch_size = config.max_batch_size
+        self.batcher = DynamicBatcher(lambda items: self.engine.run_sorted(items, batch_size),
+                                      max_batch_size=batch_size,
+                                      max_batch_tokens=config.max_batch_tokens,
+                                      max_delay_ms=config.max_delay_ms,
+                                      max_queue_texts=config.max_queue_texts)
+
+    def embed(self, texts: list[str], budget_s: float | None):
+        """(float32 [n, dim], encodings) for `texts`, through the batcher."""
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        self.engine.validate(texts)
+        encoded = self.engine.tokenize(texts)
+        return self.batcher(encoded, [len(e.ids) for e in encoded], deadline), encoded
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    def __init__(self, config: Config):
+        self.config = config
+        self.service: EmbeddingService | None = None
+
+    def _ready(self) -> EmbeddingService:
+        if self.service is None:
+            raise NotReady("embedding model is still loading")
+        return self.service
+
+    def _model(self) -> common_pb2.ModelRef:
+        engine = self._ready().engine
+        return common_pb2.ModelRef(name=engine.name, version=engine.version)
+
+    def Embed(self, request, context):
+        texts = list(request.texts)
+        vectors, encoded = engine_call(
+            context, lambda: self._ready().embed(texts, context.time_remaining()))
+        return embedding_pb2.EmbedResponse(
+            embeddings=[embedding_pb2.Embedding(values=v.tolist(), token_count=len(e.ids),
+                                                truncated=e.truncated)
+                        for v, e in zip(vectors, encoded)],
+            dim=vectors.shape[1], model=engine_call(context, self._model))
+
+    def ModelInfo(self, request, context):
+        service = engine_call(context, self._ready)
+        engine = service.engine
+        return embedding_pb2.ModelInfoResponse(
+            model=self._model(), dim=engine.dim, max_sequence_tokens=engine.max_tokens,
+            max_texts_per_request=engine.max_texts_per_request, provider=engine.provider,
+            source_model=str(engine.meta.get("source_model", "")),
+            precision=engine.meta.get("precision", "fp32"))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_server_flags(parser, DEFAULT_PORT)
+    add_flag(parser, "--model-repo", "models", "model repository directory")
+    add_flag(parser, "--model-name", "encoder", "model to serve: encoder (fp32) or encoder_int8")
+    add_flag(parser, "--model-version", 0, "version to serve; 0 = the highest")
+    add_flag(parser, "--device", "auto", "auto (CUDA when available), cpu or cuda")
+    add_flag(parser, "--intra-op-threads", 0, "ONNX Runtime threads per call; 0 = one per core")
+    add_flag(parser, "--max-texts-per-request", 256, "most texts one Embed call may carry")
+    add_flag(parser, "--max-batch-size", 64, "most texts in one model call; 1 disables batching")
+    add_flag(parser, "--max-batch-tokens", 16384, "most padded tokens (texts x longest) per call")
+    add_flag(parser, "--max-delay-ms", 2.0, "longest a request waits for others to join its batch")
+    add_flag(parser, "--max-queue-texts", 4096, "texts queued at most; beyond: RESOURCE_EXHAUSTED")
+    args = parser.parse_args(argv)
+    if args.max_texts_per_request > args.max_queue_texts:
+        parser.error("--max-texts-per-request must not exceed --max-queue-texts")
+    config = Config(model_repo=args.model_repo, model_name=args.model_name,
+                    model_version=args.model_version or None, device=args.device,
+                    intra_op_threads=args.intra_op_threads,
+                    max_texts_per_request=args.max_texts_per_request,
+                    max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                    max_delay_ms=args.max_delay_ms, max_queue_texts=args.max_queue_texts)
+    return args, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, config = parse_args(argv)
+    setup_logging(args.log_level)
+    log.info("config", extra={"fields": vars(config)})
+    servicer = EmbeddingServicer(config)
+
+    def register(server):
+        embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(servicer, server)
+        return [embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name]
+
+    def load():
+        servicer.service = EmbeddingService(config)
+        return servicer.service
+
+    return serve("embedding", args, register, load)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

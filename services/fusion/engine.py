@@ -1,0 +1,176 @@
+"""Fusion engine: validates and stores behaviour events, and fuses a user's history on every
+platform into user vectors (per platform, overall, and as seen by one platform)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from services.common.errors import BudgetSpent, InvalidInput
+from services.common.events import Event, validate_event
+from services.fusion.model import Window
+from services.fusion.store import ItemKey, ProfileStore
+
+log = logging.getLogger("crossrec.fusion")
+
+MAX_BATCH_EVENTS = 1000
+MAX_SESSION_EVENTS = 100
+MAX_RECENT_EVENTS = 200
+
+# (texts, budget_s) -> float32 [n, dim] L2-normalised vectors
+EmbedFn = Callable[[list[str], "float | None"], np.ndarray]
+
+
+@dataclass
+class PlatformView:
+    platform: str
+    vector: np.ndarray
+    event_count: int
+    last_seen_ms: int
+    fusion_weight: float
+
+
+@dataclass
+class Profile:
+    """A user's fused state. Vectors are float32 [dim], L2-normalised; None when unknown."""
+    user_id: str
+    known: bool
+    dim: int
+    platforms: list[PlatformView] = field(default_factory=list)
+    fused: np.ndarray | None = None
+    for_platform: str = ""
+    for_platform_vector: np.ndarray | None = None
+    total_events: int = 0
+    # (event, item vector, weight in the for_platform (else fused) vector), newest first
+    recent: list[tuple[Event, np.ndarray, float]] = field(default_factory=list)
+
+
+def raw_event(e) -> dict:
+    """Keyword arguments of validate_event from anything with BehaviorEvent's fields."""
+    return dict(event_id=e.event_id, user_id=e.user_id, platform=e.platform, action=e.action,
+                item_id=e.item_id, item_text=e.item_text, event_time_ms=e.event_time_ms,
+                weight=e.weight if getattr(e, "has_weight", False) else None)
+
+
+class FusionEngine:
+    """Plain-Python core of the fusion service (no grpc). Thread-safe."""
+
+    def __init__(self, store: ProfileStore, embed: EmbedFn, model, dim: int):
+        self.store = store
+        self.embed = embed
+        self.model = model
+        self.dim = dim
+
+    # --- ingest ---------------------------------------------------------------------------
+    def validate(self, raw: Sequence[dict], field_name: str, require_user: bool = True,
+                 limit: int = MAX_BATCH_EVENTS) -> list[Event]:
+        """Validate every event (all-or-nothing); InvalidInput names `field_name`[i].field."""
+        if not raw and require_user:
+            raise InvalidInput(f"{field_name} must hold at least 1 event, got 0")
+        if len(raw) > limit:
+            raise InvalidInput(f"{field_name} must hold at most {limit} events, got {len(raw)}")
+        now_ms = int(time.time() * 1000)
+        return [validate_event(**r, field=f"{field_name}[{i}]", now_ms=now_ms,
+                               require_user=require_user) for i, r in enumerate(raw)]
+
+    def _item_vectors(self, events: list[Event], field_name: str, budget_s: float | None,
+                      cache_new: bool) -> tuple[list[Event], dict[ItemKey, np.ndarray]]:
+        """Fill empty texts from the cache and get a vector per item, embedding only items
+        whose text is new or changed. Returns (events with texts, {key: vector})."""
+        keys = list(dict.fromkeys((e.platform, e.item_id) for e in events))
+        cached = self.store.get_items(keys)
+        filled, texts = [], {}
+        for i, e in enumerate(events):
+            key = (e.platform, e.item_id)
+            if not e.item_text:
+                if key not in cached:
+                    raise InvalidInput(f"{field_name}[{i}].item_text is required for an item "
+                                       f"not seen before ({e.platform}/{e.item_id})")
+                e = Event(e.event_id, e.user_id, e.platform, e.action, e.item_id,
+                          cached[key][0], e.event_time_ms, e.weight)
+            filled.append(e)
+            texts.setdefault(key, e.item_text)
+        missing = [k for k, t in texts.items() if k not in cached or cached[k][0] != t]
+        vectors = {k: v for k, (_, v) in cached.items()}
+        if missing:
+            embedded = self.embed([texts[k] for k in missing], budget_s)
+            fresh = {k: (texts[k], embedded[j]) for j, k in enumerate(missing)}
+            if cache_new:
+                self.store.put_items(fresh)
+            vectors.update({k: v for k, (_, v) in fresh.items()})
+        return filled, vectors
+
+    def ingest(self, raw: Sequence[dict], budget_s: float | None = None) -> tuple[int, int]:
+        """Validate, embed new item texts and store a batch durably: (accepted, duplicates).
+
+        All-or-nothing: an invalid event rejects the batch before anything is written.
+        """
+        started = time.monotonic()
+        events = self.validate(raw, "events")
+        events, _ = self._item_vectors(events, "events", budget_s, cache_new=True)
+        left = None if budget_s is None else budget_s - (time.monotonic() - started)
+        if left is not None and left <= 0:
+            raise BudgetSpent("deadline passed before the events were stored; none were")
+        return self.store.append(events, timeout_s=None)
+
+    def delete_user(self, user_id: str) -> int:
+        if not user_id:
+            raise InvalidInput("user_id is required, got an empty string")
+        return self.store.delete_user(user_id)
+
+    # --- profile --------------------------------------------------------------------------
+    def profile(self, user_id: str, for_platform: str = "", session: Sequence[dict] = (),
+                recent_limit: int = 0, budget_s: float | None = None) -> Profile:
+        """Fuse the user's stored events plus `session` events (never stored) into vectors."""
+        if not user_id and not session:
+            raise InvalidInput("user_id is required unless session_events are given")
+        if for_platform:
+            from services.common.events import check_platform
+            check_platform(for_platform, "for_platform")
+        if not 0 <= recent_limit <= MAX_RECENT_EVENTS:
+            raise InvalidInput(f"recent_events_limit must be in 0..{MAX_RECENT_EVENTS}, "
+                               f"got {recent_limit}")
+        session_events = self.validate(list(session), "session_events", require_user=False,
+                                       limit=MAX_SESSION_EVENTS)
+        history = self.store.history(user_id) if user_id else {}
+        stored = [e for h in history.values() for e in h.events]
+        events = stored + session_events
+        profile = Profile(user_id=user_id, known=bool(events), dim=self.dim,
+                          for_platform=for_platform,
+                          total_events=sum(h.count for h in history.values()) + len(session_events))
+        if not events:
+            return profile
+        events, vectors = self._item_vectors(events, "session_events", budget_s, cache_new=False)
+        events.sort(key=lambda e: (e.event_time_ms, e.event_id))
+        window = Window.of(events[-self.model.max_events:], vectors)
+        platforms = sorted({e.platform for e in window.events})
+        targets = ["", *platforms] + ([for_platform] if for_platform else [])
+        windows = [window] + [window.only(p) for p in platforms] + ([window] if for_platform else [])
+        vecs, weights = self.model.encode(windows, targets)
+        profile.fused = vecs[0]
+        shares = {p: float(weights[0][[e.platform == p for e in window.events]].sum())
+                  for p in platforms}
+        for j, p in enumerate(platforms):
+            h = history.get(p)
+            session_here = [e for e in session_events if e.platform == p]
+            profile.platforms.append(PlatformView(
+                platform=p, vector=vecs[1 + j],
+                event_count=(h.count if h else 0) + len(session_here),
+                last_seen_ms=max([h.last_seen_ms if h else 0] +
+                                 [e.event_time_ms for e in session_here]),
+                fusion_weight=shares[p]))
+        if for_platform:
+            profile.for_platform_vector = vecs[-1]
+        if recent_limit:
+            explain = weights[-1]
+            order = np.argsort([-(e.event_time_ms) for e in window.events], kind="stable")
+            profile.recent = [(window.events[i], window.vectors[i], float(explain[i]))
+                              for i in order[:recent_limit]]
+        return profile
+
+    def close(self) -> None:
+        self.store.close()

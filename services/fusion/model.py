@@ -1,0 +1,109 @@
+"""User models behind one interface: the trained user tower (ONNX) and the untrained
+time-decayed mean pooling baseline. Both map event windows to L2-normalised user vectors in
+the item-text vector space, plus each event's weight in that vector (for explanations)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.common.events import Event
+from services.common.modelrepo import read_meta
+from services.fusion.pooling import HALF_LIFE_EVENTS, baseline_user_vec, rank_ages
+
+log = logging.getLogger("crossrec.fusion")
+
+
+@dataclass
+class Window:
+    """Events oldest first (newest last) and their item vectors float32 [n, dim]."""
+    events: list[Event]
+    vectors: np.ndarray
+
+    @classmethod
+    def of(cls, events: list[Event], vectors: dict) -> "Window":
+        dim = len(next(iter(vectors.values())))
+        stacked = (np.stack([vectors[(e.platform, e.item_id)] for e in events])
+                   if events else np.zeros((0, dim), np.float32))
+        return cls(events, stacked.astype(np.float32, copy=False))
+
+    def only(self, platform: str) -> "Window":
+        keep = [i for i, e in enumerate(self.events) if e.platform == platform]
+        return Window([self.events[i] for i in keep], self.vectors[keep])
+
+    def weights(self) -> np.ndarray:
+        return np.asarray([e.weight for e in self.events], dtype=np.float32)
+
+
+class BaselineUserModel:
+    """Untrained time-decayed mean pooling (services/fusion/pooling.py); ignores the target."""
+
+    name, version, baseline = "baseline_mean_pooling", 0, True
+
+    def __init__(self, max_events: int = 50):
+        self.max_events = max_events
+
+    def encode(self, windows: list[Window], targets: list[str]):
+        vecs, weights = [], []
+        for w in windows:
+            ages = rank_ages(len(w.events))
+            vecs.append(baseline_user_vec(w.vectors, w.weights(), ages))
+            raw = w.weights() * np.exp2(-ages / np.float32(HALF_LIFE_EVENTS))
+            weights.append(raw / max(float(raw.sum()), 1e-12))
+        return np.stack(vecs), weights
+
+
+class OnnxUserModel:
+    """The trained user tower (models/user_tower/<N>/), run by ONNX Runtime on the CPU."""
+
+    baseline = False
+
+    def __init__(self, model_dir: str | os.PathLike, intra_op_threads: int = 1):
+        import onnxruntime as ort
+        self.model_dir = Path(model_dir)
+        self.meta = read_meta(self.model_dir)
+        self.name = self.meta["name"]
+        self.version = int(self.meta["version"])
+        self.max_events = int(self.meta["max_events"])
+        self.dim = int(self.meta["dim"])
+        self.platform_ids: dict[str, int] = self.meta["platform_vocab"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(self.model_dir / "model.onnx"), options,
+                                            providers=["CPUExecutionProvider"])
+        log.info("user model loaded", extra={"fields": {
+            "model": self.name, "version": self.version, "platforms": self.platform_ids}})
+
+    def platform_id(self, platform: str) -> int:
+        """Vocabulary id; 0 for "" (no particular platform) and platforms unseen in training."""
+        return self.platform_ids.get(platform, 0)
+
+    def encode(self, windows: list[Window], targets: list[str]):
+        batch, length = len(windows), max(1, max(len(w.events) for w in windows))
+        item_vecs = np.zeros((batch, length, self.dim), np.float32)
+        platform_ids = np.zeros((batch, length), np.int64)
+        action_ids = np.zeros((batch, length), np.int64)
+        weights = np.zeros((batch, length), np.float32)
+        ages = np.zeros((batch, length), np.float32)
+        mask = np.zeros((batch, length), np.float32)
+        for b, w in enumerate(windows):
+            n = len(w.events)
+            if not n:
+                continue
+            at = slice(length - n, length)  # left padding: the newest event is last
+            item_vecs[b, at] = w.vectors
+            platform_ids[b, at] = [self.platform_id(e.platform) for e in w.events]
+            action_ids[b, at] = [e.action for e in w.events]
+            weights[b, at] = w.weights()
+            ages[b, at] = rank_ages(n)
+            mask[b, at] = 1.0
+        target = np.asarray([self.platform_id(t) for t in targets], np.int64)
+        vecs, event_weights = self.session.run(["user_vec", "event_weights"], {
+            "item_vecs": item_vecs, "platform_ids": platform_ids, "action_ids": action_ids,
+            "weights": weights, "ages": ages, "mask": mask, "target_platform": target})
+        return vecs, [event_weights[b, length - len(w.events):] for b, w in enumerate(windows)]

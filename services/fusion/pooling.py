@@ -1,0 +1,68 @@
+"""Torch-free user-vector pieces shared by export and the fusion service: the untrained
+time-decayed mean pooling baseline and the event-feature conventions of the user tower.
+
+Conventions (the user tower ONNX model is trained on exactly these; see export/user_tower.py):
+
+- An event window is a user's most recent events across platforms, oldest first, newest last.
+- `ages[i]` is the event's rank from the newest event *of the window fed*, in events: 0 for the
+  newest, 1 for the one before, ... (so for n real events, ages = n-1, ..., 1, 0). It is a
+  float so that a time-based age can replace it later; the trained model only knows ranks.
+- `weights[i]` is `BehaviorEvent.weight` when set, else `DEFAULT_ACTION_WEIGHT[action]`; for
+  ACTION_RATE it is the rating on the 1..5 scale. Weights are a multiplicative prior on how
+  much an event counts, in the baseline and in the model's attention alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Index = crossrec.common.v1.Action enum value; 0 (ACTION_UNSPECIFIED) is rejected upstream.
+ACTION_NAMES = ("ACTION_UNSPECIFIED", "ACTION_VIEW", "ACTION_CLICK", "ACTION_LIKE",
+                "ACTION_ADD_TO_CART", "ACTION_PURCHASE", "ACTION_RATE", "ACTION_INTERACT")
+ACTION_INTERACT = 7
+ACTION_RATE = 6
+
+# Weight of an event whose BehaviorEvent.weight is unset. Stronger intent counts more; a
+# review/log of unknown kind (all of the Amazon training data) is the unit. ACTION_RATE
+# without a weight is read as a neutral 3 of 5.
+DEFAULT_ACTION_WEIGHT = {
+    1: 0.5,   # VIEW
+    2: 1.0,   # CLICK
+    3: 2.0,   # LIKE
+    4: 2.0,   # ADD_TO_CART
+    5: 3.0,   # PURCHASE
+    6: 3.0,   # RATE (weight = rating 1..5 when given)
+    7: 1.0,   # INTERACT
+}
+
+# Recency half-life of the baseline, in events: an event 10 events older counts half as much.
+HALF_LIFE_EVENTS = 10.0
+
+
+def rank_ages(n: int) -> np.ndarray:
+    """float32 [n] ages of a window of `n` events ordered oldest first: n-1, ..., 1, 0."""
+    return np.arange(n - 1, -1, -1, dtype=np.float32)
+
+
+def event_weight(action: int, weight: float | None = None) -> float:
+    """The weight fed for one event: `weight` when given, else the action's default."""
+    if weight is not None:
+        return float(weight)
+    return DEFAULT_ACTION_WEIGHT[int(action)]
+
+
+def baseline_user_vec(item_vecs: np.ndarray, weights: np.ndarray, ages: np.ndarray,
+                      half_life: float = HALF_LIFE_EVENTS) -> np.ndarray:
+    """Time-decayed mean pooling: L2norm(sum_i weights_i * 0.5 ** (ages_i / half_life) * v_i).
+
+    item_vecs float [..., n, dim] (L2-normalised item text vectors), weights [..., n] (0 for
+    padding: a zero weight drops the event), ages [..., n] in the unit of `half_life` (events).
+    Returns float32 [..., dim], L2-normalised; all zeros where no event has a positive weight
+    (an unknown user has no vector).
+    """
+    item_vecs = np.asarray(item_vecs, dtype=np.float32)
+    w = np.asarray(weights, dtype=np.float32) * np.exp2(
+        -np.asarray(ages, dtype=np.float32) / np.float32(half_life))
+    pooled = np.einsum("...n,...nd->...d", w, item_vecs)
+    norm = np.linalg.norm(pooled, axis=-1, keepdims=True)
+    return np.where(norm > 0, pooled / np.maximum(norm, 1e-12), 0.0).astype(np.float32)

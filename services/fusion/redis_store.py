@@ -1,0 +1,361 @@
+"""Redis backend of the profile store: one Lua script per user write, cluster-compatible keys.
+
+Durability: the store relies on the server running with `appendonly yes` and
+`appendfsync always`. Redis then writes and fsyncs the append-only file before it sends the
+reply of a write (the reply waits in the client's output buffer until the fsync is done), so
+a write is on disk when its call returns. The constructor checks both settings with
+CONFIG GET and refuses to start otherwise unless `require_fsync=False` (for servers where
+CONFIG is disabled but known to fsync every write). Acknowledged writes can still be lost on
+a failover to an asynchronous replica; run a single primary, or accept that.
+
+Key layout (`<prefix>` defaults to "crossrec"; `<uh>` = blake2b-128 hex of the UTF-8 user id,
+so a user id holding `{` or `}` cannot change the hash tag; every key of one user lands in
+one cluster slot):
+
+    <prefix>:{u:<uh>}:ids              SET   event ids ever stored (dedupe)
+    <prefix>:{u:<uh>}:stats            HASH  n:<platform> all-time count,
+                                             t:<platform> last-seen event_time_ms,
+                                             user the raw user id
+    <prefix>:{u:<uh>}:platforms        SET   platforms with a recent key (no SCAN needed)
+    <prefix>:{u:<uh>}:recent:<platform> ZSET newest RECENT_PER_PLATFORM events;
+                                             score event_time_ms, member event_id NUL json
+    <prefix>:item:{<platform>:<item_id>} HASH text, vec (float32 bytes, native order)
+
+Members start with the event id followed by NUL (below every printable byte), so ties on
+time are ordered by event id bytes, exactly as SQLite orders (event_time_ms, event_id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+
+import numpy as np
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import NoScriptError
+from redis.retry import Retry
+
+from services.common.errors import NotReady, Overloaded
+from services.common.events import Event, check_platform
+from services.fusion.store import RECENT_PER_PLATFORM, PlatformHistory, ProfileStore
+
+_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# History and delete pass the user's platforms as KEYS; a platform added between reading the
+# set and running the script makes the script refuse, and the call re-reads. Platforms are few
+# and rarely new, so a handful of tries is plenty.
+_MAX_PLATFORM_RACES = 8
+
+# KEYS: ids, stats, platforms, recent:<p1>..recent:<pP>.
+# ARGV: keep, user_id, P, p1..pP, then per event: platform index (1..P), event_id, time_ms,
+# member. Returns the number of events accepted (not already in ids).
+_APPEND_LUA = """
+local keep = tonumber(ARGV[1])
+local n_platforms = tonumber(ARGV[3])
+local first = 4 + n_platforms
+local touched = {}
+local accepted = 0
+for i = first, #ARGV, 4 do
+  local p = tonumber(ARGV[i])
+  if redis.call('SADD', KEYS[1], ARGV[i + 1]) == 1 then
+    local platform = ARGV[3 + p]
+    local time_ms = ARGV[i + 2]
+    redis.call('ZADD', KEYS[3 + p], time_ms, ARGV[i + 3])
+    redis.call('HINCRBY', KEYS[2], 'n:' .. platform, 1)
+    local last = redis.call('HGET', KEYS[2], 't:' .. platform)
+    if (not last) or tonumber(last) < tonumber(time_ms) then
+      redis.call('HSET', KEYS[2], 't:' .. platform, time_ms)
+    end
+    touched[p] = true
+    accepted = accepted + 1
+  end
+end
+if accepted > 0 then
+  redis.call('HSET', KEYS[2], 'user', ARGV[2])
+end
+for p = 1, n_platforms do
+  if touched[p] then
+    redis.call('SADD', KEYS[3], ARGV[3 + p])
+    redis.call('ZREMRANGEBYRANK', KEYS[3 + p], 0, -keep - 1)
+  end
+end
+return accepted
+"""
+
+# Shared prologue of history and delete: KEYS as above with the platforms the caller read;
+# ARGV those platform names. -1 when the stored set has a platform the caller did not declare.
+_CHECK_PLATFORMS_LUA = """
+local declared = {}
+for i = 1, #ARGV do declared[ARGV[i]] = true end
+for _, platform in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if not declared[platform] then return -1 end
+end
+"""
+
+# Returns {stats as HGETALL, members of recent:<p1>, ..., members of recent:<pP>}.
+_HISTORY_LUA = _CHECK_PLATFORMS_LUA + """
+local out = {redis.call('HGETALL', KEYS[2])}
+for i = 4, #KEYS do
+  out[#out + 1] = redis.call('ZRANGE', KEYS[i], 0, -1)
+end
+return out
+"""
+
+# Returns the user's all-time event count (sum of n:<platform>) and deletes every key.
+_DELETE_LUA = _CHECK_PLATFORMS_LUA + """
+local stats = redis.call('HGETALL', KEYS[2])
+local total = 0
+for i = 1, #stats, 2 do
+  if string.sub(stats[i], 1, 2) == 'n:' then total = total + tonumber(stats[i + 1]) end
+end
+redis.call('DEL', unpack(KEYS))
+return total
+"""
+
+
+def _encode_member(e: Event) -> bytes:
+    payload = json.dumps([e.event_time_ms, e.action, e.weight, e.item_id],
+                         separators=(",", ":"), ensure_ascii=False)
+    return e.event_id.encode() + b"\x00" + payload.encode()
+
+
+def _decode_member(member: bytes, user_id: str, platform: str) -> Event:
+    # rpartition: the JSON tail never holds a raw NUL, so any NUL before it is the event id's.
+    event_id, _, payload = member.rpartition(b"\x00")
+    time_ms, action, weight, item_id = json.loads(payload)
+    return Event(event_id.decode(), user_id, platform, int(action), item_id, "", int(time_ms),
+                 float(weight))
+
+
+class RedisStore(ProfileStore):
+    """Profile store on one Redis primary (see the module docstring for durability and keys).
+
+    Per-user writes run as one Lua script, so each user's part of a batch is atomic; a batch
+    spanning users is one script call per user, pipelined in one round trip but not one
+    transaction: if Redis fails midway, some users' events may be stored and others not.
+    Re-sending the batch is safe (dedupe), though the retried call then counts the events
+    stored by the failed attempt as duplicates. The same holds for redis-py's own retry after
+    a connection error or a timeout.
+
+    Errors: NotReady when Redis is unreachable, times out, is loading, read-only or cannot
+    write its AOF (message "redis at HOST:PORT ..."), or when the store is closed; Overloaded
+    when all `max_connections` connections are busy.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "crossrec",
+                 require_fsync: bool = True, connect_timeout_s: float = 2.0,
+                 socket_timeout_s: float = 5.0, max_connections: int = 64):
+        if not _PREFIX_PATTERN.match(prefix):
+            raise ValueError(f"prefix must match {_PREFIX_PATTERN.pattern}, got {prefix!r}")
+        self.prefix = prefix
+        self._max_connections = max_connections
+        self._closed = False
+        # Few quick retries: a refused connection should surface as NotReady within a second.
+        retry = Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), retries=2)
+        pool = redis.ConnectionPool.from_url(
+            url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
+            max_connections=max_connections, retry=retry, health_check_interval=30)
+        kwargs = pool.connection_kwargs
+        self.where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        self._client = redis.Redis(connection_pool=pool)
+        self._append_script = self._client.register_script(_APPEND_LUA)
+        self._history_script = self._client.register_script(_HISTORY_LUA)
+        self._delete_script = self._client.register_script(_DELETE_LUA)
+        try:
+            with self._errors():
+                self._client.ping()
+                if require_fsync:
+                    self._check_fsync()
+        except BaseException:
+            pool.disconnect()
+            raise
+
+    def _check_fsync(self) -> None:
+        try:
+            config = self._client.config_get("append*")
+        except redis.ResponseError as err:
+            raise NotReady(f"redis at {self.where}: cannot check durability, CONFIG GET was "
+                           f"refused ({err}); pass require_fsync=False only if the server is "
+                           "known to run with appendonly yes and appendfsync always") from None
+        config = {_text(k): _text(v) for k, v in config.items()}
+        for name, wanted in (("appendonly", "yes"), ("appendfsync", "always")):
+            if config.get(name) != wanted:
+                raise NotReady(f"redis at {self.where} must run with {name} {wanted} so that a "
+                               f"write is fsynced before it is acknowledged, got "
+                               f"{name} {config.get(name)!r}; fix the server config or pass "
+                               "require_fsync=False to accept losing acknowledged events")
+
+    @contextmanager
+    def _errors(self):
+        if self._closed:
+            raise NotReady("profile store is closed")
+        try:
+            yield
+        except redis.exceptions.MaxConnectionsError:
+            raise Overloaded(f"all {self._max_connections} redis connections are busy; "
+                             "retry with backoff") from None
+        except redis.exceptions.BusyLoadingError as err:
+            raise NotReady(f"redis at {self.where} is loading its data: {err}") from err
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            raise NotReady(f"redis at {self.where} unreachable: {err}") from err
+        except (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError) as err:
+            raise NotReady(f"redis at {self.where} refused the write: {err}") from err
+        except redis.ResponseError as err:
+            if str(err).startswith(("MISCONF", "MASTERDOWN")):
+                raise NotReady(f"redis at {self.where} refused the write: {err}") from err
+            raise
+
+    # --- keys -----------------------------------------------------------------------------
+    def _user_keys(self, user_id: str) -> tuple[str, str, str]:
+        """The user's (ids, stats, platforms) keys; _recent_key derives the per-platform ones."""
+        tag = hashlib.blake2b(user_id.encode(), digest_size=16).hexdigest()
+        base = f"{self.prefix}:{{u:{tag}}}:"
+        return base + "ids", base + "stats", base + "platforms"
+
+    @staticmethod
+    def _recent_key(stats_key: str, platform: str) -> str:
+        return stats_key[:-len("stats")] + "recent:" + platform
+
+    def _item_key(self, platform: str, item_id: str) -> str:
+        # The platform pattern has no ':', which keeps (platform, item_id) -> key one-to-one.
+        check_platform(platform)
+        return f"{self.prefix}:item:{{{platform}:{item_id}}}"
+
+    # --- writes ---------------------------------------------------------------------------
+    def append(self, events: list[Event], timeout_s: float | None = None) -> tuple[int, int]:
+        """Store `events`; (accepted, duplicates) once fsynced. Atomic per user.
+
+        `timeout_s` is accepted for interface parity: each Redis call is bounded by
+        `socket_timeout_s` instead (a timed-out write may still have been applied).
+        """
+        by_user: dict[str, list[Event]] = defaultdict(list)
+        for e in events:
+            by_user[e.user_id].append(e)
+        calls = [self._append_call(user, user_events) for user, user_events in by_user.items()]
+        with self._errors():
+            results = self._pipeline_scripts(self._append_script, calls)
+        accepted = sum(int(r) for r in results)
+        return accepted, len(events) - accepted
+
+    def _append_call(self, user_id: str, events: list[Event]) -> tuple[list, list]:
+        ids, stats, platforms = self._user_keys(user_id)
+        names = list(dict.fromkeys(e.platform for e in events))
+        index = {name: i for i, name in enumerate(names, start=1)}
+        keys = [ids, stats, platforms, *(self._recent_key(stats, p) for p in names)]
+        args: list = [RECENT_PER_PLATFORM, user_id, len(names), *names]
+        for e in events:
+            args += [index[e.platform], e.event_id, int(e.event_time_ms), _encode_member(e)]
+        return keys, args
+
+    def _pipeline_scripts(self, script, calls: list[tuple[list, list]]) -> list:
+        """Run `script` once per (keys, args) in one non-transactional round trip.
+
+        EVALSHA straight into the pipeline: redis-py's pipeline script support would add a
+        SCRIPT EXISTS round trip per call. After a server restart or SCRIPT FLUSH the calls
+        answer NOSCRIPT without running; those (only) are re-sent after a SCRIPT LOAD.
+        """
+        results: list = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for attempt in range(2):
+            with self._client.pipeline(transaction=False) as pipe:
+                for i in pending:
+                    keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                answers = pipe.execute(raise_on_error=False)
+            retry = []
+            for i, answer in zip(pending, answers):
+                if isinstance(answer, NoScriptError) and attempt == 0:
+                    retry.append(i)
+                elif isinstance(answer, Exception):
+                    raise answer
+                else:
+                    results[i] = answer
+            if not retry:
+                break
+            script.sha = self._client.script_load(script.script)
+            pending = retry
+        return results
+
+    def delete_user(self, user_id: str) -> int:
+        """Remove every key of the user; the user's all-time event count (0: unknown)."""
+        with self._errors():
+            _, count = self._per_user_script(self._delete_script, user_id)
+        return int(count)
+
+    def put_items(self, items: dict[tuple[str, str], tuple[str, np.ndarray]]) -> None:
+        """Cache (text, vector) per (platform, item_id); vectors stored as float32 bytes.
+
+        InvalidInput for a platform outside events.PLATFORM_PATTERN (item keys rely on it).
+        """
+        if not items:
+            return
+        keyed = [(self._item_key(*key), text, np.asarray(vec, np.float32).tobytes())
+                 for key, (text, vec) in items.items()]
+        with self._errors(), self._client.pipeline(transaction=False) as pipe:
+            for key, text, blob in keyed:
+                pipe.hset(key, mapping={"text": text, "vec": blob})
+            pipe.execute()
+
+    # --- reads ----------------------------------------------------------------------------
+    def _per_user_script(self, script, user_id: str):
+        """(platforms, answer) of a history/delete script run with every key of the user
+        declared in KEYS, so that it stays within one cluster slot."""
+        ids, stats, platforms_key = self._user_keys(user_id)
+        for _ in range(_MAX_PLATFORM_RACES):
+            names = sorted(_text(p) for p in self._client.smembers(platforms_key))
+            keys = [ids, stats, platforms_key, *(self._recent_key(stats, p) for p in names)]
+            answer = script(keys=keys, args=names)
+            if answer != -1:
+                return names, answer
+        raise NotReady(f"redis at {self.where}: platforms of a user kept changing during "
+                       f"{_MAX_PLATFORM_RACES} tries; retry")
+
+    def history(self, user_id: str) -> dict[str, PlatformHistory]:
+        """Per platform: newest events oldest first (texts empty), count, last seen (ms)."""
+        with self._errors():
+            names, (stats, *recent) = self._per_user_script(self._history_script, user_id)
+        fields = {_text(stats[i]): stats[i + 1] for i in range(0, len(stats), 2)}
+        out: dict[str, PlatformHistory] = {}
+        for field, value in fields.items():
+            if field.startswith("n:"):
+                platform = field[2:]
+                out[platform] = PlatformHistory([], int(value),
+                                                int(fields.get("t:" + platform, 0)))
+        for platform, members in zip(names, recent):
+            if members:
+                events = [_decode_member(m, user_id, platform) for m in members]
+                out.setdefault(platform, PlatformHistory()).events.extend(events)
+        return out
+
+    def get_items(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str],
+                                                             tuple[str, np.ndarray]]:
+        """Cached (text, read-only float32 vector of shape (dim,)) for the cached keys.
+
+        InvalidInput for a platform outside events.PLATFORM_PATTERN.
+        """
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        redis_keys = [self._item_key(*key) for key in unique]
+        with self._errors(), self._client.pipeline(transaction=False) as pipe:
+            for key in redis_keys:
+                pipe.hmget(key, ["text", "vec"])
+            answers = pipe.execute()
+        return {key: (text.decode(), np.frombuffer(blob, dtype=np.float32))
+                for key, (text, blob) in zip(unique, answers)
+                if text is not None and blob is not None}
+
+    def close(self) -> None:
+        """Release the connections; later calls raise NotReady. Nothing to flush: every
+        acknowledged write is already fsynced by the server."""
+        if self._closed:
+            return
+        self._closed = True
+        self._client.connection_pool.disconnect()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,167 @@
+"""Fusion gRPC server: `python -m services.fusion.server --port 0 --port-file F`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+
+from crossrec.common.v1 import common_pb2
+from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
+from services.common import modelrepo
+from services.common.errors import NotReady
+from services.common.remote import EmbeddingRemote
+from services.common.serve import (add_flag, add_server_flags, engine_call, serve, setup_logging,
+                                   wait_for)
+from services.fusion.engine import FusionEngine, Profile, raw_event
+from services.fusion.model import BaselineUserModel, OnnxUserModel
+from services.fusion.store import ProfileStore, SQLiteStore
+
+log = logging.getLogger("crossrec.fusion")
+DEFAULT_PORT = 50052
+
+
+@dataclass(frozen=True)
+class Config:
+    store: str
+    sqlite_path: str
+    redis_url: str
+    embedding_address: str
+    model_repo: str
+    model_version: int | None
+    allow_baseline: bool
+    max_queue_batches: int
+    dependency_wait_s: float
+
+
+def open_store(config: Config) -> ProfileStore:
+    if config.store == "sqlite":
+        return SQLiteStore(config.sqlite_path, max_queue_batches=config.max_queue_batches)
+    if config.store == "redis":
+        from services.fusion.redis_store import RedisStore
+        return RedisStore(config.redis_url)
+    raise ValueError(f"--store must be sqlite or redis, got {config.store!r}")
+
+
+def load_user_model(config: Config):
+    """The trained user tower, or the baseline only when --allow-baseline says so."""
+    try:
+        return OnnxUserModel(modelrepo.resolve(config.model_repo, "user_tower",
+                                               config.model_version))
+    except FileNotFoundError as err:
+        if not config.allow_baseline:
+            raise SystemExit(f"{err}. Refusing to start without a trained user model; pass "
+                             "--allow-baseline to serve the untrained time-decayed mean "
+                             "pooling baseline instead") from None
+        log.warning("no trained user model: serving the untrained baseline (--allow-baseline)")
+        return BaselineUserModel()
+
+
+def _vec(v) -> list[float]:
+    return [] if v is None else v.tolist()
+
+
+def profile_to_pb(p: Profile, model) -> fusion_pb2.GetProfileResponse:
+    return fusion_pb2.GetProfileResponse(
+        user_id=p.user_id, known=p.known, dim=p.dim, total_events=p.total_events,
+        platforms=[fusion_pb2.PlatformProfile(
+            platform=v.platform, vector=v.vector.tolist(), event_count=v.event_count,
+            last_seen_ms=v.last_seen_ms, fusion_weight=v.fusion_weight) for v in p.platforms],
+        fused_vector=_vec(p.fused), for_platform=p.for_platform,
+        for_platform_vector=_vec(p.for_platform_vector),
+        model=common_pb2.ModelRef(name=model.name, version=model.version),
+        baseline=model.baseline,
+        recent_events=[fusion_pb2.ProfileEvent(
+            event=common_pb2.BehaviorEvent(
+                event_id=e.event_id, user_id=e.user_id, platform=e.platform, action=e.action,
+                item_id=e.item_id, item_text=e.item_text, event_time_ms=e.event_time_ms,
+                weight=e.weight),
+            item_vector=vec.tolist()) for e, vec, _ in p.recent])
+
+
+class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
+    def __init__(self):
+        self.engine: FusionEngine | None = None
+
+    def _ready(self) -> FusionEngine:
+        if self.engine is None:
+            raise NotReady("fusion service is still loading")
+        return self.engine
+
+    def Ingest(self, request, context):
+        raw = [raw_event(e) for e in request.events]
+        accepted, dups = engine_call(
+            context, lambda: self._ready().ingest(raw, context.time_remaining()))
+        return fusion_pb2.IngestResponse(accepted=accepted, duplicates=dups)
+
+    def IngestStream(self, request_iterator, context):
+        accepted = dups = batches = 0
+        for request in request_iterator:
+            raw = [raw_event(e) for e in request.events]
+            a, d = engine_call(context, lambda: self._ready().ingest(raw, None))
+            accepted, dups, batches = accepted + a, dups + d, batches + 1
+        return fusion_pb2.IngestStreamResponse(accepted=accepted, duplicates=dups,
+                                               batches=batches)
+
+    def GetProfile(self, request, context):
+        session = [raw_event(e) for e in request.session_events]
+        engine = engine_call(context, self._ready)
+        profile = engine_call(context, lambda: engine.profile(
+            request.user_id, request.for_platform, session, request.recent_events_limit,
+            context.time_remaining()))
+        return profile_to_pb(profile, engine.model)
+
+    def DeleteUser(self, request, context):
+        deleted = engine_call(context, lambda: self._ready().delete_user(request.user_id))
+        return fusion_pb2.DeleteUserResponse(deleted_events=deleted)
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_server_flags(parser, DEFAULT_PORT)
+    add_flag(parser, "--store", "sqlite", "profile store backend: sqlite or redis")
+    add_flag(parser, "--sqlite-path", "var/fusion/profiles.sqlite3", "SQLite database file")
+    add_flag(parser, "--redis-url", "redis://127.0.0.1:6379/0", "Redis URL (--store redis)")
+    add_flag(parser, "--embedding-address", "127.0.0.1:50051", "embedding service host:port")
+    add_flag(parser, "--model-repo", "models", "model repository directory")
+    add_flag(parser, "--model-version", 0, "user_tower version; 0 = the highest")
+    add_flag(parser, "--allow-baseline", False,
+             "serve the untrained time-decayed mean pooling if no user model is exported")
+    add_flag(parser, "--max-queue-batches", 1024,
+             "ingest batches waiting for commit at most; more: RESOURCE_EXHAUSTED")
+    add_flag(parser, "--dependency-wait-s", 120.0,
+             "how long to wait at start for the embedding service (health stays NOT_SERVING)")
+    args = parser.parse_args(argv)
+    config = Config(store=args.store, sqlite_path=args.sqlite_path, redis_url=args.redis_url,
+                    embedding_address=args.embedding_address, model_repo=args.model_repo,
+                    model_version=args.model_version or None,
+                    allow_baseline=args.allow_baseline,
+                    max_queue_batches=args.max_queue_batches,
+                    dependency_wait_s=args.dependency_wait_s)
+    return args, config
+
+
+def main(argv=None) -> int:
+    args, config = parse_args(argv)
+    setup_logging(args.log_level)
+    log.info("config", extra={"fields": vars(config)})
+    model = load_user_model(config)
+    servicer = FusionServicer()
+
+    def register(server):
+        fusion_pb2_grpc.add_FusionServiceServicer_to_server(servicer, server)
+        return [fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name]
+
+    def load():
+        embed = EmbeddingRemote(config.embedding_address)
+        dim = wait_for(lambda: embed.model()[2], config.dependency_wait_s,
+                       f"embedding service at {config.embedding_address}")
+        servicer.engine = FusionEngine(open_store(config), embed, model, dim)
+        return servicer.engine
+
+    return serve("fusion", args, register, load)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Durable profile store: one small interface, SQLite (embedded default) and Redis backends.
+
+Per user and platform the store keeps the newest RECENT_PER_PLATFORM events (what the user
+model reads), the all-time event count and the last-seen time; per user, every event id ever
+stored (dedupe); per (platform, item_id), the item text and its vector (embedding cache).
+"""
+
+from __future__ import annotations
+
+import abc
+import queue
+import sqlite3
+import threading
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from services.common.errors import BudgetSpent, NotReady, Overloaded
+from services.common.events import Event
+
+RECENT_PER_PLATFORM = 50
+
+ItemKey = tuple[str, str]  # (platform, item_id)
+
+
+@dataclass
+class PlatformHistory:
+    """A user's stored state on one platform; `events` oldest first, at most RECENT_PER_PLATFORM."""
+    events: list[Event] = field(default_factory=list)
+    count: int = 0
+    last_seen_ms: int = 0
+
+
+class ProfileStore(abc.ABC):
+    """What the fusion engine needs from storage. Every method is thread-safe."""
+
+    @abc.abstractmethod
+    def append(self, events: list[Event], timeout_s: float | None = None) -> tuple[int, int]:
+        """Store `events` atomically and durably; (accepted, duplicates) once durable.
+
+        Duplicates are events whose (user_id, event_id) is already stored or repeated within
+        the batch. Raises Overloaded when the write queue is full.
+        """
+
+    @abc.abstractmethod
+    def history(self, user_id: str) -> dict[str, PlatformHistory]:
+        """The user's state per platform; empty for an unknown user. Event texts are empty:
+        texts and vectors live in the item cache (get_items)."""
+
+    @abc.abstractmethod
+    def delete_user(self, user_id: str) -> int:
+        """Remove the user's events, ids and stats; number of events the user had (0: unknown)."""
+
+    @abc.abstractmethod
+    def get_items(self, keys: list[ItemKey]) -> dict[ItemKey, tuple[str, np.ndarray]]:
+        """Cached (text, float32 vector) for the keys that are cached."""
+
+    @abc.abstractmethod
+    def put_items(self, items: dict[ItemKey, tuple[str, np.ndarray]]) -> None:
+        """Cache item texts and vectors durably (replacing older ones)."""
+
+    def close(self) -> None:
+        """Flush and release; later calls fail."""
+
+
+class SQLiteStore(ProfileStore):
+    """SQLite in WAL mode with synchronous=FULL: a commit is on disk when it returns.
+
+    One writer thread commits every batch queued meanwhile in one transaction (group commit),
+    then acknowledges them; readers use their own connections and see every committed batch.
+    """
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS event_ids (
+        user_id TEXT NOT NULL, event_id TEXT NOT NULL, PRIMARY KEY (user_id, event_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS recent (
+        user_id TEXT NOT NULL, platform TEXT NOT NULL, event_time_ms INTEGER NOT NULL,
+        event_id TEXT NOT NULL, action INTEGER NOT NULL, item_id TEXT NOT NULL,
+        weight REAL NOT NULL, PRIMARY KEY (user_id, platform, event_time_ms, event_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS stats (
+        user_id TEXT NOT NULL, platform TEXT NOT NULL, count INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL, PRIMARY KEY (user_id, platform)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS items (
+        platform TEXT NOT NULL, item_id TEXT NOT NULL, text TEXT NOT NULL,
+        vector BLOB NOT NULL, PRIMARY KEY (platform, item_id)
+    ) WITHOUT ROWID;
+    """
+
+    def __init__(self, path: str | Path, max_queue_batches: int = 1024,
+                 max_events_per_commit: int = 20000):
+        self.path = str(path)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        conn = self._conn()
+        conn.executescript(self.SCHEMA)
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue_batches)
+        self._max_events_per_commit = max_events_per_commit
+        self._closed = False
+        self._lock = threading.Lock()
+        self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer",
+                                        daemon=True)
+        self._writer.start()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    # --- writes: one thread, group commit -------------------------------------------------
+    def _enqueue(self, op: str, payload, block: bool) -> Future:
+        done: Future = Future()
+        with self._lock:  # no job can slip in behind the stop marker
+            if self._closed:
+                raise NotReady("profile store is closed")
+            try:
+                self._queue.put((op, payload, done), block=block)
+            except queue.Full:
+                raise Overloaded(f"ingest queue is full ({self._queue.maxsize} batches); "
+                                 "retry with backoff") from None
+        return done
+
+    def append(self, events, timeout_s=None):
+        done = self._enqueue("append", events, block=False)
+        try:
+            return done.result(timeout_s)
+        except TimeoutError:
+            raise BudgetSpent("deadline passed while the batch waited for its commit; it may "
+                              "still be stored: re-sending it is safe (ids dedupe)") from None
+
+    def delete_user(self, user_id):
+        return self._enqueue("delete", user_id, block=True).result()
+
+    def put_items(self, items):
+        if items:
+            self._enqueue("items", items, block=True).result()
+
+    def _write_loop(self) -> None:
+        conn = self._conn()
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs, size = [first], self._job_size(first)
+            while size < self._max_events_per_commit:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                jobs.append(job)
+                size += self._job_size(job)
+            self._commit(conn, jobs)
+
+    @staticmethod
+    def _job_size(job) -> int:
+        return 1 if job[0] == "delete" else len(job[1])
+
+    def _commit(self, conn: sqlite3.Connection, jobs: list) -> None:
+        """Apply the jobs in one transaction; ack each once it is on disk. Never raises."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [self._apply(conn, op, payload) for op, payload, _ in jobs]
+            conn.execute("COMMIT")
+        except Exception as err:  # noqa: BLE001 - every waiter learns of the failure
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for _, _, done in jobs:
+                done.set_exception(NotReady(f"profile store write failed: {err}"))
+            return
+        for (_, _, done), result in zip(jobs, results):
+            done.set_result(result)
+
+    def _apply(self, conn, op, payload):
+        if op == "append":
+            return self._append(conn, payload)
+        if op == "delete":
+            return self._delete(conn, payload)
+        conn.executemany(
+            "INSERT OR REPLACE INTO items (platform, item_id, text, vector) VALUES (?,?,?,?)",
+            [(p, i, text, np.asarray(vec, np.float32).tobytes())
+             for (p, i), (text, vec) in payload.items()])
+        return None
+
+    def _append(self, conn, events: list[Event]) -> tuple[int, int]:
+        by_user: dict[str, list[Event]] = defaultdict(list)
+        for e in events:
+            by_user[e.user_id].append(e)
+        new: list[Event] = []
+        for user, user_events in by_user.items():
+            ids = list({e.event_id for e in user_events})
+            known = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                known.update(r[0] for r in conn.execute(
+                    f"SELECT event_id FROM event_ids WHERE user_id=? AND event_id IN "
+                    f"({','.join('?' * len(chunk))})", [user, *chunk]))
+            for e in user_events:
+                if e.event_id not in known:
+                    known.add(e.event_id)
+                    new.append(e)
+        conn.executemany("INSERT INTO event_ids (user_id, event_id) VALUES (?, ?)",
+                         [(e.user_id, e.event_id) for e in new])
+        conn.executemany(
+            "INSERT OR REPLACE INTO recent (user_id, platform, event_time_ms, event_id, action, "
+            "item_id, weight) VALUES (?,?,?,?,?,?,?)",
+            [(e.user_id, e.platform, e.event_time_ms, e.event_id, e.action, e.item_id, e.weight)
+             for e in new])
+        touched: dict[tuple[str, str], list[Event]] = defaultdict(list)
+        for e in new:
+            touched[(e.user_id, e.platform)].append(e)
+        conn.executemany(
+            "INSERT INTO stats (user_id, platform, count, last_seen_ms) VALUES (?,?,?,?) "
+            "ON CONFLICT (user_id, platform) DO UPDATE SET count = count + excluded.count, "
+            "last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+            [(u, p, len(es), max(e.event_time_ms for e in es)) for (u, p), es in touched.items()])
+        conn.executemany(
+            "DELETE FROM recent WHERE user_id=? AND platform=? AND (event_time_ms, event_id) < "
+            "(SELECT event_time_ms, event_id FROM recent WHERE user_id=? AND platform=? "
+            "ORDER BY event_time_ms DESC, event_id DESC LIMIT 1 OFFSET ?)",
+            [(u, p, u, p, RECENT_PER_PLATFORM - 1) for (u, p) in touched])
+        return len(new), len(events) - len(new)
+
+    @staticmethod
+    def _delete(conn, user_id: str) -> int:
+        count = conn.execute("SELECT COALESCE(SUM(count), 0) FROM stats WHERE user_id=?",
+                             (user_id,)).fetchone()[0]
+        for table in ("event_ids", "recent", "stats"):
+            conn.execute(f"DELETE FROM {table} WHERE user_id=?", (user_id,))
+        return int(count)
+
+    # --- reads: any thread, own connection ------------------------------------------------
+    def history(self, user_id):
+        conn = self._conn()
+        out: dict[str, PlatformHistory] = {}
+        conn.execute("BEGIN")  # one WAL snapshot for stats and events
+        try:
+            for platform, count, last_seen in conn.execute(
+                    "SELECT platform, count, last_seen_ms FROM stats WHERE user_id=?", (user_id,)):
+                out[platform] = PlatformHistory([], count, last_seen)
+            for platform, time_ms, event_id, action, item_id, weight in conn.execute(
+                    "SELECT platform, event_time_ms, event_id, action, item_id, weight FROM recent "
+                    "WHERE user_id=? ORDER BY platform, event_time_ms, event_id", (user_id,)):
+                out.setdefault(platform, PlatformHistory()).events.append(Event(
+                    event_id, user_id, platform, action, item_id, "", time_ms, weight))
+        finally:
+            conn.execute("COMMIT")
+        return out
+
+    def get_items(self, keys):
+        conn = self._conn()
+        out = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 400):
+            chunk = unique[start:start + 400]
+            where = " OR ".join(["(platform=? AND item_id=?)"] * len(chunk))
+            for platform, item_id, text, blob in conn.execute(
+                    f"SELECT platform, item_id, text, vector FROM items WHERE {where}",
+                    [v for key in chunk for v in key]):
+                out[(platform, item_id)] = (text, np.frombuffer(blob, dtype=np.float32))
+        return out
+
+    def close(self):
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(None)
+        self._writer.join(30)
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
