@@ -18,7 +18,8 @@ export TRANSFORMERS_OFFLINE := 1
 export CROSSREC_MODEL_REPO ?= $(CURDIR)/$(MODEL_REPO)
 
 
-.PHONY: setup system-deps protos models encoder up down demo test test-unit test-gpu bench clean
+.PHONY: setup system-deps protos models encoder user_tower ranker evaluate up down demo test \
+        test-unit test-gpu bench clean
 
 setup: system-deps $(VENV)/.installed-$(ORT_EXTRA)
 
@@ -46,11 +47,22 @@ gen/.built: $(PROTOS) $(VENV)/.installed-$(ORT_EXTRA)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --grpc_python_out=gen --pyi_out=gen $(PROTOS)
 	touch $@
 
-# Export the encoder (fp32 + int8) unless a version already exists.
+# Each model is exported unless a version already exists (versions are never overwritten;
+# delete models/<name> or run the module by hand for a new one). Training shows progress.
 encoder: setup
-	@ls $(MODEL_REPO)/encoder/*/model.onnx >/dev/null 2>&1 || $(PY) -m export.encoder --model-repo $(MODEL_REPO)
+	@ls $(MODEL_REPO)/encoder/*/meta.json >/dev/null 2>&1 || $(PY) -m export.encoder --model-repo $(MODEL_REPO)
 
-models: encoder
+user_tower: encoder
+	@ls $(MODEL_REPO)/user_tower/*/meta.json >/dev/null 2>&1 || $(PY) -m export.user_tower --model-repo $(MODEL_REPO)
+
+ranker: user_tower
+	@ls $(MODEL_REPO)/ranker/*/meta.json >/dev/null 2>&1 || $(PY) -m export.ranker --model-repo $(MODEL_REPO)
+
+models: encoder user_tower ranker
+
+# Offline evaluation on the held-out users: bench/results/eval.{json,png}.
+evaluate: protos models
+	$(PY) -m export.evaluate --model-repo $(MODEL_REPO)
 
 up: protos models
 	$(PY) -m clients.stack up --run-dir $(RUN_DIR)
@@ -72,6 +84,7 @@ test-gpu: protos models
 
 bench: protos models
 	$(PY) bench/embedding.py
+	$(PY) bench/ingest.py
 
 clean:
 	rm -rf gen $(RUN_DIR)

@@ -180,10 +180,13 @@ class Workload:
     """Pre-tokenized batches of one size: feeds plus real and padded token counts."""
 
     def __init__(self, tokenizer, titles: list[str], batch_size: int, input_names, pad_id,
-                 pad_to: int | None = None):
+                 pad_to: int | None = None, shuffle_seed: int | None = None):
         self.batch_size = batch_size
         self.feeds, self.real_tokens, self.shapes = [], [], []
-        for chunk in enc.batches(titles, batch_size):
+        chunks = list(enc.batches(titles, batch_size))
+        if shuffle_seed is not None:
+            np.random.default_rng(shuffle_seed).shuffle(chunks)
+        for chunk in chunks:
             feeds = enc.encode_batch(tokenizer, chunk, input_names, pad_id, pad_to=pad_to)
             self.feeds.append(feeds)
             self.real_tokens.append(int(feeds["attention_mask"].sum()))
@@ -240,6 +243,49 @@ def run_offline(backends: dict, workloads: dict[str, Workload], model_config, bu
         if keep_outputs:
             stats[name]["_outputs"] = np.concatenate(outputs[name])
     return stats
+
+
+def ort_op_profile(model_path: Path, threads: int, spinning: bool, feeds: list) -> dict:
+    """Share of ORT kernel time per op type over `feeds` (ORT's own profiler), top 10."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         "1" if spinning else "0")
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(model_path), options,
+                                       providers=["CPUExecutionProvider"])
+        for f in feeds:
+            session.run(None, f)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3
+    return _shares(by_op)
+
+
+def torch_op_profile(reference, feeds: list) -> dict:
+    """Share of torch self CPU time per aten op over `feeds` (torch.profiler), top 10."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for f in feeds:
+            reference.run(f)
+    by_op = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+    return _shares(by_op)
+
+
+def _shares(ms_by_op: dict[str, float], top: int = 10) -> dict:
+    total = sum(ms_by_op.values())
+    ranked = sorted(ms_by_op.items(), key=lambda kv: -kv[1])[:top]
+    return {"total_ms": round(total, 1),
+            "top": {op: {"ms": round(ms, 1), "share": round(ms / total, 3)} for op, ms in ranked}}
 
 
 def tokenization_us_per_title(tokenizer, titles: list[str], batch_size: int = 32) -> float:
@@ -378,6 +424,10 @@ def plot(results: dict, path: Path) -> None:
     if pad:
         left.scatter([32], [pad["titles_per_s"]], marker="x", color="black", zorder=3,
                      label="ORT fp32, fixed 128 padding")
+    srt = results["offline"]["32"].get("ort_fp32_sorted")
+    if srt:
+        left.scatter([32], [srt["titles_per_s"]], marker="^", color="tab:orange", zorder=3,
+                     label="ORT fp32, length-sorted batches")
     left.set_xscale("log", base=2)
     left.set_xticks(sizes, [str(b) for b in sizes])
     left.set_xlabel("batch size (titles, padded to longest)")
@@ -418,7 +468,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-sizes", default="1,8,32,128")
     parser.add_argument("--budget-s", type=float, default=30.0,
                         help="offline seconds per batch size, all backends together")
-    parser.add_argument("--titles-per-round", type=int, default=128,
+    parser.add_argument("--titles-per-round", type=int, default=64,
                         help="titles each backend runs per interleaved round")
     parser.add_argument("--threads", type=int, default=0, help="0: one per core")
     parser.add_argument("--ort-spinning", action="store_true",
@@ -428,6 +478,8 @@ def main(argv=None) -> dict:
                         help="override /proc/cpuinfo's cpu MHz for the peak")
     parser.add_argument("--flops-per-cycle", type=int, default=None,
                         help="override the per-core fp32 FLOPs/cycle derived from CPU flags")
+    parser.add_argument("--profile-batches", type=int, default=8,
+                        help="batches of 32 run under the torch and ORT profilers; 0: skip")
     parser.add_argument("--served", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--served-requests", type=int, default=1500,
@@ -485,6 +537,14 @@ def main(argv=None) -> dict:
             fixed = enc.load_tokenizer(fp32_dir / meta["tokenizer_file"], 128)
             workloads["fixed128"] = Workload(fixed, titles, b, names, pad_id, pad_to=128)
             backends["ort_fp32_pad128"] = (ort_runner(fp32), "fixed128")
+            # Length-sorted batches (the bulk-job layout, and what a length-aware batcher could
+            # approach): same titles, almost no padding. Batches run in a shuffled order so a
+            # run cut short by the budget still samples all lengths.
+            lengths = [len(e.ids) for e in tokenizer.encode_batch(titles)]
+            by_length = [titles[i] for i in np.argsort(lengths, kind="stable")]
+            workloads["sorted"] = Workload(tokenizer, by_length, b, names, pad_id,
+                                           shuffle_seed=args.seed)
+            backends["ort_fp32_sorted"] = (ort_runner(fp32), "sorted")
         t = time.perf_counter()
         share = CpuShare(cpu["cores"])
         stats = run_offline(backends, workloads, reference.config, args.budget_s,
@@ -510,16 +570,37 @@ def main(argv=None) -> dict:
                                            / at32["torch_fp32"]["titles_per_s"], 2),
         "ort_int8_vs_torch_batch32": round(at32["ort_int8"]["titles_per_s"]
                                            / at32["torch_fp32"]["titles_per_s"], 2),
+        "ort_fp32_batch32_vs_batch1": round(at32["ort_fp32"]["titles_per_s"]
+                                            / offline["1"]["ort_fp32"]["titles_per_s"], 2)
+        if "1" in offline else None,
+        "ort_fp32_sorted_batch32_vs_batch1": round(at32["ort_fp32_sorted"]["titles_per_s"]
+                                                   / offline["1"]["ort_fp32"]["titles_per_s"], 2)
+        if "1" in offline else None,
         "ort_int8_vs_ort_fp32_batch32": round(at32["ort_int8"]["titles_per_s"]
                                               / at32["ort_fp32"]["titles_per_s"], 2),
         "ort_fp32_longest_vs_fixed128_batch32": round(
             at32["ort_fp32"]["titles_per_s"] / at32["ort_fp32_pad128"]["titles_per_s"], 2),
+        "ort_fp32_sorted_vs_longest_batch32": round(
+            at32["ort_fp32_sorted"]["titles_per_s"] / at32["ort_fp32"]["titles_per_s"], 2),
         "per_batch_size": {b: {"ort_fp32_vs_torch": round(s["ort_fp32"]["titles_per_s"]
                                                           / s["torch_fp32"]["titles_per_s"], 2),
                                "ort_int8_vs_torch": round(s["ort_int8"]["titles_per_s"]
                                                           / s["torch_fp32"]["titles_per_s"], 2)}
                            for b, s in offline.items()},
     }
+
+    profiles = None
+    if args.profile_batches:
+        # Where the time goes at batch 32: the evidence behind the ratios above.
+        t = time.perf_counter()
+        feeds = Workload(tokenizer, titles, 32, names, pad_id).feeds[:args.profile_batches]
+        profiles = {"batch_size": 32, "batches": len(feeds),
+                    "torch_fp32": torch_op_profile(reference, feeds),
+                    "ort_fp32": ort_op_profile(fp32_dir / "model.onnx", threads, spinning, feeds),
+                    "ort_int8": ort_op_profile(int8_dir / "model.onnx", threads, spinning, feeds)}
+        print(f"profiles ({time.perf_counter() - t:.0f}s): " + "; ".join(
+            f"{k}: " + ", ".join(f"{op} {v['share']:.0%}" for op, v in list(p["top"].items())[:4])
+            for k, p in profiles.items() if isinstance(p, dict)), flush=True)
 
     served = None
     if args.served:
@@ -582,6 +663,7 @@ def main(argv=None) -> dict:
         "offline": offline,
         "cosine": cosine,
         "ratios": ratios,
+        "op_profiles": profiles,
         "served": served,
         "targets": {k: {"target": v, "met": met[k]} for k, v in TARGETS.items()},
         "foreign_cpu_share": shares,

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,16 +113,138 @@ class ServiceProcess:
             self.proc.wait()
 
 
-def default_services(model_repo: str) -> list[tuple[str, list[str]]]:
-    """The services `up` starts, in dependency order, with their flags."""
-    return [("embedding", ["--model-repo", model_repo])]
+REDIS_START_TIMEOUT_S = 10.0
+REDIS_STOP_TIMEOUT_S = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1 with its data in `data_dir`.
+
+    Durable like production: `appendonly yes`, `appendfsync always`, no RDB snapshots.
+    `start()` again after `stop()` or `kill()` reuses the directory (and the port when free),
+    which is how tests restart a server on its own data.
+    """
+
+    def __init__(self, data_dir: Path, *extra_args: str):
+        self.data_dir = Path(data_dir)
+        self.extra_args = list(extra_args)
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH: run `make setup` "
+                               "(it installs the redis-server Debian package)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The free port can be taken between probing and binding: try a few.
+        for attempt in range(5):
+            port = self.port if (attempt == 0 and self.port) else _free_port()
+            if self._launch(binary, port):
+                self.port = port
+                return self
+        raise RuntimeError(f"redis-server did not answer PING; log: "
+                           f"{self.data_dir / 'redis.log'}:\n" + self._log_tail())
+
+    def _launch(self, binary: str, port: int) -> bool:
+        self.proc = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(self.data_dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log"),
+             *self.extra_args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if _answers_ping(port):
+                return True
+            time.sleep(0.02)
+        self.kill()
+        return False
+
+    def _log_tail(self) -> str:
+        try:
+            return "\n".join((self.data_dir / "redis.log").read_text().splitlines()[-20:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> int:
+        """SIGTERM (Redis fsyncs and exits); exit code."""
+        if self.proc is None:
+            return 0
+        self.proc.terminate()
+        try:
+            return self.proc.wait(REDIS_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown work, as in a crash."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+
+def service_args(name: str, model_repo: str, run_dir: Path, addresses: dict[str, str]) -> list[str]:
+    """Flags of one service in a local stack, given the addresses of those already up."""
+    args = ["--model-repo", model_repo]
+    if name == "fusion":
+        args += ["--embedding-address", addresses["embedding"],
+                 "--sqlite-path", str(run_dir / "fusion.sqlite3")]
+    if name == "ranking":
+        args += ["--embedding-address", addresses["embedding"],
+                 "--fusion-address", addresses["fusion"],
+                 "--catalog-path", str(run_dir / "catalog.sqlite3")]
+    return args
+
+
+def start_stack(run_dir: Path, model_repo: str, names=("embedding", "fusion", "ranking"),
+                extra: dict[str, list[str]] | None = None) -> dict[str, ServiceProcess]:
+    """Start `names` in dependency order on loopback and wait until each is SERVING."""
+    procs: dict[str, ServiceProcess] = {}
+    try:
+        for name in names:
+            args = service_args(name, model_repo, run_dir,
+                                {n: p.address for n, p in procs.items()})
+            procs[name] = ServiceProcess(name, args + (extra or {}).get(name, []),
+                                         run_dir).start()
+            procs[name].wait_ready()
+    except BaseException:
+        for proc in reversed(list(procs.values())):
+            proc.stop()
+        raise
+    return procs
 
 
 def up(run_dir: Path, model_repo: str) -> dict:
     """Start every service, wait for SERVING, record pids and addresses in run_dir/stack.json."""
     state = {}
-    for name, args in default_services(model_repo):
-        proc = ServiceProcess(name, args, run_dir).start().wait_ready()
+    for name, proc in start_stack(run_dir, model_repo).items():
         state[name] = {"pid": proc.proc.pid, "address": proc.address, "log": str(proc.log_path)}
         print(f"{name:10s} SERVING on {proc.address}  (log: {proc.log_path})")
     (run_dir / "stack.json").write_text(json.dumps(state, indent=2))

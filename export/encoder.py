@@ -29,7 +29,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -183,7 +183,8 @@ class TorchReference:
         # "eager" attention traces to plain MatMul/Softmax ops. It is also the stronger torch
         # baseline here: transformers' sdpa path with a padding mask measured ~4x slower on this
         # CPU (27 vs 108 titles/s at batch 32).
-        model = AutoModel.from_pretrained(self.model_dir, attn_implementation=attn_implementation)
+        model = AutoModel.from_pretrained(self.model_dir, attn_implementation=attn_implementation,
+                                          dtype=torch.float32)
         model.eval()
         takes_types = "token_type_ids" in inspect.signature(model.forward).parameters
         self.input_names = ["input_ids", "attention_mask"] + (

@@ -158,8 +158,10 @@ def same_platform_baseline_vectors(w: Windows, item_vecs: np.ndarray) -> np.ndar
 
 
 def rank_of_targets(user_vecs: np.ndarray, w: Windows, item_vecs: np.ndarray,
-                    catalogue: dict[int, np.ndarray], chunk: int = 512) -> np.ndarray:
-    """1-based rank of each target among its platform's whole catalogue by dot(user, item).
+                    catalogue: dict[int, np.ndarray], item_bias: np.ndarray | None = None,
+                    scale: float = 1.0, chunk: int = 512) -> np.ndarray:
+    """1-based rank of each target among its platform's whole catalogue by
+    scale * dot(user, item) (+ item_bias[item], float [n_items], when given).
 
     Ties count against the target (an item with the same score ranks above it), so identical
     item texts cannot make a ranking look better than it is."""
@@ -169,10 +171,13 @@ def rank_of_targets(user_vecs: np.ndarray, w: Windows, item_vecs: np.ndarray,
         mat = item_vecs[rows]
         for c0 in range(0, len(sel), chunk):
             q = sel[c0:c0 + chunk]
-            scores = user_vecs[q] @ mat.T
-            target = np.einsum("qd,qd->q", user_vecs[q], item_vecs[w.target_item[q]])
-            # The target itself is among the >= (1e-6 absorbs matmul vs einsum rounding).
-            ranks[q] = np.maximum((scores >= target[:, None] - 1e-6).sum(1), 1)
+            scores = scale * (user_vecs[q] @ mat.T)
+            target = scale * np.einsum("qd,qd->q", user_vecs[q], item_vecs[w.target_item[q]])
+            if item_bias is not None:
+                scores = scores + item_bias[rows][None, :]
+                target = target + item_bias[w.target_item[q]]
+            # The target itself is among the >= (1e-5 absorbs matmul vs einsum rounding).
+            ranks[q] = np.maximum((scores >= target[:, None] - 1e-5 * max(scale, 1.0)).sum(1), 1)
     return ranks
 
 

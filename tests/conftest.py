@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from clients.datasets import sample_titles
+from clients.datasets import AMAZON, sample_titles, user_events
 from clients.stack import ServiceProcess
 from services.common import modelrepo
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.redis_fixture"]
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,18 @@ def encoder_dir(model_repo: Path) -> Path:
 def titles() -> list[str]:
     """64 real Amazon item titles (fixed sample)."""
     return sample_titles(64, seed=1)
+
+
+@pytest.fixture(scope="session")
+def amazon_users() -> dict[str, list[dict]]:
+    """The history events of the first 20 real Amazon users, as BehaviorEvent fields."""
+    return user_events(AMAZON, users=20)
+
+
+@pytest.fixture
+def amazon_user(amazon_users) -> list[dict]:
+    """One real user's history on both platforms."""
+    return next(iter(amazon_users.values()))
 
 
 @pytest.fixture

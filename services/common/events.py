@@ -99,3 +99,10 @@ def validate_event(event_id: str, user_id: str, platform: str, action: int, item
     text = normalize_text(item_text)
     event_id = event_id or derived_event_id(user_id, platform, item_id, action, time_ms)
     return Event(event_id, user_id, platform, action, item_id, text, time_ms, float(weight))
+
+
+def raw_event(e) -> dict:
+    """Keyword arguments of validate_event from a crossrec.common.v1.BehaviorEvent message."""
+    return dict(event_id=e.event_id, user_id=e.user_id, platform=e.platform, action=e.action,
+                item_id=e.item_id, item_text=e.item_text, event_time_ms=e.event_time_ms,
+                weight=e.weight if e.HasField("weight") else None)

@@ -1,4 +1,5 @@
-"""Service-to-service calls: the embedding service as a plain `embed(texts, budget_s)` callable.
+"""Service-to-service calls as plain Python: `EmbeddingRemote` (texts -> vectors) and
+`FusionRemote` (user profiles, item popularity).
 
 gRPC errors become engine errors here, so engines never see grpc: UNAVAILABLE -> NotReady,
 DEADLINE_EXCEEDED -> BudgetSpent, RESOURCE_EXHAUSTED -> Overloaded.
@@ -6,10 +7,14 @@ DEADLINE_EXCEEDED -> BudgetSpent, RESOURCE_EXHAUSTED -> Overloaded.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import grpc
 import numpy as np
 
+from crossrec.common.v1 import common_pb2
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from services.common.errors import BudgetSpent, InvalidInput, NotReady, Overloaded
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -61,6 +66,71 @@ class EmbeddingRemote:
                 future.cancel()
             raise rpc_error(err, f"embedding service at {self.address}") from None
         return np.asarray(rows, dtype=np.float32).reshape(len(texts), -1)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+@dataclass
+class RemoteProfile:
+    """A user's profile as the ranking engine needs it; vectors float32 [dim]."""
+    known: bool
+    for_platform: np.ndarray | None = None
+    fused: np.ndarray | None = None
+    per_platform: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    # recent events newest first: (platform, item_id, item_text), and their vectors [n, dim]
+    recent: list[tuple[str, str, str]] = field(default_factory=list)
+    recent_vectors: np.ndarray | None = None
+    model: tuple[str, int] = ("", 0)
+
+
+def _vec(values) -> np.ndarray | None:
+    return np.asarray(values, dtype=np.float32) if len(values) else None
+
+
+def _pb_event(e: dict) -> common_pb2.BehaviorEvent:
+    return common_pb2.BehaviorEvent(**{k: v for k, v in e.items() if v is not None})
+
+
+class FusionRemote:
+    """Calls FusionService.GetProfile / GetItemStats; engine errors on failure."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=channel_options())
+        self._stub = fusion_pb2_grpc.FusionServiceStub(self._channel)
+
+    def profile(self, user_id: str, for_platform: str, session_events: list[dict],
+                recent_limit: int, budget_s: float | None) -> RemoteProfile:
+        request = fusion_pb2.GetProfileRequest(
+            user_id=user_id, for_platform=for_platform, recent_events_limit=recent_limit,
+            session_events=[_pb_event(e) for e in session_events])
+        try:
+            reply = self._stub.GetProfile(request, timeout=budget_s or DEFAULT_TIMEOUT_S)
+        except grpc.RpcError as err:
+            raise rpc_error(err, f"fusion service at {self.address}") from None
+        recent = [(r.event.platform, r.event.item_id, r.event.item_text)
+                  for r in reply.recent_events]
+        return RemoteProfile(
+            known=reply.known, for_platform=_vec(reply.for_platform_vector),
+            fused=_vec(reply.fused_vector),
+            per_platform={p.platform: _vec(p.vector) for p in reply.platforms},
+            counts={p.platform: p.event_count for p in reply.platforms},
+            weights={p.platform: p.fusion_weight for p in reply.platforms},
+            recent=recent,
+            recent_vectors=(np.asarray([r.item_vector for r in reply.recent_events], np.float32)
+                            if recent else None),
+            model=(reply.model.name, reply.model.version))
+
+    def item_stats(self, platform: str, limit: int = 0) -> list[tuple[str, int, int]]:
+        try:
+            reply = self._stub.GetItemStats(
+                fusion_pb2.GetItemStatsRequest(platform=platform, limit=limit), timeout=30)
+        except grpc.RpcError as err:
+            raise rpc_error(err, f"fusion service at {self.address}") from None
+        return [(s.item_id, s.event_count, s.last_event_ms) for s in reply.items]
 
     def close(self) -> None:
         self._channel.close()

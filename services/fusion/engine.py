@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from services.common.errors import BudgetSpent, InvalidInput
-from services.common.events import Event, validate_event
+from services.common.events import Event, check_platform, validate_event
 from services.fusion.model import Window
 from services.fusion.store import ItemKey, ProfileStore
 
@@ -47,13 +47,6 @@ class Profile:
     total_events: int = 0
     # (event, item vector, weight in the for_platform (else fused) vector), newest first
     recent: list[tuple[Event, np.ndarray, float]] = field(default_factory=list)
-
-
-def raw_event(e) -> dict:
-    """Keyword arguments of validate_event from anything with BehaviorEvent's fields."""
-    return dict(event_id=e.event_id, user_id=e.user_id, platform=e.platform, action=e.action,
-                item_id=e.item_id, item_text=e.item_text, event_time_ms=e.event_time_ms,
-                weight=e.weight if getattr(e, "has_weight", False) else None)
 
 
 class FusionEngine:
@@ -117,6 +110,14 @@ class FusionEngine:
             raise BudgetSpent("deadline passed before the events were stored; none were")
         return self.store.append(events, timeout_s=None)
 
+    def item_stats(self, platform: str, limit: int = 0) -> list[tuple[str, int, int]]:
+        """(item_id, event count, last event ms), most events first; limit 0 = 100,000."""
+        check_platform(platform, "platform")
+        limit = limit or 100_000
+        if not 1 <= limit <= 1_000_000:
+            raise InvalidInput(f"limit must be in 1..1000000, got {limit}")
+        return self.store.item_stats(platform, limit)
+
     def delete_user(self, user_id: str) -> int:
         if not user_id:
             raise InvalidInput("user_id is required, got an empty string")
@@ -129,7 +130,6 @@ class FusionEngine:
         if not user_id and not session:
             raise InvalidInput("user_id is required unless session_events are given")
         if for_platform:
-            from services.common.events import check_platform
             check_platform(for_platform, "for_platform")
         if not 0 <= recent_limit <= MAX_RECENT_EVENTS:
             raise InvalidInput(f"recent_events_limit must be in 0..{MAX_RECENT_EVENTS}, "

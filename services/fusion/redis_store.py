@@ -58,6 +58,7 @@ local n_platforms = tonumber(ARGV[3])
 local first = 4 + n_platforms
 local touched = {}
 local accepted = 0
+local new = {}
 for i = first, #ARGV, 4 do
   local p = tonumber(ARGV[i])
   if redis.call('SADD', KEYS[1], ARGV[i + 1]) == 1 then
@@ -71,6 +72,7 @@ for i = first, #ARGV, 4 do
     end
     touched[p] = true
     accepted = accepted + 1
+    new[accepted] = (i - first) / 4
   end
 end
 if accepted > 0 then
@@ -82,7 +84,7 @@ for p = 1, n_platforms do
     redis.call('ZREMRANGEBYRANK', KEYS[3 + p], 0, -keep - 1)
   end
 end
-return accepted
+return new
 """
 
 # Shared prologue of history and delete: KEYS as above with the platforms the caller read;
@@ -234,11 +236,39 @@ class RedisStore(ProfileStore):
         by_user: dict[str, list[Event]] = defaultdict(list)
         for e in events:
             by_user[e.user_id].append(e)
-        calls = [self._append_call(user, user_events) for user, user_events in by_user.items()]
+        users = list(by_user.items())
+        calls = [self._append_call(user, user_events) for user, user_events in users]
         with self._errors():
             results = self._pipeline_scripts(self._append_script, calls)
-        accepted = sum(int(r) for r in results)
-        return accepted, len(events) - accepted
+            new = [user_events[int(i)] for (_, user_events), r in zip(users, results) for i in r]
+            self._count_items(new)
+        return len(new), len(events) - len(new)
+
+    def _count_items(self, events: list[Event]) -> None:
+        """Per-item popularity, one sorted set per platform. Written after the events, not
+        atomically with them: a crash in between undercounts popularity, never loses events."""
+        if not events:
+            return
+        with self._client.pipeline(transaction=False) as pipe:
+            for e in events:
+                pipe.zincrby(self._pop_key(e.platform), 1, e.item_id)
+                pipe.zadd(self._last_key(e.platform), {e.item_id: e.event_time_ms}, gt=True)
+            pipe.execute()
+
+    def _pop_key(self, platform: str) -> str:
+        return f"{self.prefix}:popularity:{{{platform}}}"
+
+    def _last_key(self, platform: str) -> str:
+        return f"{self.prefix}:last_event:{{{platform}}}"
+
+    def item_stats(self, platform: str, limit: int) -> list[tuple[str, int, int]]:
+        """(item_id, event count, last event ms) of the `limit` items with most events."""
+        with self._errors():
+            top = self._client.zrevrange(self._pop_key(platform), 0, limit - 1, withscores=True)
+            if not top:
+                return []
+            last = self._client.zmscore(self._last_key(platform), [i for i, _ in top])
+        return [(_text(i), int(c), int(t or 0)) for (i, c), t in zip(top, last)]
 
     def _append_call(self, user_id: str, events: list[Event]) -> tuple[list, list]:
         ids, stats, platforms = self._user_keys(user_id)

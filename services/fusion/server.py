@@ -14,7 +14,8 @@ from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote
 from services.common.serve import (add_flag, add_server_flags, engine_call, serve, setup_logging,
                                    wait_for)
-from services.fusion.engine import FusionEngine, Profile, raw_event
+from services.common.events import raw_event
+from services.fusion.engine import FusionEngine, Profile
 from services.fusion.model import BaselineUserModel, OnnxUserModel
 from services.fusion.store import ProfileStore, SQLiteStore
 
@@ -111,6 +112,12 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             request.user_id, request.for_platform, session, request.recent_events_limit,
             context.time_remaining()))
         return profile_to_pb(profile, engine.model)
+
+    def GetItemStats(self, request, context):
+        stats = engine_call(context, lambda: self._ready().item_stats(request.platform,
+                                                                      request.limit))
+        return fusion_pb2.GetItemStatsResponse(platform=request.platform, items=[
+            fusion_pb2.ItemStat(item_id=i, event_count=c, last_event_ms=t) for i, c, t in stats])
 
     def DeleteUser(self, request, context):
         deleted = engine_call(context, lambda: self._ready().delete_user(request.user_id))

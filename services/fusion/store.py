@@ -62,6 +62,11 @@ class ProfileStore(abc.ABC):
     def put_items(self, items: dict[ItemKey, tuple[str, np.ndarray]]) -> None:
         """Cache item texts and vectors durably (replacing older ones)."""
 
+    @abc.abstractmethod
+    def item_stats(self, platform: str, limit: int) -> list[tuple[str, int, int]]:
+        """(item_id, event count, last event ms) of the `limit` items of `platform` with the
+        most stored events, most first."""
+
     def close(self) -> None:
         """Flush and release; later calls fail."""
 
@@ -86,6 +91,11 @@ class SQLiteStore(ProfileStore):
         user_id TEXT NOT NULL, platform TEXT NOT NULL, count INTEGER NOT NULL,
         last_seen_ms INTEGER NOT NULL, PRIMARY KEY (user_id, platform)
     ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS item_stats (
+        platform TEXT NOT NULL, item_id TEXT NOT NULL, count INTEGER NOT NULL,
+        last_event_ms INTEGER NOT NULL, PRIMARY KEY (platform, item_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS item_stats_by_count ON item_stats (platform, count DESC);
     CREATE TABLE IF NOT EXISTS items (
         platform TEXT NOT NULL, item_id TEXT NOT NULL, text TEXT NOT NULL,
         vector BLOB NOT NULL, PRIMARY KEY (platform, item_id)
@@ -228,6 +238,16 @@ class SQLiteStore(ProfileStore):
             "ON CONFLICT (user_id, platform) DO UPDATE SET count = count + excluded.count, "
             "last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
             [(u, p, len(es), max(e.event_time_ms for e in es)) for (u, p), es in touched.items()])
+        per_item: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for e in new:
+            stat = per_item[(e.platform, e.item_id)]
+            stat[0] += 1
+            stat[1] = max(stat[1], e.event_time_ms)
+        conn.executemany(
+            "INSERT INTO item_stats (platform, item_id, count, last_event_ms) VALUES (?,?,?,?) "
+            "ON CONFLICT (platform, item_id) DO UPDATE SET count = count + excluded.count, "
+            "last_event_ms = max(last_event_ms, excluded.last_event_ms)",
+            [(p, i, c, t) for (p, i), (c, t) in per_item.items()])
         conn.executemany(
             "DELETE FROM recent WHERE user_id=? AND platform=? AND (event_time_ms, event_id) < "
             "(SELECT event_time_ms, event_id FROM recent WHERE user_id=? AND platform=? "
@@ -260,6 +280,11 @@ class SQLiteStore(ProfileStore):
         finally:
             conn.execute("COMMIT")
         return out
+
+    def item_stats(self, platform, limit):
+        return [tuple(r) for r in self._conn().execute(
+            "SELECT item_id, count, last_event_ms FROM item_stats WHERE platform=? "
+            "ORDER BY count DESC, last_event_ms DESC LIMIT ?", (platform, limit))]
 
     def get_items(self, keys):
         conn = self._conn()

@@ -16,7 +16,7 @@ from services.common.events import Event
 from services.fusion.redis_store import RedisStore
 from services.fusion.store import RECENT_PER_PLATFORM, SQLiteStore
 
-pytest_plugins = ["tests.redis_fixture"]
+
 
 T0 = 1_700_000_000_000
 
@@ -311,7 +311,7 @@ def test_redis_keys_of_one_user_share_one_cluster_slot_even_with_braces_in_the_i
     for user in ["{a}", "a}{b", "{", "plain"]:
         store = RedisStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
         store.append([event("e", user=user), event("f", user=user, platform="steam")])
-        keys = list(store._client.scan_iter(match=f"{store.prefix}:*"))
+        keys = list(store._client.scan_iter(match=f"{store.prefix}:{{u:*"))
         store.close()
         assert len(keys) == 5, keys  # ids, stats, platforms, recent:amazon, recent:steam
         assert len({key_slot(k) for k in keys}) == 1
@@ -327,3 +327,12 @@ def test_redis_store_is_overloaded_when_every_connection_is_busy(redis_url):
         store._client.connection_pool.release(held)
     assert store.append([event("a")]) == (1, 0)
     store.close()
+
+
+def test_item_stats_count_new_events_per_item_most_first(store):
+    store.append([event("a", item="pen"), event("b", item="pen", time_ms=T0 + 5),
+                  event("c", item="ink"), event("d", user="u2", item="pen")])
+    store.append([event("a", item="pen")])  # a duplicate is not counted again
+    assert store.item_stats("amazon", 10) == [("pen", 3, T0 + 5), ("ink", 1, T0)]
+    assert store.item_stats("amazon", 1) == [("pen", 3, T0 + 5)]
+    assert store.item_stats("other", 10) == []

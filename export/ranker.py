@@ -1,0 +1,682 @@
+"""Ranker: trains the candidate re-ranker on Amazon Arts/Office and exports it to ONNX.
+
+For a (user, target platform) query the user tower's for_platform vector retrieves the top
+CANDIDATES items of the platform's whole catalogue (exact dot product); the ranker scores each
+candidate from services.ranking.features.candidate_features (the function serving calls) and
+re-orders them. Training examples come from training users only (export.user_data's seeded
+user split, the user tower's): next-item positions on each platform, half of them with the
+target platform's events removed from the input (cold platform); listwise softmax
+cross-entropy over the candidates of the examples whose target was retrieved.
+
+    python -m export.ranker --model-repo models [--seed 0]
+
+ONNX contract (models/ranker/<N>/model.onnx; B and N dynamic):
+  input  features float32 [B, N, F]  raw candidate_features rows (F = len(FEATURES)), candidates
+                                     in retrieval order; standardisation is inside the model
+  output scores   float32 [B, N]     higher is better; a candidate's score does not depend on
+                                     the other candidates (no cross-candidate terms)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import math
+import os
+import platform as _platform
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clients.datasets import AMAZON
+from export import user_data as ud
+from services.common.events import Event
+from services.common.modelrepo import new_version, read_meta, resolve, versions, write_meta
+from services.fusion.model import BaselineUserModel, OnnxUserModel, Window
+from services.ranking.features import (FEATURES, N_FEATURES, UserContext, candidate_features,
+                                       popularity_features)
+
+log = logging.getLogger("export.ranker")
+
+MODEL_NAME = "ranker"
+USER_TOWER = "user_tower"
+# Candidates the ranker re-orders per query: the top CANDIDATES of the target platform's
+# catalogue by dot(for_platform user vector, item vector). Serving must use the same number:
+# retrieval_pct = position / N is a feature, so another N shifts that feature's scale.
+CANDIDATES = 200
+INPUT_NAME, OUTPUT_NAME = "features", "scores"
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+ENCODE_BATCH = 512
+# The fused vector is the tower's output for no particular platform (vocabulary id 0).
+FUSED_TARGET = ""
+
+
+# ---------------------------------------------------------------------------- data
+
+@dataclass
+class RankData:
+    """The catalogue, its item vectors, every user's sequence and the user split."""
+    dataset: str
+    ids: list[tuple[str, str]]         # catalogue rows: (platform, item_id)
+    vecs: np.ndarray                   # float32 [n_items, dim], L2-normalised
+    encoder: dict                      # {"name", "version"} of the item vectors
+    vocab: dict[str, int]              # platform vocabulary (the user tower's construction)
+    seqs: list[ud.UserSeq]             # every user, sorted by user id
+    train_ids: set[str]
+    val_ids: set[str]
+    counts: np.ndarray                 # float64 [n_items] events per item, training users
+    row_of: dict[tuple[str, str], int] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)          # vocab id -> platform
+    catalogue: dict[str, np.ndarray] = field(default_factory=dict)  # platform -> rows
+    log_pop: np.ndarray | None = None  # float32 [n_items] popularity_features of `counts`,
+    pop_pct: np.ndarray | None = None  # computed within each platform
+
+    def __post_init__(self):
+        self.row_of = {key: i for i, key in enumerate(self.ids)}
+        self.names = {i: name for name, i in self.vocab.items()}
+        self.catalogue = {self.names[pid]: rows
+                          for pid, rows in ud.catalogue_rows(self.ids, self.vocab).items()}
+        self.log_pop, self.pop_pct = platform_popularity(self.counts, self.catalogue)
+
+    def with_vectors(self, vecs: np.ndarray, encoder: dict) -> "RankData":
+        """The same data with another encoder's item vectors (same catalogue order)."""
+        assert vecs.shape[0] == len(self.ids)
+        return RankData(self.dataset, self.ids, vecs, encoder, self.vocab, self.seqs,
+                        self.train_ids, self.val_ids, self.counts)
+
+
+def platform_popularity(counts: np.ndarray, catalogue: dict[str, np.ndarray]):
+    """(log_pop, pop_pct) float32 [n_items]: popularity_features within each platform."""
+    log_pop = np.zeros(len(counts), np.float32)
+    pop_pct = np.zeros(len(counts), np.float32)
+    for rows in catalogue.values():
+        log_pop[rows], pop_pct[rows] = popularity_features(counts[rows])
+    return log_pop, pop_pct
+
+
+def load_data(repo: str | os.PathLike = "models", dataset: str = AMAZON,
+              encoder_version: int | None = None) -> RankData:
+    """Item vectors (export.item_vectors cache), sequences and the user tower's user split."""
+    from export.item_vectors import ENCODER_NAME, encoder_ref, item_vectors
+
+    _, enc_version, _ = encoder_ref(repo, encoder_version)
+    ids, vecs = item_vectors(dataset, repo, enc_version)
+    users, missing = ud.load_sequences(dataset, ids)
+    if missing:
+        log.warning("%d events dropped: item not in the catalogue", missing)
+    train_ids, val_ids = ud.split_users([u["user_id"] for u in users])
+    vocab = ud.platform_vocab([u for u in users if u["user_id"] in train_ids])
+    seqs = [ud.to_seq(u, vocab) for u in users]
+    counts = np.zeros(len(ids), np.float64)
+    for s in seqs:
+        if s.user_id in train_ids:
+            np.add.at(counts, s.items, 1.0)
+    return RankData(dataset, ids, vecs, {"name": ENCODER_NAME, "version": enc_version},
+                    vocab, seqs, train_ids, val_ids, counts)
+
+
+def load_user_model(repo: str | os.PathLike, version: int | None = None,
+                    allow_baseline: bool = False):
+    """The trained user tower (OnnxUserModel); the untrained baseline when none is exported
+    and `allow_baseline` (development only: the ranker's features then come from it)."""
+    if versions(repo, USER_TOWER) or not allow_baseline:
+        return OnnxUserModel(resolve(repo, USER_TOWER, version), intra_op_threads=2)
+    log.warning("no %s in %s: using the untrained baseline user model", USER_TOWER, repo)
+    return BaselineUserModel()
+
+
+# ---------------------------------------------------------------------------- queries
+
+@dataclass
+class Query:
+    """One request: the user's input events (oldest first) and the platform to rank for."""
+    user_id: str
+    rows: np.ndarray          # int64 [n] catalogue rows of the input events
+    actions: np.ndarray       # int64 [n] Action enum values
+    weights: np.ndarray       # float32 [n]
+    target_platform: str
+    target_row: int = -1      # catalogue row of the true next item; -1 when unknown
+
+
+def seq_query(data: RankData, s: ud.UserSeq, t: int, cold: bool,
+              end: int | None = None) -> Query | None:
+    """Predict event `t` of `s` from its events before `end` (default t), without the target
+    platform's events when `cold`; None when that input is empty."""
+    keep = np.arange(t if end is None else end)
+    if cold:
+        keep = keep[s.platforms[keep] != s.platforms[t]]
+    if not len(keep):
+        return None
+    return Query(s.user_id, s.items[keep], s.actions[keep], s.weights[keep],
+                 data.names[int(s.platforms[t])], int(s.items[t]))
+
+
+def last_on_platform_queries(data: RankData, s: ud.UserSeq, cold: bool) -> list[Query]:
+    """Leave-last-out per platform: target = the user's last event on each platform (all
+    rows, history and held-out targets), input = every earlier event (protocol A)."""
+    out = []
+    for pid in sorted(set(s.platforms.tolist())):
+        t = int(np.flatnonzero(s.platforms == pid)[-1])
+        q = seq_query(data, s, t, cold)
+        if q is not None:
+            out.append(q)
+    return out
+
+
+def _window(data: RankData, q: Query, max_events: int) -> Window:
+    rows = q.rows[-max_events:]
+    acts, wts = q.actions[-max_events:], q.weights[-max_events:]
+    events = [Event(f"{q.user_id}:{i}", q.user_id, data.ids[r][0], int(a), data.ids[r][1], "",
+                    i, float(w)) for i, (r, a, w) in enumerate(zip(rows, acts, wts))]
+    return Window(events, data.vecs[rows])
+
+
+def encode_all(model, jobs: list[tuple[Window, str]], batch: int = ENCODE_BATCH) -> np.ndarray:
+    """float32 [len(jobs), dim] user vectors of (window, target platform) jobs; windows of
+    similar length are batched together (the ONNX model pads to the longest)."""
+    out = np.zeros((len(jobs), jobs[0][0].vectors.shape[1]), np.float32)
+    order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][0].events))
+    for b0 in range(0, len(order), batch):
+        idx = order[b0:b0 + batch]
+        vecs, _ = model.encode([jobs[j][0] for j in idx], [jobs[j][1] for j in idx])
+        out[idx] = vecs
+    return out
+
+
+def user_contexts(model, data: RankData, queries: list[Query]) -> list[UserContext]:
+    """The ranker's view of each query's user, as the serving side builds it from fusion:
+    for_platform = tower(window, target), fused = tower(window, no platform),
+    per_platform[p] = tower(window's events on p, p), counts = events per platform in the
+    input, history = the window newest first. The window is the input's last max_events."""
+    jobs, slots = [], []
+    for q in queries:
+        w = _window(data, q, model.max_events)
+        platforms = sorted({e.platform for e in w.events})
+        slot = {"for": len(jobs), "fused": len(jobs) + 1, "per": {}}
+        jobs += [(w, q.target_platform), (w, FUSED_TARGET)]
+        for p in platforms:
+            slot["per"][p] = len(jobs)
+            jobs.append((w.only(p), p))
+        slots.append((q, w, slot))
+    vecs = encode_all(model, jobs)
+    out = []
+    for q, w, slot in slots:
+        plats = [data.ids[r][0] for r in q.rows]
+        counts = {p: plats.count(p) for p in sorted(set(plats))}
+        keys = [(e.platform, e.item_id) for e in reversed(w.events)]
+        out.append(UserContext(q.target_platform, vecs[slot["for"]], vecs[slot["fused"]],
+                               {p: vecs[j] for p, j in slot["per"].items()}, counts, keys,
+                               np.ascontiguousarray(w.vectors[::-1])))
+    return out
+
+
+# ---------------------------------------------------------------------------- retrieval
+
+def top_and_rank(scores: np.ndarray, k: int, target_local: np.ndarray | None = None):
+    """Order of each row of scores float [q, m] by score, ties broken by column (catalogue
+    order): (top int64 [q, k] columns, best first; 1-based full rank of target_local[q] in
+    that order, or None)."""
+    q, m = scores.shape
+    k = min(k, m)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(scores, part, 1).min(1)
+    top = np.zeros((q, k), np.int64)
+    for r in range(q):
+        idx = np.flatnonzero(scores[r] >= kth[r])
+        top[r] = idx[np.lexsort((idx, -scores[r, idx]))][:k]
+    ranks = None
+    if target_local is not None:
+        st = scores[np.arange(q), target_local][:, None]
+        cols = np.arange(m)[None, :]
+        ranks = 1 + (scores > st).sum(1) + ((scores == st) & (cols < target_local[:, None])).sum(1)
+    return top, ranks
+
+
+def retrieve(data: RankData, user_vecs: np.ndarray, platforms: list[str], n: int = CANDIDATES,
+             targets: np.ndarray | None = None, chunk: int = 256):
+    """Top-n catalogue rows per query by dot(user, item) over the query's platform's whole
+    catalogue, and each target row's full rank there (None without targets)."""
+    top = np.zeros((len(platforms), n), np.int64)
+    ranks = np.zeros(len(platforms), np.int64) if targets is not None else None
+    plats = np.asarray(platforms)
+    for p, rows in data.catalogue.items():
+        sel = np.flatnonzero(plats == p)
+        local = None
+        if targets is not None and len(sel):
+            pos = {int(r): i for i, r in enumerate(rows)}
+            local = np.array([pos[int(t)] for t in targets[sel]], np.int64)
+        mat = data.vecs[rows]
+        for c0 in range(0, len(sel), chunk):
+            qs = sel[c0:c0 + chunk]
+            scores = user_vecs[qs] @ mat.T
+            t, r = top_and_rank(scores, n, None if local is None else local[c0:c0 + chunk])
+            top[qs] = rows[t]
+            if r is not None:
+                ranks[qs] = r
+    return top, ranks
+
+
+def features_for(data: RankData, ctx: UserContext, cand_rows: np.ndarray,
+                 log_pop: np.ndarray | None = None, pop_pct: np.ndarray | None = None):
+    """candidate_features of catalogue rows `cand_rows` (retrieval order): float32 [N, F]."""
+    log_pop = data.log_pop if log_pop is None else log_pop
+    pop_pct = data.pop_pct if pop_pct is None else pop_pct
+    return candidate_features(ctx, [data.ids[r][1] for r in cand_rows], data.vecs[cand_rows],
+                              log_pop[cand_rows], pop_pct[cand_rows])
+
+
+def query_features(model, data: RankData, queries: list[Query], n: int = CANDIDATES):
+    """(features float32 [Q, n, F], candidate rows int64 [Q, n], target's retrieval rank
+    int64 [Q]) for queries with known targets."""
+    ctxs = user_contexts(model, data, queries)
+    targets = np.array([q.target_row for q in queries], np.int64)
+    cands, ranks = retrieve(data, np.stack([c.for_platform for c in ctxs]),
+                            [q.target_platform for q in queries], n, targets)
+    feats = np.stack([features_for(data, c, r) for c, r in zip(ctxs, cands)])
+    return feats, cands, ranks
+
+
+# ---------------------------------------------------------------------------- training data
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    positions_per_user: int = 8    # sampled next-item positions per training user
+    cold_fraction: float = 0.5     # of those, the share made cold-platform examples
+    dev_fraction: float = 0.1      # training users kept for early stopping (never val users)
+    hidden: tuple[int, ...] = (64, 32)
+    epochs: int = 30
+    batch: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    patience: int = 5
+    max_train_s: float = 240.0
+
+
+def training_queries(data: RankData, users: list[ud.UserSeq], cfg: TrainConfig,
+                     rng: np.random.Generator) -> list[Query]:
+    """Sampled next-item positions of `users` (every position t >= 1 of the whole sequence is
+    a candidate); each becomes a cold-platform example with probability cold_fraction (when
+    the user has earlier events on another platform), else a warm one."""
+    out = []
+    for s in users:
+        positions = np.arange(1, len(s.items))
+        take = rng.choice(positions, size=min(cfg.positions_per_user, len(positions)),
+                          replace=False)
+        for t in sorted(take.tolist()):
+            cold = rng.random() < cfg.cold_fraction
+            q = seq_query(data, s, t, cold) if cold else None
+            out.append(q if q is not None else seq_query(data, s, t, False))
+    return out
+
+
+def leave_user_out_popularity(data: RankData, s: ud.UserSeq):
+    """(log_pop, pop_pct) of training counts without user `s`'s own events: a validation
+    user's events are not in the counts either, so a target's popularity is not inflated by
+    the very event being predicted."""
+    counts = data.counts.copy()
+    if s.user_id in data.train_ids:
+        np.subtract.at(counts, s.items, 1.0)
+    return platform_popularity(counts, data.catalogue)
+
+
+def build_examples(model, data: RankData, users: list[ud.UserSeq], cfg: TrainConfig,
+                   rng: np.random.Generator, chunk_users: int = 400, label: str = "train"):
+    """(features float32 [M, N, F], target position int64 [M], stats) of the sampled queries
+    whose target is among the CANDIDATES retrieved."""
+    xs, ys = [], []
+    n_queries = n_cold = n_kept = n_kept_cold = 0
+    start = time.monotonic()
+    for u0 in range(0, len(users), chunk_users):
+        part = users[u0:u0 + chunk_users]
+        queries = training_queries(data, part, cfg, rng)
+        ctxs = user_contexts(model, data, queries)
+        targets = np.array([q.target_row for q in queries])
+        cands, _ = retrieve(data, np.stack([c.for_platform for c in ctxs]),
+                            [q.target_platform for q in queries], CANDIDATES)
+        pops = {s.user_id: leave_user_out_popularity(data, s) for s in part}
+        for q, c, rows, target in zip(queries, ctxs, cands, targets):
+            cold = q.target_platform not in c.per_platform
+            n_queries += 1
+            n_cold += cold
+            hit = np.flatnonzero(rows == target)
+            if not len(hit):
+                continue
+            n_kept += 1
+            n_kept_cold += cold
+            xs.append(features_for(data, c, rows, *pops[q.user_id]))
+            ys.append(int(hit[0]))
+        log.info("%s examples: %d/%d users, %d queries (%d cold), %d kept (target in top-%d)"
+                 ", %.0fs", label, min(u0 + chunk_users, len(users)), len(users), n_queries,
+                 n_cold, n_kept, CANDIDATES, time.monotonic() - start)
+    stats = {"queries": n_queries, "cold_queries": n_cold, "kept": n_kept,
+             "kept_cold": n_kept_cold,
+             f"candidate_recall@{CANDIDATES}": n_kept / max(n_queries, 1),
+             f"candidate_recall@{CANDIDATES}_warm": (n_kept - n_kept_cold) /
+             max(n_queries - n_cold, 1),
+             f"candidate_recall@{CANDIDATES}_cold": n_kept_cold / max(n_cold, 1)}
+    return np.stack(xs), np.array(ys, np.int64), stats
+
+
+# ---------------------------------------------------------------------------- model
+
+def _torch():
+    import torch
+    return torch
+
+
+def make_ranker(mean: np.ndarray, std: np.ndarray, hidden=(64, 32)):
+    """MLP over standardised features plus a linear skip; mean/std are buffers so serving
+    feeds raw features."""
+    torch = _torch()
+    nn = torch.nn
+
+    class Ranker(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+            self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+            layers, width = [], len(mean)
+            for h in hidden:
+                layers += [nn.Linear(width, h), nn.GELU()]
+                width = h
+            layers.append(nn.Linear(width, 1))
+            self.mlp = nn.Sequential(*layers)
+            self.skip = nn.Linear(len(mean), 1, bias=False)
+
+        def forward(self, features):
+            x = (features - self.mean) / self.std
+            return (self.mlp(x) + self.skip(x)).squeeze(-1)
+
+    return Ranker()
+
+
+def feature_norm(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std over every candidate of `x` [M, N, F]; std 1 where constant."""
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    mean, std = flat.mean(0), flat.std(0)
+    std = np.where(std > 1e-6, std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def ndcg_of_positions(scores: np.ndarray, y: np.ndarray, k: int = 10) -> tuple[float, float]:
+    """(NDCG@k, HR@k) of the target positions y under scores [M, N] (ties against target)."""
+    st = scores[np.arange(len(y)), y][:, None]
+    rank = (scores > st).sum(1) + 1
+    hit = rank <= k
+    return float(np.where(hit, 1 / np.log2(rank + 1), 0).mean()), float(hit.mean())
+
+
+def train_ranker(x: np.ndarray, y: np.ndarray, x_dev: np.ndarray, y_dev: np.ndarray,
+                 cfg: TrainConfig):
+    """Listwise softmax cross-entropy over candidates; returns (best-on-dev model, history)."""
+    torch = _torch()
+    F = torch.nn.functional
+    torch.manual_seed(cfg.seed)
+    mean, std = feature_norm(x)
+    model = make_ranker(mean, std, cfg.hidden)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(x) / cfg.batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xd = torch.from_numpy(x_dev)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, best, best_state, bad = [], -1.0, None, 0
+    start = time.monotonic()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        perm = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        for b0 in range(0, len(x), cfg.batch):
+            idx = perm[b0:b0 + cfg.batch]
+            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        model.eval()
+        with torch.no_grad():
+            dev_scores = model(xd).numpy()
+        dev_loss = float(F.cross_entropy(torch.from_numpy(dev_scores), torch.from_numpy(y_dev)))
+        ndcg, hr = ndcg_of_positions(dev_scores, y_dev)
+        elapsed = time.monotonic() - start
+        history.append({"epoch": epoch, "train_loss": total / len(x), "dev_loss": dev_loss,
+                        "dev_ndcg@10": ndcg, "dev_hr@10": hr, "elapsed_s": round(elapsed, 1)})
+        log.info("epoch %2d  train loss %.4f  dev loss %.4f  dev NDCG@10 %.4f HR@10 %.4f  %.0fs",
+                 epoch, total / len(x), dev_loss, ndcg, hr, elapsed)
+        if ndcg > best:
+            best, bad = ndcg, 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+        if bad >= cfg.patience or elapsed > cfg.max_train_s:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, history
+
+
+# ---------------------------------------------------------------------------- export
+
+def export_onnx(model, path: Path, n_features: int = N_FEATURES) -> None:
+    torch = _torch()
+    sample = torch.zeros(2, 7, n_features)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (sample,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch", 1: "candidates"},
+                                        OUTPUT_NAME: {0: "batch", 1: "candidates"}},
+                          do_constant_folding=True)
+
+
+def ort_session(path: str | os.PathLike, threads: int = 2):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_scores(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """scores float32 [B, N] of features float32 [B, N, F]."""
+    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(
+        x[b0:b0 + batch], dtype=np.float32)})[0] for b0 in range(0, len(x), batch)])
+
+
+def check_parity(model, path: Path, feature_sets: list[np.ndarray]) -> dict:
+    """Max abs diff of onnxruntime vs torch scores; raises over PARITY_TOLERANCE."""
+    torch = _torch()
+    session = ort_session(path)
+    worst, n = 0.0, 0
+    for x in feature_sets:
+        with torch.no_grad():
+            ref = model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+        worst = max(worst, float(np.abs(ort_scores(session, x) - ref).max()))
+        n += len(x)
+    result = {"max_abs_diff": worst, "tolerance": PARITY_TOLERANCE, "n_lists": n,
+              "shapes": sorted({tuple(x.shape) for x in feature_sets})}
+    if not worst <= PARITY_TOLERANCE:
+        raise RuntimeError(f"ONNX parity failed: max abs diff {worst:.3g} > "
+                           f"{PARITY_TOLERANCE:g}")
+    return result
+
+
+def io_meta(n_candidates: int = CANDIDATES) -> dict:
+    return {
+        "format": "onnx", "opset": OPSET, "model_file": "model.onnx",
+        "input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME],
+        "inputs": {INPUT_NAME: {"dtype": "float32",
+                                "shape": ["batch", "candidates", N_FEATURES]}},
+        "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": ["batch", "candidates"]}},
+        "features": list(FEATURES), "n_features": N_FEATURES, "candidates": n_candidates,
+        "feature_function": "services.ranking.features.candidate_features (raw, unscaled: "
+                            "standardisation is inside the model)",
+        "score": "higher is better; sort candidates by score descending",
+    }
+
+
+def write_version(repo: str | os.PathLike, model, meta: dict, parity_sets: list[np.ndarray],
+                  counts: np.ndarray | None = None, ids=None, eval_fn=None) -> tuple[Path, dict]:
+    """Export, gate on parity, write models/ranker/<N>/ (model.onnx, item_counts.npz when
+    counts are given, meta.json last). Nothing is written unless parity holds."""
+    with new_version(repo, MODEL_NAME) as (tmp, version):
+        onnx_path = tmp / "model.onnx"
+        export_onnx(model, onnx_path)
+        parity = check_parity(model, onnx_path, parity_sets)
+        log.info("parity: max abs diff %.2e over %d lists (tolerance %g)",
+                 parity["max_abs_diff"], parity["n_lists"], PARITY_TOLERANCE)
+        meta = dict(meta, **io_meta(), name=MODEL_NAME, version=version, parity=parity)
+        if counts is not None:
+            # The popularity the ranker was trained with, for serving's popularity_features.
+            np.savez_compressed(tmp / "item_counts.npz",
+                                platform=np.array([p for p, _ in ids]),
+                                item_id=np.array([i for _, i in ids]), count=counts)
+            meta["item_counts_file"] = "item_counts.npz"
+        if eval_fn is not None:
+            meta = eval_fn(onnx_path, meta)
+        write_meta(tmp, meta)
+    return Path(repo) / MODEL_NAME / str(version), meta
+
+
+# ---------------------------------------------------------------------------- validation
+
+def rerank_ranks(scores: np.ndarray, retrieval_ranks: np.ndarray, cands: np.ndarray,
+                 targets: np.ndarray) -> np.ndarray:
+    """Full rank after re-ranking the top-N candidates by `scores` [Q, N]: a target among them
+    takes its position in the new order (ties broken by retrieval order); one below keeps
+    its retrieval rank."""
+    out = retrieval_ranks.copy()
+    for i in range(len(targets)):
+        hit = np.flatnonzero(cands[i] == targets[i])
+        if len(hit):
+            j = hit[0]
+            s = scores[i]
+            out[i] = 1 + (s > s[j]).sum() + (s[:j] == s[j]).sum()
+    return out
+
+
+def validation_metrics(session, model, data: RankData) -> dict:
+    """Protocol A (last event per platform, full catalogue) on the validation users:
+    retrieval order vs re-ranked, warm and cold platform."""
+    val = [s for s in data.seqs if s.user_id in data.val_ids]
+    out = {}
+    for setting, cold in (("warm", False), ("cold", True)):
+        queries = [q for s in val for q in last_on_platform_queries(data, s, cold)]
+        feats, cands, ranks = query_features(model, data, queries)
+        targets = np.array([q.target_row for q in queries])
+        reranked = rerank_ranks(ort_scores(session, feats), ranks, cands, targets)
+        out[setting] = {
+            "retrieval": ud.metrics_from_ranks(ranks),
+            "reranked": ud.metrics_from_ranks(reranked),
+            f"candidate_recall@{CANDIDATES}": float((ranks <= CANDIDATES).mean()),
+        }
+        log.info("validation %s (%d queries): retrieval NDCG@10 %.4f -> re-ranked %.4f "
+                 "(HR@10 %.4f -> %.4f), candidate recall@%d %.3f", setting, len(queries),
+                 out[setting]["retrieval"]["ndcg@10"], out[setting]["reranked"]["ndcg@10"],
+                 out[setting]["retrieval"]["recall@10"], out[setting]["reranked"]["recall@10"],
+                 CANDIDATES, out[setting][f"candidate_recall@{CANDIDATES}"])
+    return out
+
+
+# ---------------------------------------------------------------------------- main
+
+def run(cfg: TrainConfig, repo: str | os.PathLike, dataset: str = AMAZON,
+        user_tower_version: int | None = None, allow_baseline: bool = False):
+    torch = _torch()
+    t0 = time.monotonic()
+    data = load_data(repo, dataset)
+    model = load_user_model(repo, user_tower_version, allow_baseline)
+    if not model.baseline and model.meta.get("split", {}).get("val_users") not in (
+            None, len(data.val_ids)):
+        raise RuntimeError("user split differs from the user tower's: "
+                           f"{model.meta['split']} vs {len(data.val_ids)} validation users")
+    rng = np.random.default_rng(cfg.seed)
+    train = [s for s in data.seqs if s.user_id in data.train_ids]
+    dev_n = round(cfg.dev_fraction * len(train))
+    order = rng.permutation(len(train))
+    dev = [train[i] for i in sorted(order[:dev_n])]
+    fit = [train[i] for i in sorted(order[dev_n:])]
+    log.info("%d training users (%d fit, %d dev), %d validation users untouched; user model "
+             "%s v%s; data ready in %.0fs", len(train), len(fit), len(dev), len(data.val_ids),
+             model.name, model.version, time.monotonic() - t0)
+    t1 = time.monotonic()
+    x, y, stats = build_examples(model, data, fit, cfg, rng, label="fit")
+    x_dev, y_dev, dev_stats = build_examples(model, data, dev, cfg, rng, label="dev")
+    examples_s = time.monotonic() - t1
+    log.info("examples: fit %s, dev %s, %.0fs", x.shape, x_dev.shape, examples_s)
+    t2 = time.monotonic()
+    ranker, history = train_ranker(x, y, x_dev, y_dev, cfg)
+    train_s = time.monotonic() - t2
+    n_params = sum(p.numel() for p in ranker.parameters())
+    with torch.no_grad():
+        dev_retrieval = ndcg_of_positions(-np.arange(CANDIDATES, dtype=np.float32)[None]
+                                          .repeat(len(y_dev), 0), y_dev)
+
+    val = [s for s in data.seqs if s.user_id in data.val_ids]
+    parity_queries = [q for s in val[:64] for q in last_on_platform_queries(data, s, False)]
+    pf, _, _ = query_features(model, data, parity_queries)
+    parity_sets = [pf, pf[:5, :37], x_dev[:64]]
+
+    def eval_fn(onnx_path: Path, meta: dict) -> dict:
+        meta["validation"] = validation_metrics(ort_session(onnx_path), model, data)
+        return meta
+
+    meta = {
+        "dataset": dataset,
+        "user_tower": {"name": model.name, "version": model.version,
+                       "baseline": bool(model.baseline)},
+        "encoder": data.encoder,
+        "popularity": "item event counts of the training users (item_counts.npz); each "
+                      "training example's own user is left out of them",
+        "split": {"rule": "export.user_data.split_users (the user tower's)",
+                  "train_users": len(train), "val_users": len(data.val_ids),
+                  "fit_users": len(fit), "dev_users": len(dev),
+                  "dev_rule": f"seeded {cfg.dev_fraction} of training users (early stopping)"},
+        "examples": {"fit": stats, "dev": dev_stats, "build_s": round(examples_s, 1)},
+        "seed": cfg.seed, "train_config": asdict(cfg), "n_params": n_params,
+        "training": {"train_s": round(train_s, 1), "history": history,
+                     "best_dev_ndcg@10": max(h["dev_ndcg@10"] for h in history),
+                     "dev_retrieval_order_ndcg@10": dev_retrieval[0]},
+        "history_window": "the user tower's max_events newest input events, newest first",
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "exporter": {"torch": torch.__version__, "python": _platform.python_version(),
+                     "threads": torch.get_num_threads()},
+    }
+    path, meta = write_version(repo, ranker, meta, parity_sets, data.counts, data.ids, eval_fn)
+    log.info("wrote %s (%d params, total %.0fs)", path, n_params, time.monotonic() - t0)
+    return path, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO", "models"))
+    parser.add_argument("--dataset", default=AMAZON)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--user-tower-version", type=int, default=None)
+    parser.add_argument("--positions-per-user", type=int, default=TrainConfig.positions_per_user)
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allow-baseline", action="store_true",
+                        help="train on the untrained baseline user model when no user tower "
+                             "is exported (development only)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(message)s")
+    _torch().set_num_threads(args.threads)
+    cfg = TrainConfig(seed=args.seed, positions_per_user=args.positions_per_user,
+                      epochs=args.epochs)
+    run(cfg, args.model_repo, args.dataset, args.user_tower_version, args.allow_baseline)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Item catalogue: items and their vectors, durable in SQLite, searchable per platform.
+
+An upsert is committed to disk (WAL, synchronous=FULL) before it is applied to the in-memory
+index, and the index is rebuilt from the file at start, so an acknowledged item survives a
+restart and is retrievable as soon as its upsert returns.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from services.ranking.index import EXACT, HNSW, PlatformIndex
+
+
+@dataclass(frozen=True)
+class CatalogItem:
+    item_id: str
+    platform: str
+    title: str
+    attributes: dict[str, str] = field(default_factory=dict)
+    text: str = ""  # what the vector was embedded from (title + attribute values)
+
+
+class Catalog:
+    """Thread-safe. `index` is exact, hnsw, or auto (HNSW once a platform has more than
+    `hnsw_threshold` items; exact below, where a scan is both exact and fast enough)."""
+
+    def __init__(self, path: str | Path, dim: int, index: str = "auto",
+                 hnsw_threshold: int = 200_000):
+        if index not in ("auto", EXACT, HNSW):
+            raise ValueError(f"index must be auto, exact or hnsw, got {index!r}")
+        self.path, self.dim = str(path), dim
+        self.index_kind, self.hnsw_threshold = index, hnsw_threshold
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS items (platform TEXT NOT NULL, item_id TEXT NOT NULL, "
+            "title TEXT NOT NULL, attributes TEXT NOT NULL, text TEXT NOT NULL, "
+            "vector BLOB NOT NULL, PRIMARY KEY (platform, item_id)) WITHOUT ROWID")
+        self._write_lock = threading.Lock()
+        self._items: dict[str, dict[str, CatalogItem]] = {}
+        self._indexes: dict[str, PlatformIndex] = {}
+        self._load()
+
+    def _kind(self, size: int) -> str:
+        if self.index_kind != "auto":
+            return self.index_kind
+        return HNSW if size > self.hnsw_threshold else EXACT
+
+    def _load(self) -> None:
+        rows: dict[str, list] = {}
+        for platform, item_id, title, attrs, text, blob in self._db.execute(
+                "SELECT platform, item_id, title, attributes, text, vector FROM items"):
+            rows.setdefault(platform, []).append((item_id, title, attrs, text, blob))
+        for platform, items in rows.items():
+            self._items[platform] = {i: CatalogItem(i, platform, t, json.loads(a), x)
+                                     for i, t, a, x, _ in items}
+            index = PlatformIndex(self.dim, self._kind(len(items)))
+            index.upsert([i for i, *_ in items],
+                         np.frombuffer(b"".join(r[-1] for r in items), np.float32)
+                         .reshape(len(items), self.dim))
+            self._indexes[platform] = index
+
+    def platforms(self) -> list[str]:
+        return sorted(p for p, items in self._items.items() if items)
+
+    def size(self, platform: str) -> int:
+        return len(self._items.get(platform, {}))
+
+    def index(self, platform: str) -> PlatformIndex | None:
+        return self._indexes.get(platform)
+
+    def get(self, platform: str, item_id: str) -> CatalogItem | None:
+        return self._items.get(platform, {}).get(item_id)
+
+    def item_ids(self, platform: str) -> list[str]:
+        return list(self._items.get(platform, {}))
+
+    def upsert(self, items: list[CatalogItem], vectors: np.ndarray) -> None:
+        """Store items with float32 [n, dim] vectors durably, then make them searchable."""
+        vectors = np.asarray(vectors, np.float32)
+        with self._write_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO items (platform, item_id, title, attributes, text, "
+                    "vector) VALUES (?,?,?,?,?,?)",
+                    [(it.platform, it.item_id, it.title, json.dumps(it.attributes), it.text,
+                      vec.tobytes()) for it, vec in zip(items, vectors)])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            by_platform: dict[str, list[int]] = {}
+            for n, it in enumerate(items):
+                by_platform.setdefault(it.platform, []).append(n)
+            for platform, rows in by_platform.items():
+                stored = self._items.setdefault(platform, {})
+                for n in rows:
+                    stored[items[n].item_id] = items[n]
+                index = self._indexes.get(platform)
+                if index is None:
+                    index = self._indexes[platform] = PlatformIndex(self.dim,
+                                                                    self._kind(len(rows)))
+                index.upsert([items[n].item_id for n in rows], vectors[rows])
+                if index.kind == EXACT and self._kind(len(index)) == HNSW:
+                    self._indexes[platform] = self._reindexed(platform, index, HNSW)
+
+    def _reindexed(self, platform: str, old: PlatformIndex, kind: str) -> PlatformIndex:
+        ids = old.item_ids
+        index = PlatformIndex(self.dim, kind)
+        index.upsert(ids, old.vectors(ids))
+        return index
+
+    def delete(self, platform: str, item_ids: list[str]) -> int:
+        """Remove items; the number that existed."""
+        with self._write_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("DELETE FROM items WHERE platform=? AND item_id=?",
+                                 [(platform, i) for i in item_ids])
+            self._db.execute("COMMIT")
+            stored = self._items.get(platform, {})
+            gone = [i for i in dict.fromkeys(item_ids) if stored.pop(i, None) is not None]
+            if gone:
+                self._indexes[platform].delete(gone)
+            return len(gone)
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,152 @@
+"""Ranking gRPC server: `python -m services.ranking.server --port 0 --port-file F`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+
+from crossrec.common.v1 import common_pb2
+from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from services.common import modelrepo
+from services.common.errors import NotReady
+from services.common.remote import EmbeddingRemote, FusionRemote
+from services.common.serve import (add_flag, add_server_flags, engine_call, serve, setup_logging,
+                                   wait_for)
+from services.common.events import raw_event
+from services.ranking.catalog import Catalog
+from services.ranking.engine import Popularity, RankingEngine
+from services.ranking.ranker import OnnxRanker, RetrievalOrder
+
+log = logging.getLogger("crossrec.ranking")
+DEFAULT_PORT = 50053
+
+
+@dataclass(frozen=True)
+class Config:
+    catalog_path: str
+    embedding_address: str
+    fusion_address: str
+    model_repo: str
+    model_version: int | None
+    allow_no_ranker: bool
+    index: str
+    hnsw_threshold: int
+    max_k: int
+    fusion_fallback: bool
+    popularity_refresh_s: float
+    dependency_wait_s: float
+
+
+def load_ranker(config: Config):
+    try:
+        return OnnxRanker(modelrepo.resolve(config.model_repo, "ranker", config.model_version))
+    except FileNotFoundError as err:
+        if not config.allow_no_ranker:
+            raise SystemExit(f"{err}. Refusing to start without a trained ranker; pass "
+                             "--allow-no-ranker to keep the retrieval order instead") from None
+        log.warning("no trained ranker: candidates keep their retrieval order")
+        return RetrievalOrder()
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    def __init__(self):
+        self.engine: RankingEngine | None = None
+
+    def _ready(self) -> RankingEngine:
+        if self.engine is None:
+            raise NotReady("ranking service is still loading")
+        return self.engine
+
+    def UpsertItems(self, request, context):
+        raw = [dict(item_id=i.item_id, platform=i.platform, title=i.title,
+                    attributes=dict(i.attributes)) for i in request.items]
+        n = engine_call(context, lambda: self._ready().upsert_items(raw, context.time_remaining()))
+        return ranking_pb2.UpsertItemsResponse(upserted=n)
+
+    def DeleteItems(self, request, context):
+        n = engine_call(context, lambda: self._ready().delete_items(request.platform,
+                                                                    list(request.item_ids)))
+        return ranking_pb2.DeleteItemsResponse(deleted=n)
+
+    def Recommend(self, request, context):
+        session = [raw_event(e) for e in request.session_events]
+        result = engine_call(context, lambda: self._ready().recommend(
+            request.user_id, request.platform, request.k, request.exclude_seen, session,
+            request.diversify, request.diversity_lambda, context.time_remaining()))
+        return ranking_pb2.RecommendResponse(
+            items=[ranking_pb2.Recommendation(
+                item_id=r.item_id, platform=request.platform, title=r.title, score=r.score,
+                source=r.source, explanation=r.explanation,
+                contributions=[ranking_pb2.Contribution(platform=p, item_id=i, item_text=t,
+                                                        similarity=s)
+                               for p, i, t, s in r.contributions])
+                for r in result.items],
+            source=result.source, platform_weights=result.platform_weights,
+            models=[common_pb2.ModelRef(name=n, version=v) for n, v in result.models if n],
+            degraded=result.degraded, degraded_reason=result.degraded_reason)
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_server_flags(parser, DEFAULT_PORT)
+    add_flag(parser, "--catalog-path", "var/ranking/catalog.sqlite3", "catalogue SQLite file")
+    add_flag(parser, "--embedding-address", "127.0.0.1:50051", "embedding service host:port")
+    add_flag(parser, "--fusion-address", "127.0.0.1:50052", "fusion service host:port")
+    add_flag(parser, "--model-repo", "models", "model repository directory")
+    add_flag(parser, "--model-version", 0, "ranker version; 0 = the highest")
+    add_flag(parser, "--allow-no-ranker", False,
+             "without a trained ranker, keep the retrieval order instead of refusing to start")
+    add_flag(parser, "--index", "auto", "auto (HNSW above --hnsw-threshold items), exact, hnsw")
+    add_flag(parser, "--hnsw-threshold", 200_000, "items per platform above which auto is HNSW")
+    add_flag(parser, "--max-k", 1000, "largest k a Recommend call may ask for")
+    add_flag(parser, "--fusion-fallback", False,
+             "when fusion is unreachable, answer with popular items flagged degraded "
+             "instead of UNAVAILABLE")
+    add_flag(parser, "--popularity-refresh-s", 10.0, "how often item popularity is re-read")
+    add_flag(parser, "--dependency-wait-s", 120.0, "how long to wait at start for embedding")
+    args = parser.parse_args(argv)
+    config = Config(catalog_path=args.catalog_path, embedding_address=args.embedding_address,
+                    fusion_address=args.fusion_address, model_repo=args.model_repo,
+                    model_version=args.model_version or None,
+                    allow_no_ranker=args.allow_no_ranker, index=args.index,
+                    hnsw_threshold=args.hnsw_threshold, max_k=args.max_k,
+                    fusion_fallback=args.fusion_fallback,
+                    popularity_refresh_s=args.popularity_refresh_s,
+                    dependency_wait_s=args.dependency_wait_s)
+    return args, config
+
+
+def main(argv=None) -> int:
+    args, config = parse_args(argv)
+    setup_logging(args.log_level)
+    log.info("config", extra={"fields": vars(config)})
+    ranker = load_ranker(config)
+    servicer = RankingServicer()
+
+    def register(server):
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, server)
+        return [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name]
+
+    def load():
+        embed = EmbeddingRemote(config.embedding_address)
+        name, version, dim = wait_for(embed.model, config.dependency_wait_s,
+                                      f"embedding service at {config.embedding_address}")
+        fusion = FusionRemote(config.fusion_address)
+        catalog = Catalog(config.catalog_path, dim, config.index, config.hnsw_threshold)
+        popularity = Popularity(fusion.item_stats, catalog, config.popularity_refresh_s)
+        popularity.start()
+        servicer.engine = RankingEngine(catalog, embed, fusion.profile, ranker, popularity,
+                                        max_k=config.max_k,
+                                        fusion_fallback=config.fusion_fallback,
+                                        embedder=(name, version))
+        log.info("catalogue loaded", extra={"fields": {
+            p: catalog.size(p) for p in catalog.platforms()}})
+        return servicer.engine
+
+    return serve("ranking", args, register, load)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

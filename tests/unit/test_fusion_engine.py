@@ -1,0 +1,144 @@
+"""FusionEngine in-process: real encoder, real Amazon events, both store backends."""
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from services.common.errors import InvalidInput
+from services.embedding.engine import EmbeddingEngine
+from services.fusion.engine import FusionEngine
+from services.fusion.model import BaselineUserModel, OnnxUserModel
+from services.fusion.store import RECENT_PER_PLATFORM, SQLiteStore
+from services.common import modelrepo
+
+NOW_MS = int(time.time() * 1000)
+
+
+def ev(user="u1", platform="office", item="i1", text="blue ballpoint pens 12 pack",
+       action=7, time_ms=NOW_MS - 1000, event_id="", weight=None):
+    return dict(event_id=event_id, user_id=user, platform=platform, action=action,
+                item_id=item, item_text=text, event_time_ms=time_ms, weight=weight)
+
+
+@pytest.fixture(scope="module")
+def embedder(encoder_dir):
+    engine = EmbeddingEngine(encoder_dir, device="cpu")
+    calls = []
+
+    def embed(texts, budget_s=None):
+        calls.append(list(texts))
+        return engine.embed(texts)[0]
+    embed.calls = calls
+    return embed
+
+
+def user_model(model_repo):
+    if modelrepo.versions(model_repo, "user_tower"):
+        return OnnxUserModel(modelrepo.resolve(model_repo, "user_tower"))
+    return BaselineUserModel()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "p.sqlite3")
+    else:
+        from services.fusion.redis_store import RedisStore
+        s = RedisStore(request.getfixturevalue("redis_url"), prefix=f"t{time.monotonic_ns()}")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def engine(store, embedder, model_repo):
+    return FusionEngine(store, embedder, user_model(model_repo), dim=384)
+
+
+def test_ingest_then_profile_reflects_every_platform(engine, amazon_user):
+    accepted, dups = engine.ingest(amazon_user)
+    assert (accepted, dups) == (len(amazon_user), 0)
+    profile = engine.profile(amazon_user[0]["user_id"], for_platform="office")
+    assert profile.known and {p.platform for p in profile.platforms} == {"arts_crafts", "office"}
+    for vec in [profile.fused, profile.for_platform_vector] + [p.vector for p in profile.platforms]:
+        assert vec.shape == (384,) and abs(np.linalg.norm(vec) - 1) < 1e-4
+    assert sum(p.event_count for p in profile.platforms) == len(amazon_user)
+    assert abs(sum(p.fusion_weight for p in profile.platforms) - 1) < 1e-4
+
+
+def test_resent_events_are_duplicates_not_stored_twice(engine, amazon_user):
+    engine.ingest(amazon_user)
+    assert engine.ingest(amazon_user) == (0, len(amazon_user))
+    assert engine.profile(amazon_user[0]["user_id"]).total_events == len(amazon_user)
+
+
+def test_each_item_text_is_embedded_once(engine, embedder):
+    embedder.calls.clear()
+    engine.ingest([ev(event_id="a", item="x1", text="glitter glue pens")])
+    engine.ingest([ev(event_id="b", item="x1", text="glitter glue pens", user="u2")])
+    engine.ingest([ev(event_id="c", item="x1", text="", user="u3")])  # text from the cache
+    assert embedder.calls == [["glitter glue pens"]]
+
+
+def test_cross_platform_view_exists_without_history_there(engine):
+    engine.ingest([ev(event_id=f"e{i}", platform="arts_crafts", item=f"a{i}",
+                      text=t) for i, t in enumerate(["acrylic paint set", "paint brushes"])])
+    profile = engine.profile("u1", for_platform="office")
+    assert [p.platform for p in profile.platforms] == ["arts_crafts"]
+    assert profile.for_platform_vector is not None
+
+
+def test_session_events_are_fused_but_never_stored(engine):
+    session = [ev(user="", item="s1", text="wooden easel")]
+    profile = engine.profile("anon", session=session, for_platform="arts_crafts")
+    assert profile.known and profile.for_platform_vector is not None
+    assert engine.profile("anon").known is False
+    assert engine.store.get_items([("office", "s1")]) == {}
+
+
+def test_recent_window_is_bounded_and_ordered_by_time(engine):
+    events = [ev(event_id=f"e{i}", item=f"i{i % 5}", text=f"pen model {i % 5}",
+                 time_ms=NOW_MS - 10_000 + (i * 7919) % 1000) for i in range(120)]
+    engine.ingest(events[:60])
+    engine.ingest(events[60:])
+    history = engine.store.history("u1")["office"]
+    assert history.count == 120 and len(history.events) == RECENT_PER_PLATFORM
+    times = [e.event_time_ms for e in history.events]
+    assert times == sorted(times) and times[0] >= sorted(e["event_time_ms"] for e in events)[70]
+
+
+def test_delete_user_removes_everything_and_is_idempotent(engine, amazon_user):
+    user = amazon_user[0]["user_id"]
+    engine.ingest(amazon_user)
+    assert engine.delete_user(user) == len(amazon_user)
+    assert engine.profile(user).known is False
+    assert engine.delete_user(user) == 0
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (ev(user=""), "events[1].user_id is required"),
+    (ev(action=0), "events[1].action must be set"),
+    (ev(action=42), "events[1].action must be one of"),
+    (ev(platform="Office Supplies!"), "events[1].platform must match"),
+    (ev(time_ms=NOW_MS + 7 * 24 * 3600 * 1000), "events[1].event_time_ms must be at most 24 h"),
+    (ev(text="x" * 1_000_000), "events[1].item_text must be at most 65536 characters"),
+    (ev(weight=float("nan")), "events[1].weight must be in"),
+    (ev(text="", item="never-seen"), "events[1].item_text is required for an item not seen"),
+])
+def test_a_bad_event_rejects_the_whole_batch_naming_the_field(engine, bad, fragment):
+    good = ev(event_id="good", item="g1", text="stapler")
+    with pytest.raises(InvalidInput) as err:
+        engine.ingest([good, bad])
+    assert fragment in str(err.value)
+    assert engine.profile("u1").known is False
+
+
+def test_a_batch_over_the_limit_is_rejected(engine):
+    with pytest.raises(InvalidInput, match="at most 1000 events, got 1001"):
+        engine.ingest([ev(event_id=str(i)) for i in range(1001)])
+
+
+def test_profile_of_an_unknown_user_is_empty_not_an_error(engine):
+    profile = engine.profile("nobody", for_platform="office")
+    assert not profile.known and profile.fused is None and profile.platforms == []
