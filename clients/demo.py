@@ -1,8 +1,6 @@
-"""`make demo`: start the services on loopback, load real data through gRPC, print results.
-
-For now: the embedding service embeds real Amazon titles and the demo prints the catalogue
-titles nearest to a few of them.
-"""
+"""`make demo`: start the three services on loopback, load the real Amazon Arts/Office
+catalogue and a set of real users' events over gRPC, and print recommendations for one user
+on both platforms, then for the same user with the target platform's history hidden."""
 
 from __future__ import annotations
 
@@ -13,60 +11,103 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 
-from clients.datasets import AMAZON, read_items
-from clients.stack import ServiceProcess
-from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from services.common.text import compose_item_text
+from clients.datasets import AMAZON, read_items, user_events
+from clients.stack import start_stack
+from crossrec.common.v1 import common_pb2
+from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
+from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
+SOURCES = {1: "personalised", 2: "cross-platform", 3: "popularity fallback"}
 
 
-def embed_all(stub, texts: list[str], batch: int = 128) -> np.ndarray:
-    out = []
-    for start in range(0, len(texts), batch):
-        reply = stub.Embed(embedding_pb2.EmbedRequest(texts=texts[start:start + batch]),
-                           timeout=60)
-        out.extend(list(e.values) for e in reply.embeddings)
-        print(f"\r  embedded {min(start + batch, len(texts)):>6}/{len(texts)}", end="", flush=True)
-    print()
-    return np.asarray(out, dtype=np.float32)
+def progress(label: str, done: int, total: int, started: float) -> None:
+    rate = done / max(time.perf_counter() - started, 1e-9)
+    print(f"\r  {label}: {done:>6,}/{total:,}  ({rate:,.0f}/s)", end="", flush=True)
+    if done >= total:
+        print()
+
+
+def load_catalog(ranking, items: list[dict], batch: int = 500) -> None:
+    started = time.perf_counter()
+    for start in range(0, len(items), batch):
+        ranking.UpsertItems(ranking_pb2.UpsertItemsRequest(items=[
+            ranking_pb2.Item(item_id=r["item_id"], platform=r["platform"], title=r["title"],
+                             attributes=r["attributes"]) for r in items[start:start + batch]]),
+            timeout=300)
+        progress("catalogue items", min(start + batch, len(items)), len(items), started)
+
+
+def load_events(fusion, users: dict[str, list[dict]]) -> None:
+    total = sum(len(e) for e in users.values())
+    started, done = time.perf_counter(), 0
+
+    def batches():
+        nonlocal done
+        for events in users.values():
+            yield fusion_pb2.IngestRequest(events=[
+                common_pb2.BehaviorEvent(**{k: v for k, v in e.items() if v is not None})
+                for e in events])
+            done += len(events)
+            progress("events", done, total, started)
+    reply = fusion.IngestStream(batches(), timeout=600)
+    print(f"  {reply.accepted:,} events stored, {reply.duplicates:,} already there")
+
+
+def show(ranking, user: str, platform: str, title: str, k: int = 5) -> None:
+    reply = ranking.Recommend(ranking_pb2.RecommendRequest(
+        user_id=user, platform=platform, k=k, exclude_seen=True), timeout=10)
+    weights = ", ".join(f"{p} {w:.0%}" for p, w in sorted(reply.platform_weights.items()))
+    print(f"\n{title}\n  source: {SOURCES.get(reply.source, '?')}; platform shares: {weights}")
+    for n, item in enumerate(reply.items, 1):
+        print(f"  {n}. [{item.score:6.3f}] {item.title[:80]}")
+        print(f"       why: {item.explanation}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", default="var/run")
     parser.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO", "models"))
-    parser.add_argument("--items", type=int, default=3000, help="catalogue items to embed")
+    parser.add_argument("--users", type=int, default=600, help="real users whose events to load")
     args = parser.parse_args(argv)
 
-    items = [i for i in read_items(AMAZON)][:: max(1, 38396 // args.items)][:args.items]
-    embedding = ServiceProcess("embedding", ["--model-repo", args.model_repo],
-                               Path(args.run_dir)).start()
+    print("starting embedding, fusion and ranking on 127.0.0.1 ...")
+    procs = start_stack(Path(args.run_dir), args.model_repo)
+    for name, proc in procs.items():
+        print(f"  {name:10s} SERVING on {proc.address}")
     try:
-        embedding.wait_ready()
-        print(f"embedding service SERVING on {embedding.address}")
-        with grpc.insecure_channel(embedding.address) as channel:
-            stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
-            info = stub.ModelInfo(embedding_pb2.ModelInfoRequest(), timeout=5)
-            print(f"model {info.model.name} v{info.model.version} ({info.precision}, "
-                  f"dim {info.dim}) on {info.provider}")
-            texts = [compose_item_text(i["title"], i["attributes"]) for i in items]
-            started = time.perf_counter()
-            vectors = embed_all(stub, texts)
-            took = time.perf_counter() - started
-            print(f"{len(texts)} real Amazon items embedded over gRPC in {took:.1f} s "
-                  f"({len(texts) / took:.0f} items/s)\n")
-            for query in (0, len(items) // 2, len(items) - 1):
-                scores = vectors @ vectors[query]
-                best = [j for j in np.argsort(-scores) if j != query][:5]
-                print(f"nearest to [{items[query]['platform']}] {items[query]['title']}")
-                for j in best:
-                    print(f"  {scores[j]:.3f}  [{items[j]['platform']}] {items[j]['title']}")
-                print()
+        with grpc.insecure_channel(procs["ranking"].address) as rch, \
+                grpc.insecure_channel(procs["fusion"].address) as fch:
+            ranking = ranking_pb2_grpc.RankingServiceStub(rch)
+            fusion = fusion_pb2_grpc.FusionServiceStub(fch)
+            print("loading the real Amazon Arts & Crafts + Office catalogue")
+            load_catalog(ranking, read_items(AMAZON))
+            users = user_events(AMAZON, users=args.users)
+            print(f"ingesting the history of {len(users)} real users on both platforms")
+            load_events(fusion, users)
+            time.sleep(11)  # let ranking re-read item popularity once
+
+            user, events = max(list(users.items())[-50:], key=lambda kv: len(kv[1]))
+            print(f"\nuser {user}: {len(events)} events; newest on each platform:")
+            for platform in ("arts_crafts", "office"):
+                mine = [e for e in events if e["platform"] == platform]
+                print(f"  {platform:12s} {len(mine):3d} events, e.g. "
+                      f"'{mine[-1]['item_text'][:70]}'")
+            show(ranking, user, "office", "recommended on office (history on both platforms):")
+            show(ranking, user, "arts_crafts", "recommended on arts_crafts:")
+
+            hidden = f"{user}-no-office"
+            fusion.Ingest(fusion_pb2.IngestRequest(events=[
+                common_pb2.BehaviorEvent(**{k: v for k, v in dict(e, user_id=hidden).items()
+                                            if v is not None})
+                for e in events if e["platform"] == "arts_crafts"]), timeout=60)
+            show(ranking, hidden, "office",
+                 "recommended on office with the office history hidden (cross-platform):")
+            show(ranking, "someone-new", "office", "a user unknown everywhere:", k=3)
     finally:
-        code = embedding.stop()
-    print(f"embedding service stopped (exit {code})")
-    return code
+        codes = {name: p.stop() for name, p in reversed(list(procs.items()))}
+        print(f"\nservices stopped: {codes}")
+    return 0 if set(codes.values()) == {0} else 1
 
 
 if __name__ == "__main__":

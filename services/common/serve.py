@@ -20,6 +20,7 @@ from google.protobuf import message as pb_message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import metrics
 from services.common.errors import EngineError, status_name
 from services.common.wire import find_bad_field
 
@@ -55,6 +56,7 @@ def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None
              "RPCs accepted at once; more are refused with RESOURCE_EXHAUSTED")
     add_flag(parser, "--grace-s", 10.0, "seconds in-flight RPCs get to finish on SIGTERM")
     add_flag(parser, "--log-level", "INFO", "DEBUG, INFO, WARNING, ERROR")
+    add_flag(parser, "--metrics-port", 0, "Prometheus /metrics port; 0 = off (9090 in k8s)")
 
 
 class _JsonFormatter(logging.Formatter):
@@ -167,7 +169,8 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix=name),
-        interceptors=(DecodeErrorInterceptor(),) + tuple(interceptors),
+        interceptors=(metrics.MetricsInterceptor(name), DecodeErrorInterceptor(),
+                      *interceptors),
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -185,6 +188,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
         log.error("could not bind %s:%s", args.host, args.port)
         return 1
 
+    metrics.serve_metrics(args.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -200,6 +204,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
         return 1
     for service in ["", *services]:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    metrics.READY.labels(name).set(1)
     if args.port_file:
         tmp = Path(args.port_file).with_suffix(".tmp")
         tmp.write_text(str(port))
@@ -210,6 +215,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     stop.wait()
     log.info("draining", extra={"fields": {"service": name, "grace_s": args.grace_s}})
     health_servicer.enter_graceful_shutdown()
+    metrics.READY.labels(name).set(0)
     server.stop(args.grace_s).wait()
     close = getattr(engine, "close", None)
     if close:

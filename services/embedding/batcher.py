@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from services.common import metrics
 from services.common.errors import BudgetSpent, NotReady, Overloaded
 
 log = logging.getLogger("crossrec.embedding")
@@ -71,6 +72,7 @@ class DynamicBatcher:
                 raise NotReady("embedding batcher is shutting down")
             if self._queued_texts + len(items) > self.max_queue_texts:
                 self.stats["rejected_full"] += 1
+                metrics.EMBED_DROPPED.labels("queue_full").inc()
                 raise Overloaded(f"embedding queue is full ({self._queued_texts} of "
                                  f"{self.max_queue_texts} texts queued); retry with backoff")
             self._queue.append(pending)
@@ -122,6 +124,7 @@ class DynamicBatcher:
                                              "the work was dropped")
                     head.done.set()
                     self.stats["dropped_expired"] += 1
+                    metrics.EMBED_DROPPED.labels("deadline").inc()
                     continue
                 n = len(head.items)
                 padded = (texts + n) * max(longest, head.cost_len)
@@ -142,6 +145,7 @@ class DynamicBatcher:
             if not batch:
                 continue
             items = [item for p in batch for item in p.items]
+            started = time.perf_counter()
             try:
                 vectors = self._run(items)
             except Exception as err:  # noqa: BLE001 - reported to every waiting caller
@@ -150,6 +154,8 @@ class DynamicBatcher:
                     p.error = err
                     p.done.set()
                 continue
+            metrics.EMBED_BATCH_SECONDS.observe(time.perf_counter() - started)
+            metrics.EMBED_BATCH_SIZE.observe(len(items))
             self.stats["batches"] += 1
             self.stats["texts"] += len(items)
             self.batch_sizes[len(items)] += 1

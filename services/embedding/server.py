@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from crossrec.common.v1 import common_pb2
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from services.common import modelrepo
+from services.common import metrics, modelrepo
 from services.common.errors import NotReady
 from services.common.serve import add_flag, add_server_flags, engine_call, serve, setup_logging
 from services.embedding.batcher import DynamicBatcher
@@ -49,6 +49,10 @@ class EmbeddingService:
                                       max_batch_tokens=config.max_batch_tokens,
                                       max_delay_ms=config.max_delay_ms,
                                       max_queue_texts=config.max_queue_texts)
+        metrics.EMBED_QUEUE_TEXTS.set_function(lambda: self.batcher.queued_texts)
+        metrics.MODEL_INFO.labels("embedding", self.engine.name).info({
+            "version": str(self.engine.version), "provider": self.engine.provider,
+            "precision": self.engine.meta.get("precision", "fp32")})
 
     def embed(self, texts: list[str], budget_s: float | None):
         """(float32 [n, dim], encodings) for `texts`, through the batcher."""

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from services.common import metrics
 from services.common.errors import BudgetSpent, InvalidInput
 from services.common.events import Event, check_platform, validate_event
 from services.fusion.model import Window
@@ -57,6 +58,7 @@ class FusionEngine:
         self.embed = embed
         self.model = model
         self.dim = dim
+        self.backend = type(store).__name__
 
     # --- ingest ---------------------------------------------------------------------------
     def validate(self, raw: Sequence[dict], field_name: str, require_user: bool = True,
@@ -108,7 +110,16 @@ class FusionEngine:
         left = None if budget_s is None else budget_s - (time.monotonic() - started)
         if left is not None and left <= 0:
             raise BudgetSpent("deadline passed before the events were stored; none were")
-        return self.store.append(events, timeout_s=None)
+        stored = time.perf_counter()
+        accepted, duplicates = self.store.append(events, timeout_s=None)
+        metrics.FUSION_STORE_SECONDS.labels(self.backend, "append").observe(
+            time.perf_counter() - stored)
+        metrics.FUSION_EVENTS.labels("accepted").inc(accepted)
+        metrics.FUSION_EVENTS.labels("duplicate").inc(duplicates)
+        now_ms = time.time() * 1000
+        for e in events[:: max(1, len(events) // 20)]:  # a sample keeps this off the hot path
+            metrics.FUSION_INGEST_LAG.observe(max(0.0, now_ms - e.event_time_ms) / 1000)
+        return accepted, duplicates
 
     def item_stats(self, platform: str, limit: int = 0) -> list[tuple[str, int, int]]:
         """(item_id, event count, last event ms), most events first; limit 0 = 100,000."""
@@ -136,7 +147,10 @@ class FusionEngine:
                                f"got {recent_limit}")
         session_events = self.validate(list(session), "session_events", require_user=False,
                                        limit=MAX_SESSION_EVENTS)
+        read = time.perf_counter()
         history = self.store.history(user_id) if user_id else {}
+        metrics.FUSION_STORE_SECONDS.labels(self.backend, "history").observe(
+            time.perf_counter() - read)
         stored = [e for h in history.values() for e in h.events]
         events = stored + session_events
         profile = Profile(user_id=user_id, known=bool(events), dim=self.dim,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from crossrec.common.v1 import common_pb2
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
-from services.common import modelrepo
+from services.common import metrics, modelrepo
 from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote
 from services.common.serve import (add_flag, add_server_flags, engine_call, serve, setup_logging,
@@ -165,6 +165,9 @@ def main(argv=None) -> int:
         dim = wait_for(lambda: embed.model()[2], config.dependency_wait_s,
                        f"embedding service at {config.embedding_address}")
         servicer.engine = FusionEngine(open_store(config), embed, model, dim)
+        metrics.MODEL_INFO.labels("fusion", model.name).info({
+            "version": str(model.version), "baseline": str(model.baseline).lower(),
+            "store": config.store})
         return servicer.engine
 
     return serve("fusion", args, register, load)

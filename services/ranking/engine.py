@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from services.common import metrics
 from services.common.errors import BudgetSpent, InvalidInput, NotReady
 from services.common.events import MAX_ID_BYTES, check_platform
 from services.common.text import compose_item_text
@@ -161,6 +162,8 @@ class RankingEngine:
         if todo:
             vectors[todo] = self.embed([items[n].text for n in todo], budget_s)
         self.catalog.upsert(items, vectors)
+        for platform in {it.platform for it in items}:
+            metrics.CATALOG_ITEMS.labels(platform).set(self.catalog.size(platform))
         return len(items)
 
     def delete_items(self, platform: str, item_ids: list[str]) -> int:
@@ -189,8 +192,10 @@ class RankingEngine:
             raise InvalidInput(f"diversity_lambda must be in [0, 1], got {diversity_lambda}")
         models = [self.embedder, (self.ranker.name, self.ranker.version)]
         try:
-            profile = self.profile_fn(user_id, platform, list(session_events), RECENT_EVENTS,
-                                      None if budget_s is None else budget_s * 0.8)
+            with metrics.RANKING_STAGE_SECONDS.labels("profile").time():
+                profile = self.profile_fn(user_id, platform, list(session_events),
+                                          RECENT_EVENTS,
+                                          None if budget_s is None else budget_s * 0.8)
         except NotReady as err:
             if not self.fusion_fallback:
                 raise
@@ -204,14 +209,18 @@ class RankingEngine:
             raise BudgetSpent("deadline passed after the profile was read")
 
         index = self.catalog.index(platform)
-        ids, _ = index.search(profile.for_platform, max(self.ranker.candidates, k),
-                              seen if exclude_seen else set())
-        vectors = index.vectors(ids)
-        log_pop, pop_pct = self.popularity.features(platform, ids)
-        user = UserContext(platform, profile.for_platform, profile.fused, profile.per_platform,
-                           profile.counts, [(p, i) for p, i, _ in profile.recent],
-                           profile.recent_vectors)
-        scores = self.ranker.score(candidate_features(user, ids, vectors, log_pop, pop_pct))
+        with metrics.RANKING_STAGE_SECONDS.labels("retrieve").time():
+            ids, _ = index.search(profile.for_platform, max(self.ranker.candidates, k),
+                                  seen if exclude_seen else set())
+            vectors = index.vectors(ids)
+        with metrics.RANKING_STAGE_SECONDS.labels("rank").time():
+            log_pop, pop_pct = self.popularity.features(platform, ids)
+            user = UserContext(platform, profile.for_platform, profile.fused,
+                               profile.per_platform, profile.counts,
+                               [(p, i) for p, i, _ in profile.recent], profile.recent_vectors)
+            scores = self.ranker.score(candidate_features(user, ids, vectors, log_pop, pop_pct))
+        metrics.RANKING_SOURCE.labels("cross_platform" if source == CROSS_PLATFORM
+                                      else "personalised").inc()
         order = np.argsort(-scores, kind="stable")
         if diversify:
             order = mmr(order, scores, vectors, k, diversity_lambda or 0.7)
@@ -226,6 +235,7 @@ class RankingEngine:
             items.append(Recommendation(item_id, item.title, float(math.log1p(count)), POPULARITY,
                                         f"popular on {platform} ({count} interactions)"))
         reason = f"fusion unavailable, popularity fallback: {degraded}" if degraded else ""
+        metrics.RANKING_SOURCE.labels("popularity").inc()
         return RecommendResult(items, POPULARITY, {}, models, bool(degraded), reason)
 
     def _explain(self, item_id, platform, score, vector, source, profile) -> Recommendation:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from crossrec.common.v1 import common_pb2
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from services.common import modelrepo
+from services.common import metrics, modelrepo
 from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote, FusionRemote
 from services.common.serve import (add_flag, add_server_flags, engine_call, serve, setup_logging,
@@ -141,6 +141,9 @@ def main(argv=None) -> int:
                                         max_k=config.max_k,
                                         fusion_fallback=config.fusion_fallback,
                                         embedder=(name, version))
+        metrics.MODEL_INFO.labels("ranking", ranker.name).info({"version": str(ranker.version)})
+        for platform in catalog.platforms():
+            metrics.CATALOG_ITEMS.labels(platform).set(catalog.size(platform))
         log.info("catalogue loaded", extra={"fields": {
             p: catalog.size(p) for p in catalog.platforms()}})
         return servicer.engine
