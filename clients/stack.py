@@ -20,6 +20,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.security import ClientSecurity
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,9 +36,10 @@ def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def health_status(address: str, timeout_s: float = 1.0, service: str = "") -> int | None:
+def health_status(address: str, timeout_s: float = 1.0, service: str = "",
+                  security: ClientSecurity = ClientSecurity()) -> int | None:
     """grpc.health.v1 status of `address` (SERVING = 1), or None when it does not answer."""
-    with grpc.insecure_channel(address) as channel:
+    with security.channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
@@ -49,8 +52,10 @@ class ServiceProcess:
     """One server process: `python -m services.<name>.server --port 0 --port-file F ...`."""
 
     def __init__(self, name: str, args: list[str], run_dir: str | os.PathLike,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None,
+                 security: ClientSecurity = ClientSecurity()):
         self.name = name
+        self.security = security
         self.args = list(args)
         self.run_dir = Path(run_dir)
         self.env = env
@@ -88,7 +93,8 @@ class ServiceProcess:
                                    f"{self.log_tail()}")
             if self.port is None and self.port_file.exists():
                 self.port = int(self.port_file.read_text())
-            if self.port and health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+            if self.port and health_status(self.address, security=self.security) == \
+                    health_pb2.HealthCheckResponse.SERVING:
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} not SERVING after {timeout_s:.0f} s:\n{self.log_tail()}")

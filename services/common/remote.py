@@ -16,6 +16,7 @@ from crossrec.common.v1 import common_pb2
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from services.common.errors import BudgetSpent, InvalidInput, NotReady, Overloaded
+from services.common.security import ClientSecurity
 
 DEFAULT_TIMEOUT_S = 30.0
 _ERRORS = {grpc.StatusCode.DEADLINE_EXCEEDED: BudgetSpent,
@@ -38,16 +39,19 @@ def rpc_error(err: grpc.RpcError, what: str) -> Exception:
 class EmbeddingRemote:
     """Calls EmbeddingService.Embed in chunks; returns float32 [n, dim]."""
 
-    def __init__(self, address: str, max_texts_per_call: int = 256):
+    def __init__(self, address: str, security: ClientSecurity = ClientSecurity(),
+                 max_texts_per_call: int = 256):
         self.address = address
         self.max_texts_per_call = max_texts_per_call
-        self._channel = grpc.insecure_channel(address, options=channel_options())
+        self._channel = security.channel(address, channel_options())
+        self._metadata = security.metadata()
         self._stub = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
 
     def model(self) -> tuple[str, int, int]:
         """(name, version, dim) of the remote model."""
         try:
-            info = self._stub.ModelInfo(embedding_pb2.ModelInfoRequest(), timeout=10)
+            info = self._stub.ModelInfo(embedding_pb2.ModelInfoRequest(), timeout=10,
+                                        metadata=self._metadata)
         except grpc.RpcError as err:
             raise rpc_error(err, f"embedding service at {self.address}") from None
         return info.model.name, info.model.version, info.dim
@@ -56,7 +60,8 @@ class EmbeddingRemote:
         futures = []
         for start in range(0, len(texts), self.max_texts_per_call):
             request = embedding_pb2.EmbedRequest(texts=texts[start:start + self.max_texts_per_call])
-            futures.append(self._stub.Embed.future(request, timeout=budget_s or DEFAULT_TIMEOUT_S))
+            futures.append(self._stub.Embed.future(request, timeout=budget_s or DEFAULT_TIMEOUT_S,
+                                                   metadata=self._metadata))
         rows = []
         try:
             for future in futures:
@@ -97,9 +102,10 @@ def _pb_event(e: dict) -> common_pb2.BehaviorEvent:
 class FusionRemote:
     """Calls FusionService.GetProfile / GetItemStats; engine errors on failure."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, security: ClientSecurity = ClientSecurity()):
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=channel_options())
+        self._channel = security.channel(address, channel_options())
+        self._metadata = security.metadata()
         self._stub = fusion_pb2_grpc.FusionServiceStub(self._channel)
 
     def profile(self, user_id: str, for_platform: str, session_events: list[dict],
@@ -108,7 +114,8 @@ class FusionRemote:
             user_id=user_id, for_platform=for_platform, recent_events_limit=recent_limit,
             session_events=[_pb_event(e) for e in session_events])
         try:
-            reply = self._stub.GetProfile(request, timeout=budget_s or DEFAULT_TIMEOUT_S)
+            reply = self._stub.GetProfile(request, timeout=budget_s or DEFAULT_TIMEOUT_S,
+                                          metadata=self._metadata)
         except grpc.RpcError as err:
             raise rpc_error(err, f"fusion service at {self.address}") from None
         recent = [(r.event.platform, r.event.item_id, r.event.item_text)
@@ -127,7 +134,8 @@ class FusionRemote:
     def item_stats(self, platform: str, limit: int = 0) -> list[tuple[str, int, int]]:
         try:
             reply = self._stub.GetItemStats(
-                fusion_pb2.GetItemStatsRequest(platform=platform, limit=limit), timeout=30)
+                fusion_pb2.GetItemStatsRequest(platform=platform, limit=limit), timeout=30,
+                metadata=self._metadata)
         except grpc.RpcError as err:
             raise rpc_error(err, f"fusion service at {self.address}") from None
         return [(s.item_id, s.event_count, s.last_event_ms) for s in reply.items]

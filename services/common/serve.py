@@ -22,6 +22,8 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
 from services.common.errors import EngineError, status_name
+from services.common.security import (ClientSecurity, TokenAuthInterceptor, read_token,
+                                      server_credentials)
 from services.common.wire import find_bad_field
 
 log = logging.getLogger("crossrec")
@@ -57,6 +59,22 @@ def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None
     add_flag(parser, "--grace-s", 10.0, "seconds in-flight RPCs get to finish on SIGTERM")
     add_flag(parser, "--log-level", "INFO", "DEBUG, INFO, WARNING, ERROR")
     add_flag(parser, "--metrics-port", 0, "Prometheus /metrics port; 0 = off (9090 in k8s)")
+    add_flag(parser, "--tls-cert", "", "server certificate (PEM); with --tls-key turns TLS on")
+    add_flag(parser, "--tls-key", "", "server private key (PEM)")
+    add_flag(parser, "--tls-client-ca", "", "CA (PEM) that client certificates must chain to: "
+             "mutual TLS")
+    add_flag(parser, "--auth-token-file", "", "file holding the bearer token callers must send "
+             "(or env CROSSREC_AUTH_TOKEN); empty: no token check")
+    add_flag(parser, "--upstream-tls-ca", "", "CA (PEM) to verify the services this one calls; "
+             "empty: plaintext")
+    add_flag(parser, "--upstream-tls-cert", "", "client certificate for upstream mutual TLS")
+    add_flag(parser, "--upstream-tls-key", "", "client key for upstream mutual TLS")
+
+
+def client_security(args: argparse.Namespace) -> ClientSecurity:
+    """How this server dials the services it depends on: the same token it checks."""
+    return ClientSecurity(args.upstream_tls_ca, args.upstream_tls_cert, args.upstream_tls_key,
+                          read_token(args.auth_token_file))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -167,9 +185,11 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     `register(server)` adds the servicers and returns their full service names; `load()` loads
     and warms the engine and returns it (it is closed on shutdown). Returns the exit code.
     """
+    token = read_token(args.auth_token_file)
+    auth = (TokenAuthInterceptor(token),) if token else ()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix=name),
-        interceptors=(metrics.MetricsInterceptor(name), DecodeErrorInterceptor(),
+        interceptors=(metrics.MetricsInterceptor(name), *auth, DecodeErrorInterceptor(),
                       *interceptors),
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -183,7 +203,10 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     reflection.enable_server_reflection(
         [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    address = f"{args.host}:{args.port}"
+    port = (server.add_secure_port(address, credentials) if credentials
+            else server.add_insecure_port(address))
     if port == 0:
         log.error("could not bind %s:%s", args.host, args.port)
         return 1
@@ -193,7 +216,9 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    log.info("listening", extra={"fields": {"service": name, "host": args.host, "port": port}})
+    log.info("listening", extra={"fields": {
+        "service": name, "host": args.host, "port": port, "tls": bool(credentials),
+        "mutual_tls": bool(args.tls_client_ca), "token_auth": bool(token)}})
 
     started = time.monotonic()
     try:

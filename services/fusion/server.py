@@ -12,8 +12,8 @@ from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from services.common import metrics, modelrepo
 from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote
-from services.common.serve import (add_flag, add_server_flags, engine_call, serve, setup_logging,
-                                   wait_for)
+from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
+                                   serve, setup_logging, wait_for)
 from services.common.events import raw_event
 from services.fusion.engine import FusionEngine, Profile
 from services.fusion.model import BaselineUserModel, OnnxUserModel
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         return [fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name]
 
     def load():
-        embed = EmbeddingRemote(config.embedding_address)
+        embed = EmbeddingRemote(config.embedding_address, client_security(args))
         dim = wait_for(lambda: embed.model()[2], config.dependency_wait_s,
                        f"embedding service at {config.embedding_address}")
         servicer.engine = FusionEngine(open_store(config), embed, model, dim)

@@ -12,8 +12,8 @@ from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from services.common import metrics, modelrepo
 from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote, FusionRemote
-from services.common.serve import (add_flag, add_server_flags, engine_call, serve, setup_logging,
-                                   wait_for)
+from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
+                                   serve, setup_logging, wait_for)
 from services.common.events import raw_event
 from services.ranking.catalog import Catalog
 from services.ranking.engine import Popularity, RankingEngine
@@ -130,10 +130,11 @@ def main(argv=None) -> int:
         return [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name]
 
     def load():
-        embed = EmbeddingRemote(config.embedding_address)
+        security = client_security(args)
+        embed = EmbeddingRemote(config.embedding_address, security)
         name, version, dim = wait_for(embed.model, config.dependency_wait_s,
                                       f"embedding service at {config.embedding_address}")
-        fusion = FusionRemote(config.fusion_address)
+        fusion = FusionRemote(config.fusion_address, security)
         catalog = Catalog(config.catalog_path, dim, config.index, config.hnsw_threshold)
         popularity = Popularity(fusion.item_stats, catalog, config.popularity_refresh_s)
         popularity.start()
