@@ -19,7 +19,7 @@ export CROSSREC_MODEL_REPO ?= $(CURDIR)/$(MODEL_REPO)
 
 
 .PHONY: setup system-deps protos models encoder user_tower ranker evaluate up down demo test \
-        test-unit test-gpu bench clean
+        test-unit test-gpu bench k8s-check clean
 
 setup: system-deps $(VENV)/.installed-$(ORT_EXTRA)
 
@@ -85,6 +85,10 @@ test-gpu: protos models
 bench: protos models
 	$(PY) bench/embedding.py
 	$(PY) bench/ingest.py
+
+# Renders k8s/overlays/{cpu,gpu,redis} and validates them offline; no cluster needed.
+k8s-check: protos
+	$(PY) -m pytest tests/k8s -q
 
 clean:
 	rm -rf gen $(RUN_DIR)
