@@ -45,6 +45,7 @@ protos: gen/.built
 gen/.built: $(PROTOS) $(VENV)/.installed-$(ORT_EXTRA)
 	rm -rf gen && mkdir -p gen
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --grpc_python_out=gen --pyi_out=gen $(PROTOS)
+	$(PY) -m pip install -q --no-deps -e .  # the editable install picks up gen/ (crossrec.*)
 	touch $@
 
 # Each model is exported unless a version already exists (versions are never overwritten;

@@ -89,6 +89,8 @@ def validate_event(event_id: str, user_id: str, platform: str, action: int, item
         raise InvalidInput(f"{field}.event_time_ms must be at most 24 h in the future "
                            f"(<= {now_ms + MAX_FUTURE_MS}), got {event_time_ms}")
     time_ms = event_time_ms or now_ms
+    # A derived id uses the time as sent (0 when unset), never the receive time, so a retried
+    # batch without ids dedupes instead of being stored twice.
     if weight is None:
         weight = DEFAULT_WEIGHT[ACTIONS[action]]
     elif not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
@@ -97,7 +99,7 @@ def validate_event(event_id: str, user_id: str, platform: str, action: int, item
         raise InvalidInput(f"{field}.item_text must be at most {MAX_RAW_TEXT_CHARS} characters, "
                            f"got {len(item_text)}")
     text = normalize_text(item_text)
-    event_id = event_id or derived_event_id(user_id, platform, item_id, action, time_ms)
+    event_id = event_id or derived_event_id(user_id, platform, item_id, action, event_time_ms)
     return Event(event_id, user_id, platform, action, item_id, text, time_ms, float(weight))
 
 

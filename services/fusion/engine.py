@@ -180,7 +180,7 @@ class FusionEngine:
         if for_platform:
             profile.for_platform_vector = vecs[-1]
         if recent_limit:
-            explain = weights[-1]
+            explain = weights[-1] if for_platform else weights[0]
             order = np.argsort([-(e.event_time_ms) for e in window.events], kind="stable")
             profile.recent = [(window.events[i], window.vectors[i], float(explain[i]))
                               for i in order[:recent_limit]]
