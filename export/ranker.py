@@ -49,6 +49,9 @@ USER_TOWER = "user_tower"
 # catalogue by dot(for_platform user vector, item vector). Serving must use the same number:
 # retrieval_pct = position / N is a feature, so another N shifts that feature's scale.
 CANDIDATES = 200
+# Of the CANDIDATES, how many are the platform's most popular items, included whatever the
+# user vector says (0: pure dot-product retrieval). See retrieve().
+POPULAR_CANDIDATES = 0
 INPUT_NAME, OUTPUT_NAME = "features", "scores"
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -239,27 +242,61 @@ def top_and_rank(scores: np.ndarray, k: int, target_local: np.ndarray | None = N
 
 
 def retrieve(data: RankData, user_vecs: np.ndarray, platforms: list[str], n: int = CANDIDATES,
-             targets: np.ndarray | None = None, chunk: int = 256):
-    """Top-n catalogue rows per query by dot(user, item) over the query's platform's whole
-    catalogue, and each target row's full rank there (None without targets)."""
+             targets: np.ndarray | None = None, popular: int = 0, chunk: int = 256):
+    """Candidates per query: the query platform's `popular` most popular items (training
+    counts, ties by catalogue order) plus its best items by dot(user, item) until there are n,
+    all ordered by that dot product (ties by catalogue order); popular = 0 is plain exact
+    top-n retrieval over the whole catalogue.
+
+    Returns (catalogue rows int64 [Q, n], and with targets: each target's 1-based rank when
+    the candidates come first in that order and every other item follows by dot product,
+    i.e. the pipeline's rank before re-ranking; None without targets).
+    """
     top = np.zeros((len(platforms), n), np.int64)
     ranks = np.zeros(len(platforms), np.int64) if targets is not None else None
     plats = np.asarray(platforms)
     for p, rows in data.catalogue.items():
         sel = np.flatnonzero(plats == p)
+        if not len(sel):
+            continue
         local = None
-        if targets is not None and len(sel):
+        if targets is not None:
             pos = {int(r): i for i, r in enumerate(rows)}
             local = np.array([pos[int(t)] for t in targets[sel]], np.int64)
+        forced = popular_local(data, p, popular)
         mat = data.vecs[rows]
+        cols = np.arange(len(rows))[None, :]
         for c0 in range(0, len(sel), chunk):
             qs = sel[c0:c0 + chunk]
             scores = user_vecs[qs] @ mat.T
-            t, r = top_and_rank(scores, n, None if local is None else local[c0:c0 + chunk])
-            top[qs] = rows[t]
-            if r is not None:
-                ranks[qs] = r
+            if len(forced):
+                boosted = scores.copy()
+                boosted[:, forced] = np.inf
+                chosen, _ = top_and_rank(boosted, n)
+                # Re-order the chosen set by the true dot product, ties by catalogue order.
+                sub = np.take_along_axis(scores, chosen, 1)
+                order = np.stack([np.lexsort((c, -v)) for c, v in zip(chosen, sub)])
+                chosen = np.take_along_axis(chosen, order, 1)
+            else:
+                chosen, _ = top_and_rank(scores, n)
+            top[qs] = rows[chosen]
+            if local is not None:
+                t = local[c0:c0 + chunk]
+                st = scores[np.arange(len(qs)), t][:, None]
+                above = (scores > st) | ((scores == st) & (cols < t[:, None]))
+                inside = (chosen == t[:, None]).any(1)
+                pos_in = np.argmax(chosen == t[:, None], 1) + 1
+                above_in = np.take_along_axis(above, chosen, 1).sum(1)
+                ranks[qs] = np.where(inside, pos_in, n + 1 + above.sum(1) - above_in)
     return top, ranks
+
+
+def popular_local(data: RankData, platform: str, m: int) -> np.ndarray:
+    """Local catalogue indices of `platform`'s m most popular items (training counts)."""
+    if m <= 0:
+        return np.zeros(0, np.int64)
+    counts = data.counts[data.catalogue[platform]]
+    return np.lexsort((np.arange(len(counts)), -counts))[:m]
 
 
 def features_for(data: RankData, ctx: UserContext, cand_rows: np.ndarray,
@@ -271,13 +308,14 @@ def features_for(data: RankData, ctx: UserContext, cand_rows: np.ndarray,
                               log_pop[cand_rows], pop_pct[cand_rows])
 
 
-def query_features(model, data: RankData, queries: list[Query], n: int = CANDIDATES):
-    """(features float32 [Q, n, F], candidate rows int64 [Q, n], target's retrieval rank
-    int64 [Q]) for queries with known targets."""
+def query_features(model, data: RankData, queries: list[Query], n: int = CANDIDATES,
+                   popular: int = 0):
+    """(features float32 [Q, n, F], candidate rows int64 [Q, n], target's rank before
+    re-ranking int64 [Q]) for queries with known targets (see retrieve)."""
     ctxs = user_contexts(model, data, queries)
     targets = np.array([q.target_row for q in queries], np.int64)
     cands, ranks = retrieve(data, np.stack([c.for_platform for c in ctxs]),
-                            [q.target_platform for q in queries], n, targets)
+                            [q.target_platform for q in queries], n, targets, popular)
     feats = np.stack([features_for(data, c, r) for c, r in zip(ctxs, cands)])
     return feats, cands, ranks
 
@@ -287,6 +325,8 @@ def query_features(model, data: RankData, queries: list[Query], n: int = CANDIDA
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
+    candidates: int = CANDIDATES
+    popular_candidates: int = POPULAR_CANDIDATES
     positions_per_user: int = 8    # sampled next-item positions per training user
     cold_fraction: float = 0.5     # of those, the share made cold-platform examples
     dev_fraction: float = 0.1      # training users kept for early stopping (never val users)
@@ -339,7 +379,8 @@ def build_examples(model, data: RankData, users: list[ud.UserSeq], cfg: TrainCon
         ctxs = user_contexts(model, data, queries)
         targets = np.array([q.target_row for q in queries])
         cands, _ = retrieve(data, np.stack([c.for_platform for c in ctxs]),
-                            [q.target_platform for q in queries], CANDIDATES)
+                            [q.target_platform for q in queries], cfg.candidates,
+                            popular=cfg.popular_candidates)
         pops = {s.user_id: leave_user_out_popularity(data, s) for s in part}
         for q, c, rows, target in zip(queries, ctxs, cands, targets):
             cold = q.target_platform not in c.per_platform
@@ -354,13 +395,12 @@ def build_examples(model, data: RankData, users: list[ud.UserSeq], cfg: TrainCon
             ys.append(int(hit[0]))
         log.info("%s examples: %d/%d users, %d queries (%d cold), %d kept (target in top-%d)"
                  ", %.0fs", label, min(u0 + chunk_users, len(users)), len(users), n_queries,
-                 n_cold, n_kept, CANDIDATES, time.monotonic() - start)
+                 n_cold, n_kept, cfg.candidates, time.monotonic() - start)
     stats = {"queries": n_queries, "cold_queries": n_cold, "kept": n_kept,
-             "kept_cold": n_kept_cold,
-             f"candidate_recall@{CANDIDATES}": n_kept / max(n_queries, 1),
-             f"candidate_recall@{CANDIDATES}_warm": (n_kept - n_kept_cold) /
-             max(n_queries - n_cold, 1),
-             f"candidate_recall@{CANDIDATES}_cold": n_kept_cold / max(n_cold, 1)}
+             "kept_cold": n_kept_cold, "candidates": cfg.candidates,
+             "candidate_recall": n_kept / max(n_queries, 1),
+             "candidate_recall_warm": (n_kept - n_kept_cold) / max(n_queries - n_cold, 1),
+             "candidate_recall_cold": n_kept_cold / max(n_cold, 1)}
     return np.stack(xs), np.array(ys, np.int64), stats
 
 
@@ -441,7 +481,7 @@ def train_ranker(x: np.ndarray, y: np.ndarray, x_dev: np.ndarray, y_dev: np.ndar
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         model.eval()
         with torch.no_grad():
             dev_scores = model(xd).numpy()
@@ -510,7 +550,7 @@ def check_parity(model, path: Path, feature_sets: list[np.ndarray]) -> dict:
     return result
 
 
-def io_meta(n_candidates: int = CANDIDATES) -> dict:
+def io_meta(n_candidates: int = CANDIDATES, popular: int = 0) -> dict:
     return {
         "format": "onnx", "opset": OPSET, "model_file": "model.onnx",
         "input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME],
@@ -518,6 +558,12 @@ def io_meta(n_candidates: int = CANDIDATES) -> dict:
                                 "shape": ["batch", "candidates", N_FEATURES]}},
         "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": ["batch", "candidates"]}},
         "features": list(FEATURES), "n_features": N_FEATURES, "candidates": n_candidates,
+        "popular_candidates": popular,
+        "candidate_rule": "the target platform's popular_candidates most popular items "
+                          "(item_counts.npz, ties by catalogue order) plus its best items by "
+                          "dot(for_platform user vector, item vector) until there are "
+                          "`candidates`, all ordered by that dot product (ties by catalogue "
+                          "order); retrieval_pct = position in that order / candidates",
         "feature_function": "services.ranking.features.candidate_features (raw, unscaled: "
                             "standardisation is inside the model)",
         "score": "higher is better; sort candidates by score descending",
@@ -534,7 +580,10 @@ def write_version(repo: str | os.PathLike, model, meta: dict, parity_sets: list[
         parity = check_parity(model, onnx_path, parity_sets)
         log.info("parity: max abs diff %.2e over %d lists (tolerance %g)",
                  parity["max_abs_diff"], parity["n_lists"], PARITY_TOLERANCE)
-        meta = dict(meta, **io_meta(), name=MODEL_NAME, version=version, parity=parity)
+        cfg = meta.get("train_config", {})
+        meta = dict(meta, **io_meta(cfg.get("candidates", CANDIDATES),
+                                    cfg.get("popular_candidates", 0)),
+                    name=MODEL_NAME, version=version, parity=parity)
         if counts is not None:
             # The popularity the ranker was trained with, for serving's popularity_features.
             np.savez_compressed(tmp / "item_counts.npz",
@@ -564,26 +613,28 @@ def rerank_ranks(scores: np.ndarray, retrieval_ranks: np.ndarray, cands: np.ndar
     return out
 
 
-def validation_metrics(session, model, data: RankData) -> dict:
+def validation_metrics(session, model, data: RankData, n: int = CANDIDATES,
+                       popular: int = 0) -> dict:
     """Protocol A (last event per platform, full catalogue) on the validation users:
     retrieval order vs re-ranked, warm and cold platform."""
     val = [s for s in data.seqs if s.user_id in data.val_ids]
     out = {}
     for setting, cold in (("warm", False), ("cold", True)):
         queries = [q for s in val for q in last_on_platform_queries(data, s, cold)]
-        feats, cands, ranks = query_features(model, data, queries)
+        feats, cands, ranks = query_features(model, data, queries, n, popular)
         targets = np.array([q.target_row for q in queries])
         reranked = rerank_ranks(ort_scores(session, feats), ranks, cands, targets)
         out[setting] = {
             "retrieval": ud.metrics_from_ranks(ranks),
             "reranked": ud.metrics_from_ranks(reranked),
-            f"candidate_recall@{CANDIDATES}": float((ranks <= CANDIDATES).mean()),
+            "candidate_recall": float((ranks <= n).mean()), "candidates": n,
+            "popular_candidates": popular,
         }
         log.info("validation %s (%d queries): retrieval NDCG@10 %.4f -> re-ranked %.4f "
                  "(HR@10 %.4f -> %.4f), candidate recall@%d %.3f", setting, len(queries),
                  out[setting]["retrieval"]["ndcg@10"], out[setting]["reranked"]["ndcg@10"],
                  out[setting]["retrieval"]["recall@10"], out[setting]["reranked"]["recall@10"],
-                 CANDIDATES, out[setting][f"candidate_recall@{CANDIDATES}"])
+                 n, out[setting]["candidate_recall"])
     return out
 
 
@@ -618,16 +669,18 @@ def run(cfg: TrainConfig, repo: str | os.PathLike, dataset: str = AMAZON,
     train_s = time.monotonic() - t2
     n_params = sum(p.numel() for p in ranker.parameters())
     with torch.no_grad():
-        dev_retrieval = ndcg_of_positions(-np.arange(CANDIDATES, dtype=np.float32)[None]
+        dev_retrieval = ndcg_of_positions(-np.arange(cfg.candidates, dtype=np.float32)[None]
                                           .repeat(len(y_dev), 0), y_dev)
 
     val = [s for s in data.seqs if s.user_id in data.val_ids]
     parity_queries = [q for s in val[:64] for q in last_on_platform_queries(data, s, False)]
-    pf, _, _ = query_features(model, data, parity_queries)
+    pf, _, _ = query_features(model, data, parity_queries, cfg.candidates,
+                              cfg.popular_candidates)
     parity_sets = [pf, pf[:5, :37], x_dev[:64]]
 
     def eval_fn(onnx_path: Path, meta: dict) -> dict:
-        meta["validation"] = validation_metrics(ort_session(onnx_path), model, data)
+        meta["validation"] = validation_metrics(ort_session(onnx_path), model, data,
+                                                cfg.candidates, cfg.popular_candidates)
         return meta
 
     meta = {
@@ -656,6 +709,16 @@ def run(cfg: TrainConfig, repo: str | os.PathLike, dataset: str = AMAZON,
     return path, meta
 
 
+def limit_blas_threads(n: int = 1) -> None:
+    """Small matmuls (200 candidates x 384) run many times slower with several OpenBLAS
+    threads on a busy machine; ONNX Runtime keeps its own thread pool."""
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n, user_api="blas")
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO", "models"))
@@ -664,6 +727,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user-tower-version", type=int, default=None)
     parser.add_argument("--positions-per-user", type=int, default=TrainConfig.positions_per_user)
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--candidates", type=int, default=CANDIDATES,
+                        help="candidates re-ranked per query (serving must use the same)")
+    parser.add_argument("--popular-candidates", type=int, default=POPULAR_CANDIDATES,
+                        help="of those, the platform's most popular items always included")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allow-baseline", action="store_true",
                         help="train on the untrained baseline user model when no user tower "
@@ -672,8 +739,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
     _torch().set_num_threads(args.threads)
+    limit_blas_threads()
     cfg = TrainConfig(seed=args.seed, positions_per_user=args.positions_per_user,
-                      epochs=args.epochs)
+                      epochs=args.epochs, candidates=args.candidates,
+                      popular_candidates=args.popular_candidates)
     run(cfg, args.model_repo, args.dataset, args.user_tower_version, args.allow_baseline)
     return 0
 

@@ -213,10 +213,16 @@ def catalogue_rows(ids: list[tuple[str, str]], vocab: dict[str, int]) -> dict[in
     return {pid: np.array(rows, dtype=np.int64) for pid, rows in sorted(out.items())}
 
 
-def popularity(seqs: list[UserSeq], catalogue: dict[int, np.ndarray],
-               n_items: int) -> dict[int, np.ndarray]:
-    """Event counts of each catalogue row among `seqs`, per platform's catalogue."""
+def item_counts(seqs: list[UserSeq], n_items: int) -> np.ndarray:
+    """float64 [n_items]: events of each catalogue row among `seqs`."""
     counts = np.zeros(n_items, dtype=np.float64)
     for s in seqs:
         np.add.at(counts, s.items, 1.0)
+    return counts
+
+
+def popularity(seqs: list[UserSeq], catalogue: dict[int, np.ndarray],
+               n_items: int) -> dict[int, np.ndarray]:
+    """Event counts of each catalogue row among `seqs`, per platform's catalogue."""
+    counts = item_counts(seqs, n_items)
     return {pid: counts[rows] for pid, rows in catalogue.items()}

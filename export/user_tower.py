@@ -24,6 +24,10 @@ ONNX contract (models/user_tower/<N>/model.onnx; B and L are dynamic, L <= MAX_E
                                              (0 = unknown platform)
   outputs user_vec        float32 [B, D]     L2-normalised
           event_weights   float32 [B, L]     attention over events (0 on padding, sums to 1)
+A row with no real event yields an arbitrary unit vector and all-zero event_weights: callers
+must not feed one. The model attends causally (an event sees itself and older events of its
+row), so the order of the row matters; training and serving agree exactly while a user's
+events fit in the window (tests/unit/test_user_tower.py).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ _NEG = -1e9
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 5
     seed: int = 0
     batch_users: int = 64
     lr: float = 2e-3
@@ -85,7 +89,11 @@ class TrainConfig:
     # Events (and targets) whose platform id is replaced by 0 (unknown), so that id 0 is
     # trained and an unseen platform gets a sensible, platform-agnostic treatment.
     platform_dropout: float = 0.05
-    max_train_s: float = 600.0
+    # Train the logits as dot / temperature + log1p(item count among training users), so the
+    # vector learns what popularity does not explain; serving must then add the same prior.
+    popularity_prior: bool = False
+    # A guard, not a budget: 5 epochs take about 3 minutes on 2 idle cores.
+    max_train_s: float = 480.0
 
 
 class UserTower(nn.Module):
@@ -262,9 +270,11 @@ def batch_views(a: TrainArrays, users: np.ndarray, n_platforms: int, max_events:
 
 def training_loss(model: UserTower, b: dict, item_table: torch.Tensor,
                   catalogue: dict[int, torch.Tensor], negatives: int,
-                  platform_dropout: float, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+                  platform_dropout: float, gen: torch.Generator,
+                  log_pop: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Sampled softmax over the target platform's catalogue (uniform negatives, shared by the
-    batch's queries of that platform), mean over the batch's queries."""
+    batch's queries of that platform), mean over the batch's queries. log_pop [n_items]: an
+    additive logit prior (the positive's own event is left out of its count)."""
     v = b["n_views"]
     plats = b["plats"]
     if model.training and platform_dropout > 0:
@@ -297,6 +307,10 @@ def training_loss(model: UserTower, b: dict, item_table: torch.Tensor,
         us = u[sel]
         pos_logit = (us * item_table[tgt_item[sel]]).sum(-1, keepdim=True)
         neg_logit = us @ item_table[neg].T
+        if log_pop is not None:
+            counts = torch.expm1(log_pop[tgt_item[sel]])
+            pos_logit = pos_logit + torch.log1p((counts - 1).clamp(min=0))[:, None]
+            neg_logit = neg_logit + log_pop[neg][None, :]
         neg_logit = neg_logit.masked_fill(neg[None, :] == tgt_item[sel][:, None], _NEG)
         logits = torch.cat([pos_logit, neg_logit], dim=1)
         losses.append(F.cross_entropy(logits, torch.zeros(len(sel), dtype=torch.long),
@@ -329,10 +343,12 @@ def model_vectors(model: UserTower, w: ud.Windows, item_vecs: np.ndarray,
     return np.concatenate(users), np.concatenate(attn)
 
 
-def evaluate(vectors_fn, val: dict, item_vecs, catalogue) -> dict:
-    """{setting: metrics} for user vectors from vectors_fn(windows) on both settings."""
+def evaluate(vectors_fn, val: dict, item_vecs, catalogue, item_bias=None,
+             scale: float = 1.0) -> dict:
+    """{setting: metrics} for user vectors from vectors_fn(windows) on both settings, ranked
+    by scale * dot (+ item_bias when given)."""
     return {name: ud.metrics_from_ranks(ud.rank_of_targets(vectors_fn(w), w, item_vecs,
-                                                           catalogue))
+                                                           catalogue, item_bias, scale))
             for name, w in val.items()}
 
 
@@ -403,7 +419,8 @@ def untrained_actions_like_interact(model: UserTower, trained_actions: set[int])
 
 
 def write_version(repo: str | os.PathLike, model: UserTower, meta: dict,
-                  parity_feeds: list[dict], eval_fn=None) -> tuple[Path, dict]:
+                  parity_feeds: list[dict], eval_fn=None,
+                  arrays: dict[str, dict[str, np.ndarray]] | None = None) -> tuple[Path, dict]:
     """Export, gate on parity, optionally evaluate the ONNX file, write models/user_tower/<N>/.
     Nothing is written unless parity holds (new_version removes its temp dir on error)."""
     with new_version(repo, MODEL_NAME) as (tmp, version):
@@ -415,6 +432,8 @@ def write_version(repo: str | os.PathLike, model: UserTower, meta: dict,
         meta = dict(meta, name=MODEL_NAME, version=version, parity=parity)
         if eval_fn is not None:
             meta = eval_fn(onnx_path, meta)
+        for name, content in (arrays or {}).items():
+            np.savez(tmp / name, **content)
         write_meta(tmp, meta)
     return Path(repo) / MODEL_NAME / str(version), meta
 
@@ -437,6 +456,8 @@ def train(cfg: TrainConfig, train_seqs: list[ud.UserSeq], vocab: dict[str, int],
     log.info("model: %d parameters, self_attention=%s", n_params, cfg.self_attention)
     item_table = torch.from_numpy(item_vecs)
     cat_t = {pid: torch.from_numpy(rows) for pid, rows in catalogue.items()}
+    log_pop = (torch.from_numpy(np.log1p(ud.item_counts(train_seqs, len(item_vecs)))).float()
+               if cfg.popularity_prior else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Users sorted by length into batches keep padding (quadratic in T here) small.
     by_len = np.argsort(arrays.length, kind="stable")
@@ -454,7 +475,7 @@ def train(cfg: TrainConfig, train_seqs: list[ud.UserSeq], vocab: dict[str, int],
         for bi in rng.permutation(len(batches)):
             b = batch_views(arrays, batches[bi], len(vocab), ud.MAX_EVENTS)
             loss, m = training_loss(model, b, item_table, cat_t, cfg.negatives,
-                                    cfg.platform_dropout, gen)
+                                    cfg.platform_dropout, gen, log_pop)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -462,12 +483,17 @@ def train(cfg: TrainConfig, train_seqs: list[ud.UserSeq], vocab: dict[str, int],
             sched.step()
             total += loss.item() * m
             count += m
-        vis = evaluate(lambda w: model_vectors(model, w, item_vecs)[0], val, item_vecs, catalogue)
+        # A prior-trained model is selected as it will be served: with the prior added.
+        prior = {} if log_pop is None else {
+            "item_bias": log_pop.numpy(),
+            "scale": 1.0 / float(model.log_temperature.detach().exp().clamp(min=0.01))}
+        vis = evaluate(lambda w: model_vectors(model, w, item_vecs)[0], val, item_vecs,
+                       catalogue, **prior)
         score = float(np.mean([v["ndcg@10"] for v in vis.values()]))
         elapsed = time.monotonic() - start
         history.append({"epoch": epoch, "train_loss": total / count, "examples": count,
                         "val": vis, "elapsed_s": round(elapsed, 1),
-                        "temperature": float(model.log_temperature.exp())})
+                        "temperature": float(model.log_temperature.detach().exp())})
         log.info("epoch %d/%d  loss %.4f  (%d examples)  val %s  tau %.4f  %.0fs", epoch,
                  cfg.epochs, total / count, count, _fmt(vis), history[-1]["temperature"],
                  elapsed)
@@ -542,7 +568,7 @@ def run(cfg: TrainConfig, repo: str | os.PathLike, dataset: str = AMAZON,
         f["mask"] = f["mask"].copy()
         f["mask"][:, -1] = 1.0  # every row keeps at least one real event after the cut
 
-    temperature = float(model.log_temperature.exp().clamp(min=0.01))
+    temperature = float(model.log_temperature.detach().exp().clamp(min=0.01))
     log_pop = np.log1p(ud.item_counts(train_seqs, len(ids)))
 
     def eval_onnx(onnx_path: Path, meta: dict) -> dict:
@@ -625,7 +651,15 @@ def run(cfg: TrainConfig, repo: str | os.PathLike, dataset: str = AMAZON,
         "exporter": {"torch": torch.__version__, "python": _platform.python_version(),
                      "threads": torch.get_num_threads()},
     }
-    path, meta = write_version(repo, model, meta, parity_feeds, eval_onnx)
+    arrays = None
+    if cfg.popularity_prior:
+        meta["score"] = ("dot(user_vec, item_vec) / temperature + log1p(count), count from "
+                         "item_popularity.npz (events among training users; 0 if absent)")
+        counts = ud.item_counts(train_seqs, len(ids))
+        arrays = {"item_popularity.npz": {
+            "platforms": np.array([p for p, _ in ids]), "item_ids": np.array([i for _, i in ids]),
+            "counts": counts.astype(np.int64)}}
+    path, meta = write_version(repo, model, meta, parity_feeds, eval_onnx, arrays)
     log.info("wrote %s (total %.0fs)", path, time.monotonic() - t0)
     return path, meta
 
@@ -641,12 +675,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-train-s", type=float, default=TrainConfig.max_train_s,
                         help="stop after the epoch that crosses this many seconds")
     parser.add_argument("--no-self-attention", action="store_true")
+    parser.add_argument("--popularity-prior", action="store_true",
+                        help="train dot/temperature + log1p(item count) (see TrainConfig)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(epochs=args.epochs, seed=args.seed, max_train_s=args.max_train_s,
-                      self_attention=not args.no_self_attention)
+                      self_attention=not args.no_self_attention,
+                      popularity_prior=args.popularity_prior)
     run(cfg, args.model_repo, args.dataset, args.encoder_version)
     return 0
 

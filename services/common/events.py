@@ -22,10 +22,10 @@ MAX_RAW_TEXT_CHARS = 65536
 ACTIONS = {1: "view", 2: "click", 3: "like", 4: "add_to_cart", 5: "purchase", 6: "rate",
            7: "interact"}
 ACTION_IDS = {name: number for number, name in ACTIONS.items()}
-# Weight of an event whose weight is unset. For "rate" the weight is the 1..5 rating itself;
-# 3 is a neutral rating.
-DEFAULT_WEIGHT = {"view": 0.5, "click": 1.0, "like": 2.0, "add_to_cart": 2.0, "purchase": 3.0,
-                  "rate": 3.0, "interact": 1.0}
+# Weight of an event whose weight is unset, by action number: stronger intent counts more; an
+# interaction of unknown kind (all of the Amazon training data) is the unit. For "rate" the
+# weight is the 1..5 rating itself; 3 is a neutral rating.
+DEFAULT_WEIGHT = {1: 0.5, 2: 1.0, 3: 2.0, 4: 2.0, 5: 3.0, 6: 3.0, 7: 1.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +92,7 @@ def validate_event(event_id: str, user_id: str, platform: str, action: int, item
     # A derived id uses the time as sent (0 when unset), never the receive time, so a retried
     # batch without ids dedupes instead of being stored twice.
     if weight is None:
-        weight = DEFAULT_WEIGHT[ACTIONS[action]]
+        weight = DEFAULT_WEIGHT[action]
     elif not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
         raise InvalidInput(f"{field}.weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
     if len(item_text) > MAX_RAW_TEXT_CHARS:

@@ -16,24 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from services.common.events import DEFAULT_WEIGHT
+
 # Index = crossrec.common.v1.Action enum value; 0 (ACTION_UNSPECIFIED) is rejected upstream.
 ACTION_NAMES = ("ACTION_UNSPECIFIED", "ACTION_VIEW", "ACTION_CLICK", "ACTION_LIKE",
                 "ACTION_ADD_TO_CART", "ACTION_PURCHASE", "ACTION_RATE", "ACTION_INTERACT")
 ACTION_INTERACT = 7
 ACTION_RATE = 6
 
-# Weight of an event whose BehaviorEvent.weight is unset. Stronger intent counts more; a
-# review/log of unknown kind (all of the Amazon training data) is the unit. ACTION_RATE
-# without a weight is read as a neutral 3 of 5.
-DEFAULT_ACTION_WEIGHT = {
-    1: 0.5,   # VIEW
-    2: 1.0,   # CLICK
-    3: 2.0,   # LIKE
-    4: 2.0,   # ADD_TO_CART
-    5: 3.0,   # PURCHASE
-    6: 3.0,   # RATE (weight = rating 1..5 when given)
-    7: 1.0,   # INTERACT
-}
+# Weight of an event whose BehaviorEvent.weight is unset, by Action number (one table for
+# ingest validation, the baseline and the model's features).
+DEFAULT_ACTION_WEIGHT = DEFAULT_WEIGHT
 
 # Recency half-life of the baseline, in events: an event 10 events older counts half as much.
 HALF_LIFE_EVENTS = 10.0

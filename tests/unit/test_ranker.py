@@ -196,3 +196,23 @@ def test_ranker_export_writes_nothing_when_parity_fails(tmp_path, monkeypatch):
         rk.write_version(tmp_path, model, {}, [rng.standard_normal((2, 3, N_FEATURES))
                                               .astype(np.float32)])
     assert not [p for p in (tmp_path / "ranker").iterdir()]
+
+
+def test_retrieve_forces_popular_items_in_and_ranks_the_rest_after_the_candidates():
+    data = _tiny_data()
+    data.counts[data.catalogue[ARTS][7]] = 50.0  # the most popular arts item, local index 7
+    data.__post_init__()
+    user = data.vecs[data.catalogue[ARTS][0]][None]
+    scores = (user @ data.vecs[data.catalogue[ARTS]].T)[0]
+    by_dot = np.argsort(-scores, kind="stable")
+    plain, plain_ranks = rk.retrieve(data, user, [ARTS], 3, data.catalogue[ARTS][by_dot[[5]]])
+    assert plain[0].tolist() == data.catalogue[ARTS][by_dot[:3]].tolist()
+    assert plain_ranks.tolist() == [6]
+    target = by_dot[5] if by_dot[5] != 7 else by_dot[6]
+    cands, ranks = rk.retrieve(data, user, [ARTS], 3, data.catalogue[ARTS][[target]], popular=1)
+    local = [int(np.flatnonzero(data.catalogue[ARTS] == r)[0]) for r in cands[0]]
+    assert 7 in local and len(set(local)) == 3
+    assert list(scores[local]) == sorted(scores[local], reverse=True)
+    # Below the candidates the order is by dot product, skipping the candidates themselves.
+    rest = [i for i in by_dot if i not in local]
+    assert ranks.tolist() == [3 + rest.index(target) + 1]
