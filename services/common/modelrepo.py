@@ -57,6 +57,7 @@ def new_version(repo: str | os.PathLike, name: str):
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=root))
     try:
         yield tmp, version
+        tmp.chmod(0o755)  # mkdtemp makes 0700; servers may run as another (non-root) user
         final = root / str(version)
         os.rename(tmp, final)  # fails with OSError if `final` exists and is non-empty
     except BaseException:

@@ -67,3 +67,17 @@ def test_cpu_device_uses_the_cpu_provider(engine):
 def test_unknown_device_is_refused():
     with pytest.raises(ValueError, match="device must be"):
         choose_providers("tpu")
+
+
+def test_run_sorted_splits_by_length_so_a_long_text_does_not_pad_the_rest(engine, titles):
+    calls = []
+    run = engine.run
+    engine.run = lambda batch: calls.append([len(e.ids) for e in batch]) or run(batch)
+    try:
+        encoded = engine.tokenize(titles[:20] + ["long " * 200])
+        out = engine.run_sorted(encoded, max_batch_size=64)
+    finally:
+        engine.run = run
+    assert out.shape == (21, engine.dim)
+    assert all(max(c) <= 1.3 * min(c) for c in calls)
+    assert [202] in calls  # the long text ran alone
