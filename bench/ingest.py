@@ -34,12 +34,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "gen"), str(REPO)]
 
-import grpc  # noqa: E402
-
 from clients.datasets import AMAZON, MOVIELENS, data_dir, item_texts, to_event, user_events  # noqa: E402
+from clients.crossrec_client import FusionClient  # noqa: E402
 from clients.stack import RedisServer, start_stack  # noqa: E402
-from crossrec.common.v1 import common_pb2  # noqa: E402
-from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc  # noqa: E402
 from services.common.events import validate_event  # noqa: E402
 from services.fusion.store import SQLiteStore  # noqa: E402
 
@@ -106,44 +103,37 @@ def movielens_rows(limit: int):
 
 def movielens_bulk(run_dir: Path, model_repo: str, limit: int, streams: int = 4) -> dict:
     texts = item_texts(MOVIELENS)
-    parts: list[list] = [[] for _ in range(streams)]
+    parts: list[list[dict]] = [[] for _ in range(streams)]
     for row in movielens_rows(limit):
         e = to_event(row, texts)
-        parts[hash(e["user_id"]) % streams].append(common_pb2.BehaviorEvent(
-            **{k: v for k, v in e.items() if v is not None}))
+        parts[hash(e["user_id"]) % streams].append(e)
     total = sum(len(p) for p in parts)
-    procs = start_stack(run_dir, model_repo, names=("embedding", "fusion"),
-                        extra={"fusion": ["--allow-baseline"]})
-    sent = [0] * streams
-    replies: list = [None] * streams
+    procs = start_stack(run_dir, model_repo, names=("embedding", "fusion"))
+    acked = [0] * streams
+    results: list = [None] * streams
     progress = []
     try:
         def stream(i):
-            def batches():
-                for start in range(0, len(parts[i]), 1000):
-                    yield fusion_pb2.IngestRequest(events=parts[i][start:start + 1000])
-                    sent[i] += len(parts[i][start:start + 1000])
-            with grpc.insecure_channel(procs["fusion"].address) as channel:
-                replies[i] = fusion_pb2_grpc.FusionServiceStub(channel).IngestStream(
-                    batches(), timeout=900)
+            with FusionClient(procs["fusion"].address, timeout_s=900) as client:
+                results[i] = client.ingest_stream(
+                    parts[i], progress=lambda r: acked.__setitem__(i, r.accepted + r.duplicates))
         started = time.perf_counter()
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
-            time.sleep(5)
-            done, took = sum(sent), time.perf_counter() - started
+            for t in threads:
+                t.join(timeout=5 / streams)
+            done, took = sum(acked), time.perf_counter() - started
             progress.append((round(took, 1), done))
-            print(f"  movielens: {done:>9,}/{total:,} events sent  {took:6.0f} s  "
-                  f"{done / took:8,.0f} events/s", flush=True)
-        for t in threads:
-            t.join()
+            print(f"  movielens: {done:>9,}/{total:,} events acknowledged (durable)  "
+                  f"{took:6.0f} s  {done / took:8,.0f} events/s", flush=True)
         took = time.perf_counter() - started
     finally:
         codes = {n: p.stop() for n, p in reversed(list(procs.items()))}
-    accepted = sum(r.accepted for r in replies if r)
+    accepted = sum(r.accepted for r in results if r)
     return {"events": total, "accepted": accepted,
-            "duplicates": sum(r.duplicates for r in replies if r), "seconds": round(took, 1),
+            "duplicates": sum(r.duplicates for r in results if r), "seconds": round(took, 1),
             "events_per_s": round(total / took, 1), "streams": streams, "items": len(texts),
             "progress": progress, "exit_codes": codes, "target_s": 300,
             "target_met": accepted == total and took <= 300}
@@ -171,7 +161,7 @@ def plot(results: dict, path: Path) -> None:
         axes[1].plot(t, n, marker=".")
         axes[1].axvline(300, color="k", ls="--", lw=1, label="target 300 s")
         axes[1].set_xlabel("seconds")
-        axes[1].set_ylabel("events sent")
+        axes[1].set_ylabel("events acknowledged (durable)")
         axes[1].set_title(f"MovieLens-1M over gRPC: {ml['events']:,} events in {ml['seconds']} s")
         axes[1].legend()
     fig.tight_layout()
