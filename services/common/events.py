@@ -6,6 +6,7 @@ import hashlib
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.common.errors import InvalidInput
@@ -15,6 +16,8 @@ PLATFORM_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_ID_BYTES = 128
 MAX_FUTURE_MS = 24 * 3600 * 1000
 MAX_WEIGHT = 100.0
+MAX_BATCH_EVENTS = 1000   # events per Ingest call / IngestStream message
+MAX_SESSION_EVENTS = 100  # session events per GetProfile / Recommend call
 # Longer item text is refused; shorter text is normalised and cut to MAX_TEXT_CHARS.
 MAX_RAW_TEXT_CHARS = 65536
 
@@ -41,7 +44,8 @@ class Event:
     weight: float
 
 
-def _check_id(value: str, field: str, required: bool = True) -> None:
+def check_id(value: str, field: str, required: bool = True) -> None:
+    """InvalidInput unless `value` is 1..MAX_ID_BYTES bytes (or empty when not required)."""
     if not value:
         if required:
             raise InvalidInput(f"{field} is required, got an empty string")
@@ -52,7 +56,7 @@ def _check_id(value: str, field: str, required: bool = True) -> None:
 
 
 def check_platform(platform: str, field: str = "platform") -> None:
-    if not PLATFORM_PATTERN.match(platform):
+    if not PLATFORM_PATTERN.fullmatch(platform):  # match() would let a trailing "\n" in
         shown = platform if len(platform) <= 40 else platform[:40] + "..."
         raise InvalidInput(f"{field} must match {PLATFORM_PATTERN.pattern}, got {shown!r}")
 
@@ -71,16 +75,16 @@ def validate_event(event_id: str, user_id: str, platform: str, action: int, item
     `weight` None means unset (the action's default). Time 0 means "now".
     """
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    _check_id(user_id, f"{field}.user_id", required=require_user)
+    check_id(user_id, f"{field}.user_id", required=require_user)
     check_platform(platform, f"{field}.platform")
     if action not in ACTIONS:
         if action == 0:
             raise InvalidInput(f"{field}.action must be set, got ACTION_UNSPECIFIED")
         raise InvalidInput(f"{field}.action must be one of {sorted(ACTIONS)} "
                            f"({', '.join(ACTIONS.values())}), got {action}")
-    _check_id(item_id, f"{field}.item_id")
+    check_id(item_id, f"{field}.item_id")
     if event_id:
-        _check_id(event_id, f"{field}.event_id")
+        check_id(event_id, f"{field}.event_id")
         if not event_id.isascii() or not event_id.isprintable():
             raise InvalidInput(f"{field}.event_id must be printable ASCII")
     if event_time_ms < 0:
@@ -108,3 +112,19 @@ def raw_event(e) -> dict:
     return dict(event_id=e.event_id, user_id=e.user_id, platform=e.platform, action=e.action,
                 item_id=e.item_id, item_text=e.item_text, event_time_ms=e.event_time_ms,
                 weight=e.weight if e.HasField("weight") else None)
+
+
+class RawEvents(Sequence):
+    """BehaviorEvent messages seen as validate_event keyword arguments, converted on access,
+    so a batch refused for its size costs nothing to convert."""
+
+    def __init__(self, messages):
+        self._messages = messages
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [raw_event(m) for m in self._messages[index]]
+        return raw_event(self._messages[index])

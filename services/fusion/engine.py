@@ -12,14 +12,17 @@ import numpy as np
 
 from services.common import metrics
 from services.common.errors import BudgetSpent, InvalidInput
-from services.common.events import Event, check_platform, validate_event
+from services.common.events import (MAX_BATCH_EVENTS, MAX_SESSION_EVENTS, Event, check_id,
+                                    check_platform, validate_event)
+
+# Share of a caller's remaining budget given to the embedding call, so that a hung embedding
+# service is reported by name before the caller's own deadline fires.
+DOWNSTREAM_BUDGET_SHARE = 0.8
 from services.fusion.model import Window
 from services.fusion.store import ItemKey, ProfileStore
 
 log = logging.getLogger("crossrec.fusion")
 
-MAX_BATCH_EVENTS = 1000
-MAX_SESSION_EVENTS = 100
 MAX_RECENT_EVENTS = 200
 
 # (texts, budget_s) -> float32 [n, dim] L2-normalised vectors
@@ -92,7 +95,8 @@ class FusionEngine:
         missing = [k for k, t in texts.items() if k not in cached or cached[k][0] != t]
         vectors = {k: v for k, (_, v) in cached.items()}
         if missing:
-            embedded = self.embed([texts[k] for k in missing], budget_s)
+            embedded = self.embed([texts[k] for k in missing],
+                                  None if budget_s is None else budget_s * DOWNSTREAM_BUDGET_SHARE)
             fresh = {k: (texts[k], embedded[j]) for j, k in enumerate(missing)}
             if cache_new:
                 self.store.put_items(fresh)
@@ -130,8 +134,7 @@ class FusionEngine:
         return self.store.item_stats(platform, limit)
 
     def delete_user(self, user_id: str) -> int:
-        if not user_id:
-            raise InvalidInput("user_id is required, got an empty string")
+        check_id(user_id, "user_id")
         return self.store.delete_user(user_id)
 
     # --- profile --------------------------------------------------------------------------
@@ -140,12 +143,13 @@ class FusionEngine:
         """Fuse the user's stored events plus `session` events (never stored) into vectors."""
         if not user_id and not session:
             raise InvalidInput("user_id is required unless session_events are given")
+        check_id(user_id, "user_id", required=False)
         if for_platform:
             check_platform(for_platform, "for_platform")
         if not 0 <= recent_limit <= MAX_RECENT_EVENTS:
             raise InvalidInput(f"recent_events_limit must be in 0..{MAX_RECENT_EVENTS}, "
                                f"got {recent_limit}")
-        session_events = self.validate(list(session), "session_events", require_user=False,
+        session_events = self.validate(session, "session_events", require_user=False,
                                        limit=MAX_SESSION_EVENTS)
         read = time.perf_counter()
         history = self.store.history(user_id) if user_id else {}

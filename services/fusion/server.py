@@ -14,7 +14,7 @@ from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote
 from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
                                    serve, setup_logging, wait_for)
-from services.common.events import raw_event
+from services.common.events import RawEvents
 from services.fusion.engine import FusionEngine, Profile
 from services.fusion.model import BaselineUserModel, OnnxUserModel
 from services.fusion.store import ProfileStore, SQLiteStore
@@ -91,7 +91,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         return self.engine
 
     def Ingest(self, request, context):
-        raw = [raw_event(e) for e in request.events]
+        raw = RawEvents(request.events)
         accepted, dups = engine_call(
             context, lambda: self._ready().ingest(raw, context.time_remaining()))
         return fusion_pb2.IngestResponse(accepted=accepted, duplicates=dups)
@@ -99,14 +99,14 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
     def IngestStream(self, request_iterator, context):
         accepted = dups = batches = 0
         for request in request_iterator:
-            raw = [raw_event(e) for e in request.events]
+            raw = RawEvents(request.events)
             a, d = engine_call(context, lambda: self._ready().ingest(raw, None))
             accepted, dups, batches = accepted + a, dups + d, batches + 1
         return fusion_pb2.IngestStreamResponse(accepted=accepted, duplicates=dups,
                                                batches=batches)
 
     def GetProfile(self, request, context):
-        session = [raw_event(e) for e in request.session_events]
+        session = RawEvents(request.session_events)
         engine = engine_call(context, self._ready)
         profile = engine_call(context, lambda: engine.profile(
             request.user_id, request.for_platform, session, request.recent_events_limit,

@@ -13,7 +13,7 @@ import numpy as np
 
 from services.common import metrics
 from services.common.errors import BudgetSpent, InvalidInput, NotReady
-from services.common.events import MAX_ID_BYTES, check_platform
+from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
 from services.common.text import compose_item_text
 from services.ranking.catalog import Catalog, CatalogItem
 from services.ranking.features import UserContext, candidate_features, popularity_features
@@ -103,13 +103,6 @@ class Popularity:
         return out[:k]
 
 
-def _check_id(value: str, field_name: str) -> None:
-    if not value:
-        raise InvalidInput(f"{field_name} is required, got an empty string")
-    if len(value.encode()) > MAX_ID_BYTES:
-        raise InvalidInput(f"{field_name} must be at most {MAX_ID_BYTES} bytes")
-
-
 class RankingEngine:
     """Plain-Python core of the ranking service (no grpc). Thread-safe.
 
@@ -135,7 +128,7 @@ class RankingEngine:
         items = []
         for n, r in enumerate(raw):
             f = f"items[{n}]"
-            _check_id(r["item_id"], f"{f}.item_id")
+            check_id(r["item_id"], f"{f}.item_id")
             check_platform(r["platform"], f"{f}.platform")
             title = r["title"].strip()
             if not title or len(title) > MAX_TITLE_CHARS:
@@ -149,8 +142,11 @@ class RankingEngine:
                 if len(value) > MAX_ATTRIBUTE_CHARS or len(key) > MAX_ATTRIBUTE_CHARS:
                     raise InvalidInput(f"{f}.attributes[{key[:40]!r}] must be at most "
                                        f"{MAX_ATTRIBUTE_CHARS} characters")
-            items.append(CatalogItem(r["item_id"], r["platform"], title, attrs,
-                                     compose_item_text(title, attrs)))
+            text = compose_item_text(title, attrs)
+            if not compose_item_text(title):
+                raise InvalidInput(f"{f}.title must hold visible text, got only whitespace or "
+                                   "control characters")
+            items.append(CatalogItem(r["item_id"], r["platform"], title, attrs, text))
         vectors = np.zeros((len(items), self.catalog.dim), np.float32)
         todo = []
         for n, it in enumerate(items):
@@ -180,8 +176,10 @@ class RankingEngine:
         started = time.monotonic()
         if not user_id and not session_events:
             raise InvalidInput("user_id is required unless session_events are given")
-        if user_id:
-            _check_id(user_id, "user_id")
+        check_id(user_id, "user_id", required=False)
+        if len(session_events) > MAX_SESSION_EVENTS:
+            raise InvalidInput(f"session_events must hold at most {MAX_SESSION_EVENTS} events, "
+                               f"got {len(session_events)}")
         check_platform(platform)
         if self.catalog.size(platform) == 0:
             raise InvalidInput(f"platform {platform!r} has no catalogue; known platforms: "
@@ -193,7 +191,7 @@ class RankingEngine:
         models = [self.embedder, (self.ranker.name, self.ranker.version)]
         try:
             with metrics.RANKING_STAGE_SECONDS.labels("profile").time():
-                profile = self.profile_fn(user_id, platform, list(session_events),
+                profile = self.profile_fn(user_id, platform, session_events[:],
                                           RECENT_EVENTS,
                                           None if budget_s is None else budget_s * 0.8)
         except NotReady as err:

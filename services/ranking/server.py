@@ -20,7 +20,7 @@ from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote, FusionRemote
 from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
                                    serve, setup_logging, wait_for)
-from services.common.events import raw_event
+from services.common.events import RawEvents
 from services.ranking.catalog import Catalog
 from services.ranking.engine import Popularity, RankingEngine
 from services.ranking.ranker import OnnxRanker, RetrievalOrder
@@ -77,7 +77,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.DeleteItemsResponse(deleted=n)
 
     def Recommend(self, request, context):
-        session = [raw_event(e) for e in request.session_events]
+        session = RawEvents(request.session_events)
         result = engine_call(context, lambda: self._ready().recommend(
             request.user_id, request.platform, request.k, request.exclude_seen, session,
             request.diversify, request.diversity_lambda, context.time_remaining()))

@@ -200,3 +200,29 @@ def test_an_explicit_weight_reaches_the_store(fusion):
     profile = fusion.GetProfile(fusion_pb2.GetProfileRequest(
         user_id="weighted", recent_events_limit=1), timeout=10)
     assert profile.recent_events[0].event.weight == 4.5
+
+
+def test_redis_backend_serves_ingested_real_events_back(stack, model_repo, amazon_users,
+                                                         tmp_path, request):
+    url = request.getfixturevalue("redis_url")[:-1] + "3"
+    proc = ServiceProcess("fusion", ["--model-repo", str(model_repo), "--store", "redis",
+                                     "--redis-url", url,
+                                     "--embedding-address", stack["embedding"].address],
+                          tmp_path).start().wait_ready(60)
+    try:
+        with grpc.insecure_channel(proc.address) as channel:
+            stub = fusion_pb2_grpc.FusionServiceStub(channel)
+            users = list(amazon_users.items())[:5]
+            for user, events in users:
+                assert ingest(stub, events).accepted == len(events)
+            for user, events in users:
+                profile = stub.GetProfile(fusion_pb2.GetProfileRequest(
+                    user_id=user, for_platform="arts_crafts"), timeout=10)
+                assert profile.known and profile.total_events == len(events)
+                assert len(profile.for_platform_vector) == 384
+            stats = stub.GetItemStats(fusion_pb2.GetItemStatsRequest(platform="office"),
+                                      timeout=10)
+            office = sum(e["platform"] == "office" for _, es in users for e in es)
+            assert sum(s.event_count for s in stats.items) == office
+    finally:
+        assert proc.stop() == 0
