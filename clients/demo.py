@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from clients.crossrec_client import FusionClient
 from clients.datasets import AMAZON, read_items, user_events
 from clients.stack import start_stack
 from crossrec.common.v1 import common_pb2
@@ -38,20 +39,14 @@ def load_catalog(ranking, items: list[dict], batch: int = 500) -> None:
         progress("catalogue items", min(start + batch, len(items)), len(items), started)
 
 
-def load_events(fusion, users: dict[str, list[dict]]) -> None:
+def load_events(fusion_address: str, users: dict[str, list[dict]]) -> None:
     total = sum(len(e) for e in users.values())
-    started, done = time.perf_counter(), 0
-
-    def batches():
-        nonlocal done
-        for events in users.values():
-            yield fusion_pb2.IngestRequest(events=[
-                common_pb2.BehaviorEvent(**{k: v for k, v in e.items() if v is not None})
-                for e in events])
-            done += len(events)
-            progress("events", done, total, started)
-    reply = fusion.IngestStream(batches(), timeout=600)
-    print(f"  {reply.accepted:,} events stored, {reply.duplicates:,} already there")
+    started = time.perf_counter()
+    with FusionClient(fusion_address, timeout_s=600) as fusion:
+        result = fusion.ingest_stream(
+            (e for events in users.values() for e in events),
+            progress=lambda r: progress("events acknowledged", r.events, total, started))
+    print(f"  {result.accepted:,} events stored, {result.duplicates:,} already there")
 
 
 def show(ranking, user: str, platform: str, title: str, k: int = 5) -> None:
@@ -84,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             load_catalog(ranking, read_items(AMAZON))
             users = user_events(AMAZON, users=args.users)
             print(f"ingesting the history of {len(users)} real users on both platforms")
-            load_events(fusion, users)
+            load_events(procs["fusion"].address, users)
             time.sleep(11)  # let ranking re-read item popularity once
 
             user, events = max(list(users.items())[-50:], key=lambda kv: len(kv[1]))
