@@ -247,10 +247,16 @@ def start_stack(run_dir: Path, model_repo: str, names=("embedding", "fusion", "r
     return procs
 
 
+# The ports `up` binds: the servers' defaults, which the CLI and the client dial by default.
+DEFAULT_PORTS = {"embedding": 50051, "fusion": 50052, "ranking": 50053}
+
+
 def up(run_dir: Path, model_repo: str) -> dict:
-    """Start every service, wait for SERVING, record pids and addresses in run_dir/stack.json."""
+    """Start every service on its default port, wait for SERVING, record pids and addresses
+    in run_dir/stack.json."""
     state = {}
-    for name, proc in start_stack(run_dir, model_repo).items():
+    fixed = {name: ["--port", str(port)] for name, port in DEFAULT_PORTS.items()}
+    for name, proc in start_stack(run_dir, model_repo, extra=fixed).items():
         state[name] = {"pid": proc.proc.pid, "address": proc.address, "log": str(proc.log_path)}
         print(f"{name:10s} SERVING on {proc.address}  (log: {proc.log_path})")
     (run_dir / "stack.json").write_text(json.dumps(state, indent=2))
