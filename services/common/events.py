@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.common.errors import InvalidInput
-from services.common.text import MAX_TEXT_CHARS, normalize_text
+from services.common.text import normalize_text
 
 PLATFORM_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_ID_BYTES = 128

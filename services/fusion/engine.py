@@ -11,13 +11,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from services.common import metrics
-from services.common.errors import BudgetSpent, InvalidInput
+from services.common.errors import DOWNSTREAM_BUDGET_SHARE, BudgetSpent, InvalidInput
 from services.common.events import (MAX_BATCH_EVENTS, MAX_SESSION_EVENTS, Event, check_id,
                                     check_platform, validate_event)
-
-# Share of a caller's remaining budget given to the embedding call, so that a hung embedding
-# service is reported by name before the caller's own deadline fires.
-DOWNSTREAM_BUDGET_SHARE = 0.8
 from services.fusion.model import Window
 from services.fusion.store import ItemKey, ProfileStore
 

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from services.common import metrics
-from services.common.errors import BudgetSpent, InvalidInput, NotReady
+from services.common.errors import DOWNSTREAM_BUDGET_SHARE, BudgetSpent, InvalidInput, NotReady
 from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
 from services.common.text import compose_item_text
 from services.ranking.catalog import Catalog, CatalogItem
@@ -193,7 +193,8 @@ class RankingEngine:
             with metrics.RANKING_STAGE_SECONDS.labels("profile").time():
                 profile = self.profile_fn(user_id, platform, session_events[:],
                                           RECENT_EVENTS,
-                                          None if budget_s is None else budget_s * 0.8)
+                                          None if budget_s is None
+                                          else budget_s * DOWNSTREAM_BUDGET_SHARE)
         except NotReady as err:
             if not self.fusion_fallback:
                 raise
