@@ -25,6 +25,23 @@ MAX_RECENT_EVENTS = 200
 EmbedFn = Callable[[list[str], "float | None"], np.ndarray]
 
 
+def downstream_deadline(budget_s: float | None) -> float | None:
+    """Monotonic time by which every downstream call of one RPC (store, embedding) must be
+    done: a share of the caller's budget, so that a hung dependency is named before the
+    caller's own deadline fires. None: no budget."""
+    return None if budget_s is None else time.monotonic() + budget_s * DOWNSTREAM_BUDGET_SHARE
+
+
+def time_left(deadline: float | None, before: str) -> float | None:
+    """Seconds to `deadline` (None: unbounded); BudgetSpent naming the step if none are left."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise BudgetSpent(f"deadline passed before {before}")
+    return left
+
+
 @dataclass
 class PlatformView:
     platform: str
@@ -71,12 +88,14 @@ class FusionEngine:
         return [validate_event(**r, field=f"{field_name}[{i}]", now_ms=now_ms,
                                require_user=require_user) for i, r in enumerate(raw)]
 
-    def _item_vectors(self, events: list[Event], field_name: str, budget_s: float | None,
+    def _item_vectors(self, events: list[Event], field_name: str, deadline: float | None,
                       cache_new: bool) -> tuple[list[Event], dict[ItemKey, np.ndarray]]:
         """Fill empty texts from the cache and get a vector per item, embedding only items
-        whose text is new or changed. Returns (events with texts, {key: vector})."""
+        whose text is new or changed, every call done by `deadline` (monotonic s, None: no
+        limit). Returns (events with texts, {key: vector})."""
         keys = list(dict.fromkeys((e.platform, e.item_id) for e in events))
-        cached = self.store.get_items(keys)
+        cached = self.store.get_items(keys, timeout_s=time_left(deadline,
+                                                                "item vectors were read"))
         filled, texts = [], {}
         for i, e in enumerate(events):
             key = (e.platform, e.item_id)
@@ -92,10 +111,11 @@ class FusionEngine:
         vectors = {k: v for k, (_, v) in cached.items()}
         if missing:
             embedded = self.embed([texts[k] for k in missing],
-                                  None if budget_s is None else budget_s * DOWNSTREAM_BUDGET_SHARE)
+                                  time_left(deadline, "new item texts were embedded"))
             fresh = {k: (texts[k], embedded[j]) for j, k in enumerate(missing)}
             if cache_new:
-                self.store.put_items(fresh)
+                self.store.put_items(fresh, timeout_s=time_left(
+                    deadline, "new item vectors were cached; no event was stored"))
             vectors.update({k: v for k, (_, v) in fresh.items()})
         return filled, vectors
 
@@ -103,15 +123,15 @@ class FusionEngine:
         """Validate, embed new item texts and store a batch durably: (accepted, duplicates).
 
         All-or-nothing: an invalid event rejects the batch before anything is written.
+        BudgetSpent when a store or embedding call outlasts its share of `budget_s`: nothing
+        is acknowledged, and re-sending the batch is safe (event ids dedupe).
         """
-        started = time.monotonic()
+        deadline = downstream_deadline(budget_s)
         events = self.validate(raw, "events")
-        events, _ = self._item_vectors(events, "events", budget_s, cache_new=True)
-        left = None if budget_s is None else budget_s - (time.monotonic() - started)
-        if left is not None and left <= 0:
-            raise BudgetSpent("deadline passed before the events were stored; none were")
+        events, _ = self._item_vectors(events, "events", deadline, cache_new=True)
+        timeout_s = time_left(deadline, "the events were stored; none were")
         stored = time.perf_counter()
-        accepted, duplicates = self.store.append(events, timeout_s=None)
+        accepted, duplicates = self.store.append(events, timeout_s=timeout_s)
         metrics.FUSION_STORE_SECONDS.labels(self.backend, "append").observe(
             time.perf_counter() - stored)
         metrics.FUSION_EVENTS.labels("accepted").inc(accepted)
@@ -121,22 +141,26 @@ class FusionEngine:
             metrics.FUSION_INGEST_LAG.observe(max(0.0, now_ms - e.event_time_ms) / 1000)
         return accepted, duplicates
 
-    def item_stats(self, platform: str, limit: int = 0) -> list[tuple[str, int, int]]:
+    def item_stats(self, platform: str, limit: int = 0,
+                   budget_s: float | None = None) -> list[tuple[str, int, int]]:
         """(item_id, event count, last event ms), most events first; limit 0 = 100,000."""
         check_platform(platform, "platform")
         limit = limit or 100_000
         if not 1 <= limit <= 1_000_000:
             raise InvalidInput(f"limit must be in 1..1000000, got {limit}")
-        return self.store.item_stats(platform, limit)
+        return self.store.item_stats(platform, limit, timeout_s=time_left(
+            downstream_deadline(budget_s), "item stats were read"))
 
-    def delete_user(self, user_id: str) -> int:
+    def delete_user(self, user_id: str, budget_s: float | None = None) -> int:
         check_id(user_id, "user_id")
-        return self.store.delete_user(user_id)
+        return self.store.delete_user(user_id, timeout_s=time_left(
+            downstream_deadline(budget_s), "the user was deleted"))
 
     # --- profile --------------------------------------------------------------------------
     def profile(self, user_id: str, for_platform: str = "", session: Sequence[dict] = (),
                 recent_limit: int = 0, budget_s: float | None = None) -> Profile:
         """Fuse the user's stored events plus `session` events (never stored) into vectors."""
+        deadline = downstream_deadline(budget_s)
         if not user_id and not session:
             raise InvalidInput("user_id is required unless session_events are given")
         check_id(user_id, "user_id", required=False)
@@ -148,7 +172,8 @@ class FusionEngine:
         session_events = self.validate(session, "session_events", require_user=False,
                                        limit=MAX_SESSION_EVENTS)
         read = time.perf_counter()
-        history = self.store.history(user_id) if user_id else {}
+        history = (self.store.history(user_id, timeout_s=time_left(
+            deadline, "the profile was read")) if user_id else {})
         metrics.FUSION_STORE_SECONDS.labels(self.backend, "history").observe(
             time.perf_counter() - read)
         stored = [e for h in history.values() for e in h.events]
@@ -158,7 +183,8 @@ class FusionEngine:
                           total_events=sum(h.count for h in history.values()) + len(session_events))
         if not events:
             return profile
-        events, vectors = self._item_vectors(events, "session_events", budget_s, cache_new=False)
+        events, vectors = self._item_vectors(events, "session_events", deadline,
+                                             cache_new=False)
         events.sort(key=lambda e: (e.event_time_ms, e.event_id))
         window = Window.of(events[-self.model.max_events:], vectors)
         platforms = sorted({e.platform for e in window.events})

@@ -23,15 +23,27 @@ one cluster slot):
 
 Members start with the event id followed by NUL (below every printable byte), so ties on
 time are ordered by event id bytes, exactly as SQLite orders (event_time_ms, event_id).
+
+Budgets: redis-py has no per-call timeout, only a per-connection socket timeout. Every store
+method takes `timeout_s`; for its duration a context variable holds the call's deadline, and
+the pool's connections (a subclass of the URL's connection class) clamp each connect, send and
+read to the time left. A read cut short by the deadline closes its connection (the reply it
+never read dies with the socket, so a later command can never read it) and raises an error
+redis-py does not retry, so no retry runs past the deadline; the store answers BudgetSpent
+naming the server. Without a budget, `socket_timeout_s` bounds each read, as before.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import re
+import time
 from collections import defaultdict
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import redis
@@ -39,7 +51,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from services.common.errors import NotReady, Overloaded
+from services.common.errors import BudgetSpent, NotReady, Overloaded
 from services.common.events import Event, check_platform
 from services.fusion.store import RECENT_PER_PLATFORM, PlatformHistory, ProfileStore
 
@@ -118,6 +130,84 @@ return total
 """
 
 
+# Monotonic deadline of the store call running in this thread (None: no budget).
+_DEADLINE: ContextVar[float | None] = ContextVar("crossrec_redis_deadline", default=None)
+
+
+class _DeadlinePassed(redis.RedisError):
+    """The call's deadline passed while it waited on Redis. Deliberately neither a
+    ConnectionError nor a TimeoutError: redis-py retries those, and a retry past the deadline
+    only keeps the caller waiting."""
+
+
+class _DeadlineConnection:
+    """Mixin over a redis-py connection class: connect, send and read never wait past the
+    deadline in _DEADLINE; a read the deadline cut short closes the connection."""
+
+    def _left(self) -> float | None:
+        deadline = _DEADLINE.get()
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self.disconnect()
+            raise _DeadlinePassed()
+        return left
+
+    def _connect(self):
+        left = self._left()
+        configured = self.socket_connect_timeout
+        if left is None or left >= (configured or math.inf):
+            return super()._connect()
+        self.socket_connect_timeout = left
+        try:
+            return super()._connect()
+        except TimeoutError:  # socket.timeout; redis-py would turn it into a retried error
+            raise _DeadlinePassed() from None
+        finally:
+            self.socket_connect_timeout = configured
+
+    def send_packed_command(self, command, check_health=True):
+        if not self._sock:
+            self.connect_check_health(check_health=False)
+        with self._clamped():
+            return super().send_packed_command(command, check_health)
+
+    def read_response(self, *args, **kwargs):
+        if "timeout" in kwargs:  # the caller's own bound (a poll), not a command's reply
+            return super().read_response(*args, **kwargs)
+        with self._clamped():
+            return super().read_response(*args, **kwargs)
+
+    @contextmanager
+    def _clamped(self):
+        """The socket timeout cut to the time left for the block; a timeout that the cut
+        caused closes the connection and raises _DeadlinePassed."""
+        left = self._left()
+        sock = self._sock
+        if left is None or sock is None or left >= (self.socket_timeout or math.inf):
+            yield
+            return
+        previous = sock.gettimeout()
+        sock.settimeout(left)
+        try:
+            yield
+        except redis.TimeoutError:
+            # Closed even where redis-py would keep it: the reply may still arrive, and a
+            # later command on this connection would read it as its own.
+            self.disconnect()
+            raise _DeadlinePassed() from None
+        finally:
+            if self._sock is sock:
+                sock.settimeout(previous)
+
+
+@functools.cache
+def _with_deadlines(connection_class: type) -> type:
+    return type(f"Deadline{connection_class.__name__}", (_DeadlineConnection, connection_class),
+                {})
+
+
 def _encode_member(e: Event) -> bytes:
     payload = json.dumps([e.event_time_ms, e.action, e.weight, e.item_id],
                          separators=(",", ":"), ensure_ascii=False)
@@ -140,11 +230,16 @@ class RedisStore(ProfileStore):
     transaction: if Redis fails midway, some users' events may be stored and others not.
     Re-sending the batch is safe (dedupe), though the retried call then counts the events
     stored by the failed attempt as duplicates. The same holds for redis-py's own retry after
-    a connection error or a timeout.
+    a connection error or a timeout, and for a write cut short by its budget.
+
+    Every method takes `timeout_s`: the call's budget in seconds (None: only
+    `socket_timeout_s` per read, retried twice). Within a budget, redis-py still retries a
+    refused or reset connection, but nothing waits past the budget.
 
     Errors: NotReady when Redis is unreachable, times out, is loading, read-only or cannot
-    write its AOF (message "redis at HOST:PORT ..."), or when the store is closed; Overloaded
-    when all `max_connections` connections are busy.
+    write its AOF (message "redis at HOST:PORT ..."), or when the store is closed; BudgetSpent
+    when Redis does not answer within `timeout_s` ("redis at HOST:PORT did not answer ...");
+    Overloaded when all `max_connections` connections are busy.
     """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "crossrec",
@@ -160,6 +255,8 @@ class RedisStore(ProfileStore):
         pool = redis.ConnectionPool.from_url(
             url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
             max_connections=max_connections, retry=retry, health_check_interval=30)
+        # Before the pool makes its first connection; the URL chose the class (TCP, TLS, unix).
+        pool.connection_class = _with_deadlines(pool.connection_class)
         kwargs = pool.connection_kwargs
         self.where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         self._client = redis.Redis(connection_pool=pool)
@@ -191,11 +288,20 @@ class RedisStore(ProfileStore):
                                "require_fsync=False to accept losing acknowledged events")
 
     @contextmanager
-    def _errors(self):
+    def _errors(self, timeout_s: float | None = None, writes: bool = False):
+        """Runs the block under the deadline `timeout_s` from now and maps redis errors."""
         if self._closed:
             raise NotReady("profile store is closed")
+        if timeout_s is not None and timeout_s <= 0:
+            raise BudgetSpent(f"redis at {self.where} not asked: the call's budget was spent")
+        token = _DEADLINE.set(None if timeout_s is None else time.monotonic() + timeout_s)
         try:
             yield
+        except _DeadlinePassed:
+            maybe = ("; the write may still be applied: re-sending it is safe (event ids dedupe)"
+                     if writes else "")
+            raise BudgetSpent(f"redis at {self.where} did not answer within the call's budget "
+                              f"({timeout_s:.2f} s){maybe}") from None
         except redis.exceptions.MaxConnectionsError:
             raise Overloaded(f"all {self._max_connections} redis connections are busy; "
                              "retry with backoff") from None
@@ -209,6 +315,8 @@ class RedisStore(ProfileStore):
             if str(err).startswith(("MISCONF", "MASTERDOWN")):
                 raise NotReady(f"redis at {self.where} refused the write: {err}") from err
             raise
+        finally:
+            _DEADLINE.reset(token)
 
     # --- keys -----------------------------------------------------------------------------
     def _user_keys(self, user_id: str) -> tuple[str, str, str]:
@@ -230,15 +338,15 @@ class RedisStore(ProfileStore):
     def append(self, events: list[Event], timeout_s: float | None = None) -> tuple[int, int]:
         """Store `events`; (accepted, duplicates) once fsynced. Atomic per user.
 
-        `timeout_s` is accepted for interface parity: each Redis call is bounded by
-        `socket_timeout_s` instead (a timed-out write may still have been applied).
+        BudgetSpent after `timeout_s`: nothing is acknowledged, though Redis may still apply
+        the write; re-sending the batch is safe (ids dedupe).
         """
         by_user: dict[str, list[Event]] = defaultdict(list)
         for e in events:
             by_user[e.user_id].append(e)
         users = list(by_user.items())
         calls = [self._append_call(user, user_events) for user, user_events in users]
-        with self._errors():
+        with self._errors(timeout_s, writes=True):
             results = self._pipeline_scripts(self._append_script, calls)
             new = [user_events[int(i)] for (_, user_events), r in zip(users, results) for i in r]
             self._count_items(new)
@@ -261,9 +369,10 @@ class RedisStore(ProfileStore):
     def _last_key(self, platform: str) -> str:
         return f"{self.prefix}:last_event:{{{platform}}}"
 
-    def item_stats(self, platform: str, limit: int) -> list[tuple[str, int, int]]:
+    def item_stats(self, platform: str, limit: int,
+                   timeout_s: float | None = None) -> list[tuple[str, int, int]]:
         """(item_id, event count, last event ms) of the `limit` items with most events."""
-        with self._errors():
+        with self._errors(timeout_s):
             top = self._client.zrevrange(self._pop_key(platform), 0, limit - 1, withscores=True)
             if not top:
                 return []
@@ -309,13 +418,14 @@ class RedisStore(ProfileStore):
             pending = retry
         return results
 
-    def delete_user(self, user_id: str) -> int:
+    def delete_user(self, user_id: str, timeout_s: float | None = None) -> int:
         """Remove every key of the user; the user's all-time event count (0: unknown)."""
-        with self._errors():
+        with self._errors(timeout_s, writes=True):
             _, count = self._per_user_script(self._delete_script, user_id)
         return int(count)
 
-    def put_items(self, items: dict[tuple[str, str], tuple[str, np.ndarray]]) -> None:
+    def put_items(self, items: dict[tuple[str, str], tuple[str, np.ndarray]],
+                  timeout_s: float | None = None) -> None:
         """Cache (text, vector) per (platform, item_id); vectors stored as float32 bytes.
 
         InvalidInput for a platform outside events.PLATFORM_PATTERN (item keys rely on it).
@@ -324,7 +434,8 @@ class RedisStore(ProfileStore):
             return
         keyed = [(self._item_key(*key), text, np.asarray(vec, np.float32).tobytes())
                  for key, (text, vec) in items.items()]
-        with self._errors(), self._client.pipeline(transaction=False) as pipe:
+        with self._errors(timeout_s, writes=True), \
+                self._client.pipeline(transaction=False) as pipe:
             for key, text, blob in keyed:
                 pipe.hset(key, mapping={"text": text, "vec": blob})
             pipe.execute()
@@ -343,9 +454,10 @@ class RedisStore(ProfileStore):
         raise NotReady(f"redis at {self.where}: platforms of a user kept changing during "
                        f"{_MAX_PLATFORM_RACES} tries; retry")
 
-    def history(self, user_id: str) -> dict[str, PlatformHistory]:
+    def history(self, user_id: str, timeout_s: float | None = None
+                ) -> dict[str, PlatformHistory]:
         """Per platform: newest events oldest first (texts empty), count, last seen (ms)."""
-        with self._errors():
+        with self._errors(timeout_s):
             names, (stats, *recent) = self._per_user_script(self._history_script, user_id)
         fields = {_text(stats[i]): stats[i + 1] for i in range(0, len(stats), 2)}
         out: dict[str, PlatformHistory] = {}
@@ -360,8 +472,8 @@ class RedisStore(ProfileStore):
                 out.setdefault(platform, PlatformHistory()).events.extend(events)
         return out
 
-    def get_items(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str],
-                                                             tuple[str, np.ndarray]]:
+    def get_items(self, keys: list[tuple[str, str]], timeout_s: float | None = None
+                  ) -> dict[tuple[str, str], tuple[str, np.ndarray]]:
         """Cached (text, read-only float32 vector of shape (dim,)) for the cached keys.
 
         InvalidInput for a platform outside events.PLATFORM_PATTERN.
@@ -370,7 +482,7 @@ class RedisStore(ProfileStore):
         if not unique:
             return {}
         redis_keys = [self._item_key(*key) for key in unique]
-        with self._errors(), self._client.pipeline(transaction=False) as pipe:
+        with self._errors(timeout_s), self._client.pipeline(transaction=False) as pipe:
             for key in redis_keys:
                 pipe.hmget(key, ["text", "vec"])
             answers = pipe.execute()

@@ -114,13 +114,14 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         return profile_to_pb(profile, engine.model)
 
     def GetItemStats(self, request, context):
-        stats = engine_call(context, lambda: self._ready().item_stats(request.platform,
-                                                                      request.limit))
+        stats = engine_call(context, lambda: self._ready().item_stats(
+            request.platform, request.limit, context.time_remaining()))
         return fusion_pb2.GetItemStatsResponse(platform=request.platform, items=[
             fusion_pb2.ItemStat(item_id=i, event_count=c, last_event_ms=t) for i, c, t in stats])
 
     def DeleteUser(self, request, context):
-        deleted = engine_call(context, lambda: self._ready().delete_user(request.user_id))
+        deleted = engine_call(context, lambda: self._ready().delete_user(
+            request.user_id, context.time_remaining()))
         return fusion_pb2.DeleteUserResponse(deleted_events=deleted)
 
 

@@ -35,7 +35,13 @@ class PlatformHistory:
 
 
 class ProfileStore(abc.ABC):
-    """What the fusion engine needs from storage. Every method is thread-safe."""
+    """What the fusion engine needs from storage. Every method is thread-safe.
+
+    `timeout_s` on every method is the call's budget in seconds (None: the backend's own
+    limits). Past it the method raises BudgetSpent instead of waiting on; a write cut short
+    this way is not acknowledged but may still be applied, so re-sending it must be safe
+    (event ids dedupe, item and delete writes are idempotent).
+    """
 
     @abc.abstractmethod
     def append(self, events: list[Event], timeout_s: float | None = None) -> tuple[int, int]:
@@ -46,24 +52,28 @@ class ProfileStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def history(self, user_id: str) -> dict[str, PlatformHistory]:
+    def history(self, user_id: str, timeout_s: float | None = None
+                ) -> dict[str, PlatformHistory]:
         """The user's state per platform; empty for an unknown user. Event texts are empty:
         texts and vectors live in the item cache (get_items)."""
 
     @abc.abstractmethod
-    def delete_user(self, user_id: str) -> int:
+    def delete_user(self, user_id: str, timeout_s: float | None = None) -> int:
         """Remove the user's events, ids and stats; number of events the user had (0: unknown)."""
 
     @abc.abstractmethod
-    def get_items(self, keys: list[ItemKey]) -> dict[ItemKey, tuple[str, np.ndarray]]:
+    def get_items(self, keys: list[ItemKey], timeout_s: float | None = None
+                  ) -> dict[ItemKey, tuple[str, np.ndarray]]:
         """Cached (text, float32 vector) for the keys that are cached."""
 
     @abc.abstractmethod
-    def put_items(self, items: dict[ItemKey, tuple[str, np.ndarray]]) -> None:
+    def put_items(self, items: dict[ItemKey, tuple[str, np.ndarray]],
+                  timeout_s: float | None = None) -> None:
         """Cache item texts and vectors durably (replacing older ones)."""
 
     @abc.abstractmethod
-    def item_stats(self, platform: str, limit: int) -> list[tuple[str, int, int]]:
+    def item_stats(self, platform: str, limit: int, timeout_s: float | None = None
+                   ) -> list[tuple[str, int, int]]:
         """(item_id, event count, last event ms) of the `limit` items of `platform` with the
         most stored events, most first."""
 
@@ -76,6 +86,8 @@ class SQLiteStore(ProfileStore):
 
     One writer thread commits every batch queued meanwhile in one transaction (group commit),
     then acknowledges them; readers use their own connections and see every committed batch.
+    Writes wait for their commit at most `timeout_s`; reads take it for interface parity only:
+    in WAL mode they never wait on the writer, and a local file does not hang like a server.
     """
 
     SCHEMA = """
@@ -149,12 +161,23 @@ class SQLiteStore(ProfileStore):
             raise BudgetSpent("deadline passed while the batch waited for its commit; it may "
                               "still be stored: re-sending it is safe (ids dedupe)") from None
 
-    def delete_user(self, user_id):
-        return self._enqueue("delete", user_id, block=True).result()
+    def delete_user(self, user_id, timeout_s=None):
+        done = self._enqueue("delete", user_id, block=True)
+        try:
+            return done.result(timeout_s)
+        except TimeoutError:
+            raise BudgetSpent("deadline passed while the delete waited for its commit; it may "
+                              "still be applied: re-sending it is safe") from None
 
-    def put_items(self, items):
-        if items:
-            self._enqueue("items", items, block=True).result()
+    def put_items(self, items, timeout_s=None):
+        if not items:
+            return
+        done = self._enqueue("items", items, block=True)
+        try:
+            done.result(timeout_s)
+        except TimeoutError:
+            raise BudgetSpent("deadline passed while item vectors waited for their commit"
+                              ) from None
 
     def _write_loop(self) -> None:
         conn = self._conn()
@@ -264,7 +287,7 @@ class SQLiteStore(ProfileStore):
         return int(count)
 
     # --- reads: any thread, own connection ------------------------------------------------
-    def history(self, user_id):
+    def history(self, user_id, timeout_s=None):
         conn = self._conn()
         out: dict[str, PlatformHistory] = {}
         conn.execute("BEGIN")  # one WAL snapshot for stats and events
@@ -281,12 +304,12 @@ class SQLiteStore(ProfileStore):
             conn.execute("COMMIT")
         return out
 
-    def item_stats(self, platform, limit):
+    def item_stats(self, platform, limit, timeout_s=None):
         return [tuple(r) for r in self._conn().execute(
             "SELECT item_id, count, last_event_ms FROM item_stats WHERE platform=? "
             "ORDER BY count DESC, last_event_ms DESC LIMIT ?", (platform, limit))]
 
-    def get_items(self, keys):
+    def get_items(self, keys, timeout_s=None):
         conn = self._conn()
         out = {}
         unique = list(dict.fromkeys(keys))

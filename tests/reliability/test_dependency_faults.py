@@ -1,5 +1,5 @@
 """A dependency down (SIGKILL) or hung (SIGSTOP): embedding for fusion and ranking, fusion for
-ranking, Redis for fusion. Callers get UNAVAILABLE or DEADLINE_EXCEEDED within their deadline,
+ranking, Redis for fusion (and for ranking through fusion). Callers get UNAVAILABLE or DEADLINE_EXCEEDED within their deadline,
 naming the dependency, never a hang; once the dependency is back on its port, calls succeed
 again and nothing acknowledged before was lost. The stack here is this module's own."""
 
@@ -219,17 +219,56 @@ def test_fusion_answers_within_its_deadline_while_redis_is_frozen(deps):
         assert reply.known
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: services/fusion/redis_store.py ignores the call's budget (append's timeout_s, "
-    "line 230; reads take none): each Redis command may block socket_timeout_s=5 s "
-    "(line 152), retried twice (line 159): with Redis hung a call holds its handler thread "
-    "~15 s (measured), long past the caller's deadline, and the caller gets a bare "
-    "'Deadline Exceeded' not naming Redis; "
-    "bound Redis calls by the remaining budget and answer DEADLINE_EXCEEDED naming 'redis at'"))
 def test_fusion_names_a_frozen_redis_before_the_callers_deadline(deps):
     with fusion_stub(deps, "fusion_redis") as fusion, frozen(deps["redis"].proc.pid):
         code, details, seconds, _ = rpc_outcome(
             fusion.GetProfile, fusion_pb2.GetProfileRequest(user_id=deps["user"]),
             timeout=DEADLINE_S)
+    report("fusion GetProfile, Redis frozen", code, details, seconds)
     assert code in (DEADLINE_EXCEEDED, UNAVAILABLE) and seconds < NAMED_BY_S
     assert f"redis at 127.0.0.1:{deps['redis'].port}" in details, details
+
+
+def test_fusion_ingest_names_a_frozen_redis_in_time_and_a_resend_is_not_stored_twice(deps):
+    request = new_item_event("redis-frozen-ingest")
+    with fusion_stub(deps, "fusion_redis") as fusion:
+        with frozen(deps["redis"].proc.pid):
+            code, details, seconds, _ = rpc_outcome(fusion.Ingest, request, timeout=DEADLINE_S)
+        report("fusion Ingest, Redis frozen", code, details, seconds)
+        assert code in (DEADLINE_EXCEEDED, UNAVAILABLE) and seconds < NAMED_BY_S
+        assert f"redis at 127.0.0.1:{deps['redis'].port}" in details, details
+        reply, _ = until_ok(lambda: fusion.Ingest(request, timeout=DEADLINE_S))
+        assert reply.accepted + reply.duplicates == 1
+        assert fusion.Ingest(request, timeout=DEADLINE_S).duplicates == 1
+        profile = fusion.GetProfile(fusion_pb2.GetProfileRequest(
+            user_id="dep-user-redis-frozen-ingest"), timeout=DEADLINE_S)
+        assert profile.total_events == 1
+
+
+def test_ranking_names_redis_behind_fusion_before_the_callers_deadline(
+        deps, model_repo, catalogue_items, tmp_path):
+    """A ranking of its own on the fusion that uses Redis; Recommend reads the profile there."""
+    ranking = ServiceProcess("ranking", [
+        "--model-repo", str(model_repo),
+        "--embedding-address", deps["embedding"].address,
+        "--fusion-address", deps["fusion_redis"].address,
+        "--catalog-path", str(tmp_path / "catalog.sqlite3")], tmp_path).start()
+    try:
+        ranking.wait_ready()
+        office = [pb_item(r) for r in catalogue_items if r["platform"] == "office"]
+        request = ranking_pb2.RecommendRequest(user_id=deps["user"], platform="office", k=5)
+        with grpc.insecure_channel(ranking.address) as channel:
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+            stub.UpsertItems(ranking_pb2.UpsertItemsRequest(items=office), timeout=60)
+            assert len(stub.Recommend(request, timeout=DEADLINE_S).items) == 5
+            with frozen(deps["redis"].proc.pid):
+                code, details, seconds, _ = rpc_outcome(stub.Recommend, request,
+                                                        timeout=DEADLINE_S)
+            report("ranking Recommend, Redis behind fusion frozen", code, details, seconds)
+            assert code in (DEADLINE_EXCEEDED, UNAVAILABLE) and seconds < NAMED_BY_S
+            assert f"fusion service at {deps['fusion_redis'].address}" in details, details
+            assert f"redis at 127.0.0.1:{deps['redis'].port}" in details, details
+            reply, _ = until_ok(lambda: stub.Recommend(request, timeout=DEADLINE_S))
+            assert len(reply.items) == 5
+    finally:
+        assert ranking.stop() == 0

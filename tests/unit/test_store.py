@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from redis.crc import key_slot
 
-from services.common.errors import NotReady, Overloaded
+from services.common.errors import BudgetSpent, NotReady, Overloaded
 from services.common.events import Event
 from services.fusion.redis_store import RedisStore
 from services.fusion.store import RECENT_PER_PLATFORM, SQLiteStore
+from tests.reliability.support import frozen
 
 
 
@@ -304,6 +305,74 @@ def test_redis_acknowledged_events_survive_a_server_crash_and_restart(start_redi
     assert store.append([event("e0"), event("new", time_ms=T0 + 9)]) == (1, 1)
     assert store.delete_user("u1") == 6
     assert ids(store.history("u2"), "steam") == ["s"]
+    store.close()
+
+
+# A budget far below the store's own socket limits (5 s per read, retried twice), and how
+# long past it a call may take (thread wake-ups on a loaded machine).
+BUDGET_S = 0.3
+BUDGET_SLACK_S = 0.7
+
+
+def timed_out(call, *args) -> tuple[str, float]:
+    """(message, seconds) of a store call that must raise BudgetSpent."""
+    started = time.monotonic()
+    with pytest.raises(BudgetSpent) as err:
+        call(*args, timeout_s=BUDGET_S)
+    return str(err.value), time.monotonic() - started
+
+
+def test_redis_calls_on_a_frozen_server_give_up_at_their_budget_naming_it(start_redis):
+    server = start_redis()
+    store = RedisStore(server.url)
+    store.append([event("a")])
+    named = f"redis at 127.0.0.1:{server.port} did not answer within the call's budget"
+    with frozen(server.proc.pid):
+        for call, args in ((store.history, ("u1",)), (store.append, ([event("b")],)),
+                           (store.get_items, ([("amazon", "B1")],)),
+                           (store.put_items, ({("amazon", "B1"): ("t", np.ones(4, np.float32))},)),
+                           (store.item_stats, ("amazon", 10)), (store.delete_user, ("u1",))):
+            message, seconds = timed_out(call, *args)
+            print(f"{call.__name__}: BudgetSpent after {seconds:.3f} s (budget {BUDGET_S} s)")
+            assert message.startswith(named), message
+            assert seconds < BUDGET_S + BUDGET_SLACK_S, f"{call.__name__} took {seconds:.2f} s"
+    store.close()
+
+
+def test_a_connection_cut_short_by_its_budget_is_never_reused_out_of_step(start_redis):
+    server = start_redis()
+    # One connection: the next call gets the very connection object that timed out.
+    store = RedisStore(server.url, max_connections=1)
+    store.append([event("mine", user="u1"), event("theirs", user="u2", platform="steam")])
+    with frozen(server.proc.pid):
+        timed_out(store.history, "u1")
+    time.sleep(0.2)  # Redis answers the cut-short read now, to a socket nobody reads
+    assert ids(store.history("u2"), "steam") == ["theirs"]
+    assert ids(store.history("u1")) == ["mine"]
+    assert store.item_stats("steam", 10)[0][0] == "item-theirs"
+    store.close()
+
+
+def test_a_write_cut_short_by_its_budget_is_not_acknowledged_and_a_resend_dedupes(start_redis):
+    server = start_redis()
+    store = RedisStore(server.url)
+    batch = [event("x", time_ms=T0), event("y", time_ms=T0 + 1)]
+    with frozen(server.proc.pid):
+        message, _ = timed_out(store.append, batch)
+    assert "re-sending it is safe" in message
+    accepted, duplicates = store.append(batch)  # whether or not Redis applied the first
+    assert accepted + duplicates == 2
+    assert store.append(batch) == (0, 2)
+    history = store.history("u1")
+    assert ids(history) == ["x", "y"] and history["amazon"].count == 2
+    store.close()
+
+
+def test_a_spent_budget_asks_redis_nothing(redis_url):
+    store = RedisStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
+    with pytest.raises(BudgetSpent, match="not asked"):
+        store.append([event("a")], timeout_s=0)
+    assert store.history("u1") == {}
     store.close()
 
 
