@@ -1,5 +1,6 @@
-"""The serve loop every crossrec server shares: flags with env twins, JSON logs, health,
-reflection, bounded concurrency, undecodable-request handling and graceful shutdown."""
+"""The serve loop every crossrec server shares: flags with env twins, JSON logs, health (also
+on an optional plaintext health-only port), reflection, bounded concurrency,
+undecodable-request handling and graceful shutdown."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ from services.common.wire import find_bad_field
 
 log = logging.getLogger("crossrec")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The health-only port answers probes and nothing else: a few threads, a small cap (Watch
+# streams count against it too).
+HEALTH_WORKERS = 2
+HEALTH_MAX_CONCURRENT_RPCS = 32
 
 
 def env_name(flag: str) -> str:
@@ -59,6 +64,8 @@ def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None
     add_flag(parser, "--grace-s", 10.0, "seconds in-flight RPCs get to finish on SIGTERM")
     add_flag(parser, "--log-level", "INFO", "DEBUG, INFO, WARNING, ERROR")
     add_flag(parser, "--metrics-port", 0, "Prometheus /metrics port; 0 = off (9090 in k8s)")
+    add_flag(parser, "--health-port", 0, "plaintext port serving only grpc.health.v1, without "
+             "TLS or token, for probes that cannot do TLS (kubelet); 0 = off (8081 in k8s)")
     add_flag(parser, "--tls-cert", "", "server certificate (PEM); with --tls-key turns TLS on")
     add_flag(parser, "--tls-key", "", "server private key (PEM)")
     add_flag(parser, "--tls-client-ca", "", "CA (PEM) that client certificates must chain to: "
@@ -178,6 +185,27 @@ class DecodeErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+def health_only_server(health_servicer, host: str, port: int, name: str):
+    """A plaintext server on `host:port` with only the given health servicer (no reflection,
+    no token check), so that probes which cannot do TLS still read the real status. None when
+    `port` is 0; OSError when the port cannot be bound."""
+    if not port:
+        return None
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS,
+                                   thread_name_prefix=f"{name}-health"),
+        maximum_concurrent_rpcs=HEALTH_MAX_CONCURRENT_RPCS,
+        options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"could not bind the health port {host}:{port}")
+    return server
+
+
 def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server], list[str]],
           load: Callable[[], object], interceptors: tuple = ()) -> int:
     """Bind, answer health NOT_SERVING while `load()` runs, then SERVING until SIGTERM/SIGINT.
@@ -210,15 +238,23 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     if port == 0:
         log.error("could not bind %s:%s", args.host, args.port)
         return 1
+    try:
+        health_server = health_only_server(health_servicer, args.host, args.health_port, name)
+    except OSError as err:
+        log.error(str(err))
+        return 1
 
     metrics.serve_metrics(args.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
+    if health_server is not None:
+        health_server.start()
     log.info("listening", extra={"fields": {
         "service": name, "host": args.host, "port": port, "tls": bool(credentials),
-        "mutual_tls": bool(args.tls_client_ca), "token_auth": bool(token)}})
+        "mutual_tls": bool(args.tls_client_ca), "token_auth": bool(token),
+        "health_port": args.health_port}})
 
     started = time.monotonic()
     try:
@@ -226,6 +262,8 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     except Exception:
         log.exception("loading failed")
         server.stop(0)
+        if health_server is not None:
+            health_server.stop(0)
         return 1
     for service in ["", *services]:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -242,6 +280,9 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     health_servicer.enter_graceful_shutdown()
     metrics.READY.labels(name).set(0)
     server.stop(args.grace_s).wait()
+    if health_server is not None:
+        # Only now: probes read NOT_SERVING there for the whole drain, not a refused port.
+        health_server.stop(0).wait()
     close = getattr(engine, "close", None)
     if close:
         close()

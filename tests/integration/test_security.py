@@ -11,10 +11,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.stack import ServiceProcess
+from clients.stack import ServiceProcess, _free_port
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from services.common.security import ClientSecurity
+from tests.reliability.support import HealthWatch
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -60,12 +61,16 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def secure_embedding(model_repo, pki, tmp_path_factory):
-    """Embedding with mutual TLS and a bearer token."""
+    """Embedding with mutual TLS and a bearer token, and a plaintext health-only port
+    (`proc.health_address`)."""
     security = ClientSecurity(pki["ca"], pki["client"], pki["client_key"], TOKEN)
+    health_port = _free_port()
     proc = ServiceProcess("embedding", [
         "--model-repo", str(model_repo), "--tls-cert", pki["server"], "--tls-key",
-        pki["server_key"], "--tls-client-ca", pki["ca"], "--auth-token-file", pki["token"]],
+        pki["server_key"], "--tls-client-ca", pki["ca"], "--auth-token-file", pki["token"],
+        "--health-port", str(health_port)],
         tmp_path_factory.mktemp("secure"), security=security).start().wait_ready()
+    proc.health_address = f"127.0.0.1:{health_port}"
     yield proc, security
     assert proc.stop() == 0
 
@@ -126,5 +131,63 @@ def test_service_to_service_calls_use_tls_and_the_token(secure_embedding, pki, m
                              item_id="i1", item_text="secure stapler")]),
                 timeout=30, metadata=security.metadata())
         assert reply.accepted == 1  # fusion reached embedding over mutual TLS with the token
+    finally:
+        assert fusion.stop() == 0
+
+
+# --- the plaintext health-only port (kubelet's gRPC probes cannot do TLS) --------------------
+def health_check(channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                     timeout=5).status
+
+
+def test_the_health_port_answers_plaintext_checks_without_a_token(secure_embedding):
+    proc, _ = secure_embedding
+    with grpc.insecure_channel(proc.health_address) as channel:
+        assert health_check(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", f"Bearer {TOKEN}"),)])
+def test_the_health_port_serves_nothing_but_health(secure_embedding, metadata):
+    proc, _ = secure_embedding
+    with grpc.insecure_channel(proc.health_address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            embed(channel, metadata)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        reflection = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            list(reflection(iter([b""]), timeout=5))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_health_port_reports_not_serving_on_sigterm_before_it_closes(secure_embedding, pki,
+                                                                         model_repo, tmp_path):
+    embedding, security = secure_embedding
+    health_port = _free_port()
+    fusion = ServiceProcess("fusion", [
+        "--model-repo", str(model_repo), "--embedding-address", embedding.address,
+        "--sqlite-path", str(tmp_path / "f.sqlite3"),
+        "--tls-cert", pki["server"], "--tls-key", pki["server_key"],
+        "--auth-token-file", pki["token"], "--health-port", str(health_port),
+        "--upstream-tls-ca", pki["ca"], "--upstream-tls-cert", pki["client"],
+        "--upstream-tls-key", pki["client_key"]], tmp_path,
+        security=ClientSecurity(pki["ca"], token=TOKEN))
+    fusion.start().wait_ready(60)
+    health_address = f"127.0.0.1:{health_port}"
+    try:
+        with grpc.insecure_channel(health_address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                fusion_pb2_grpc.FusionServiceStub(channel).GetProfile(
+                    fusion_pb2.GetProfileRequest(user_id="u"), timeout=5,
+                    metadata=(("authorization", f"Bearer {TOKEN}"),))
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        watch = HealthWatch(health_address, limit_s=30)
+        try:
+            fusion.proc.terminate()
+            assert watch.wait_not_serving(20) is not None, watch.watched
+        finally:
+            watch.close()
     finally:
         assert fusion.stop() == 0

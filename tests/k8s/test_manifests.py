@@ -19,6 +19,8 @@ K8S = REPO / "k8s"
 OVERLAYS = ("cpu", "gpu", "redis")
 SERVICES = {"embedding": 50051, "fusion": 50052, "ranking": 50053}
 METRICS_PORT = 9090
+# Plaintext, health-only (--health-port): the probes' target whether or not TLS is on.
+HEALTH_PORT = 8081
 NAMESPACE = "crossrec"
 # The oldest Kubernetes these manifests claim (native gRPC probes are GA since 1.27) and a
 # recent one; kubernetes-validate ships both schemas, so nothing is fetched.
@@ -182,9 +184,12 @@ def test_service_containers_have_grpc_startup_readiness_and_liveness_probes(obje
     for container in _service_workload(objects, svc)["spec"]["template"]["spec"]["containers"]:
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports.get("grpc") == port and ports.get("metrics") == METRICS_PORT
+        # Every probe targets the declared plaintext `health` port: the kubelet's gRPC probes
+        # cannot do TLS, so probing the main port breaks as soon as TLS is turned on.
+        assert ports.get("health") == HEALTH_PORT, f"{svc} declares no health port: {ports}"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             grpc = container.get(probe, {}).get("grpc")
-            assert grpc == {"port": port, "service": ""}, f"{svc} {probe}: {grpc}"
+            assert grpc == {"port": ports["health"], "service": ""}, f"{svc} {probe}: {grpc}"
         # Loading and warming (10-30 s) and waiting for dependencies must not trip liveness.
         startup = container["startupProbe"]
         assert startup["failureThreshold"] * startup.get("periodSeconds", 10) >= 120
@@ -197,6 +202,7 @@ def test_service_config_binds_all_interfaces_on_its_port_with_metrics(objects, s
     assert env["CROSSREC_HOST"] == "0.0.0.0"
     assert env["CROSSREC_PORT"] == str(SERVICES[svc])
     assert env["CROSSREC_METRICS_PORT"] == str(METRICS_PORT)
+    assert env["CROSSREC_HEALTH_PORT"] == str(HEALTH_PORT)
     assert env["CROSSREC_MODEL_REPO"] == "/models"
     if svc != "embedding":
         assert env["CROSSREC_EMBEDDING_ADDRESS"] == "crossrec-embedding:50051"
