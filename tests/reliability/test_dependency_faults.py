@@ -1,7 +1,8 @@
 """A dependency down (SIGKILL) or hung (SIGSTOP): embedding for fusion and ranking, fusion for
-ranking, Redis for fusion (and for ranking through fusion). Callers get UNAVAILABLE or DEADLINE_EXCEEDED within their deadline,
-naming the dependency, never a hang; once the dependency is back on its port, calls succeed
-again and nothing acknowledged before was lost. The stack here is this module's own."""
+ranking, Redis for fusion (and for ranking through fusion). Callers get UNAVAILABLE or
+DEADLINE_EXCEEDED within their deadline, naming the dependency, never a hang; once the
+dependency is back on its port, calls succeed again and nothing acknowledged before was lost.
+The stack here is this module's own."""
 
 from __future__ import annotations
 
