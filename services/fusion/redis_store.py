@@ -24,33 +24,24 @@ one cluster slot):
 Members start with the event id followed by NUL (below every printable byte), so ties on
 time are ordered by event id bytes, exactly as SQLite orders (event_time_ms, event_id).
 
-Budgets: redis-py has no per-call timeout, only a per-connection socket timeout. Every store
-method takes `timeout_s`; for its duration a context variable holds the call's deadline, and
-the pool's connections (a subclass of the URL's connection class) clamp each connect, send and
-read to the time left. A read cut short by the deadline closes its connection (the reply it
-never read dies with the socket, so a later command can never read it) and raises an error
-redis-py does not retry, so no retry runs past the deadline; the store answers BudgetSpent
-naming the server. Without a budget, `socket_timeout_s` bounds each read, as before.
+Budgets: every store method takes `timeout_s` and runs its commands under
+`services.common.redisio.deadline`: nothing waits past it, no retry runs past it, a
+connection cut short is closed, and the store answers BudgetSpent naming the server.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import math
 import re
-import time
 from collections import defaultdict
 from contextlib import contextmanager
-from contextvars import ContextVar
 
 import numpy as np
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError
-from redis.retry import Retry
 
+from services.common import redisio
 from services.common.errors import BudgetSpent, NotReady, Overloaded
 from services.common.events import Event, check_platform
 from services.fusion.store import RECENT_PER_PLATFORM, PlatformHistory, ProfileStore
@@ -130,84 +121,6 @@ return total
 """
 
 
-# Monotonic deadline of the store call running in this thread (None: no budget).
-_DEADLINE: ContextVar[float | None] = ContextVar("crossrec_redis_deadline", default=None)
-
-
-class _DeadlinePassed(redis.RedisError):
-    """The call's deadline passed while it waited on Redis. Deliberately neither a
-    ConnectionError nor a TimeoutError: redis-py retries those, and a retry past the deadline
-    only keeps the caller waiting."""
-
-
-class _DeadlineConnection:
-    """Mixin over a redis-py connection class: connect, send and read never wait past the
-    deadline in _DEADLINE; a read the deadline cut short closes the connection."""
-
-    def _left(self) -> float | None:
-        deadline = _DEADLINE.get()
-        if deadline is None:
-            return None
-        left = deadline - time.monotonic()
-        if left <= 0:
-            self.disconnect()
-            raise _DeadlinePassed()
-        return left
-
-    def _connect(self):
-        left = self._left()
-        configured = self.socket_connect_timeout
-        if left is None or left >= (configured or math.inf):
-            return super()._connect()
-        self.socket_connect_timeout = left
-        try:
-            return super()._connect()
-        except TimeoutError:  # socket.timeout; redis-py would turn it into a retried error
-            raise _DeadlinePassed() from None
-        finally:
-            self.socket_connect_timeout = configured
-
-    def send_packed_command(self, command, check_health=True):
-        if not self._sock:
-            self.connect_check_health(check_health=False)
-        with self._clamped():
-            return super().send_packed_command(command, check_health)
-
-    def read_response(self, *args, **kwargs):
-        if "timeout" in kwargs:  # the caller's own bound (a poll), not a command's reply
-            return super().read_response(*args, **kwargs)
-        with self._clamped():
-            return super().read_response(*args, **kwargs)
-
-    @contextmanager
-    def _clamped(self):
-        """The socket timeout cut to the time left for the block; a timeout that the cut
-        caused closes the connection and raises _DeadlinePassed."""
-        left = self._left()
-        sock = self._sock
-        if left is None or sock is None or left >= (self.socket_timeout or math.inf):
-            yield
-            return
-        previous = sock.gettimeout()
-        sock.settimeout(left)
-        try:
-            yield
-        except redis.TimeoutError:
-            # Closed even where redis-py would keep it: the reply may still arrive, and a
-            # later command on this connection would read it as its own.
-            self.disconnect()
-            raise _DeadlinePassed() from None
-        finally:
-            if self._sock is sock:
-                sock.settimeout(previous)
-
-
-@functools.cache
-def _with_deadlines(connection_class: type) -> type:
-    return type(f"Deadline{connection_class.__name__}", (_DeadlineConnection, connection_class),
-                {})
-
-
 def _encode_member(e: Event) -> bytes:
     payload = json.dumps([e.event_time_ms, e.action, e.weight, e.item_id],
                          separators=(",", ":"), ensure_ascii=False)
@@ -250,15 +163,10 @@ class RedisStore(ProfileStore):
         self.prefix = prefix
         self._max_connections = max_connections
         self._closed = False
-        # Few quick retries: a refused connection should surface as NotReady within a second.
-        retry = Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), retries=2)
-        pool = redis.ConnectionPool.from_url(
-            url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
-            max_connections=max_connections, retry=retry, health_check_interval=30)
-        # Before the pool makes its first connection; the URL chose the class (TCP, TLS, unix).
-        pool.connection_class = _with_deadlines(pool.connection_class)
-        kwargs = pool.connection_kwargs
-        self.where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        pool = redisio.connection_pool(url, connect_timeout_s=connect_timeout_s,
+                                       socket_timeout_s=socket_timeout_s,
+                                       max_connections=max_connections)
+        self.where = redisio.address(pool)
         self._client = redis.Redis(connection_pool=pool)
         self._append_script = self._client.register_script(_APPEND_LUA)
         self._history_script = self._client.register_script(_HISTORY_LUA)
@@ -267,25 +175,10 @@ class RedisStore(ProfileStore):
             with self._errors():
                 self._client.ping()
                 if require_fsync:
-                    self._check_fsync()
+                    redisio.check_fsync(self._client, self.where, "events")
         except BaseException:
             pool.disconnect()
             raise
-
-    def _check_fsync(self) -> None:
-        try:
-            config = self._client.config_get("append*")
-        except redis.ResponseError as err:
-            raise NotReady(f"redis at {self.where}: cannot check durability, CONFIG GET was "
-                           f"refused ({err}); pass require_fsync=False only if the server is "
-                           "known to run with appendonly yes and appendfsync always") from None
-        config = {_text(k): _text(v) for k, v in config.items()}
-        for name, wanted in (("appendonly", "yes"), ("appendfsync", "always")):
-            if config.get(name) != wanted:
-                raise NotReady(f"redis at {self.where} must run with {name} {wanted} so that a "
-                               f"write is fsynced before it is acknowledged, got "
-                               f"{name} {config.get(name)!r}; fix the server config or pass "
-                               "require_fsync=False to accept losing acknowledged events")
 
     @contextmanager
     def _errors(self, timeout_s: float | None = None, writes: bool = False):
@@ -294,10 +187,10 @@ class RedisStore(ProfileStore):
             raise NotReady("profile store is closed")
         if timeout_s is not None and timeout_s <= 0:
             raise BudgetSpent(f"redis at {self.where} not asked: the call's budget was spent")
-        token = _DEADLINE.set(None if timeout_s is None else time.monotonic() + timeout_s)
         try:
-            yield
-        except _DeadlinePassed:
+            with redisio.deadline(timeout_s):
+                yield
+        except redisio.DeadlinePassed:
             maybe = ("; the write may still be applied: re-sending it is safe (event ids dedupe)"
                      if writes else "")
             raise BudgetSpent(f"redis at {self.where} did not answer within the call's budget "
@@ -315,8 +208,6 @@ class RedisStore(ProfileStore):
             if str(err).startswith(("MISCONF", "MASTERDOWN")):
                 raise NotReady(f"redis at {self.where} refused the write: {err}") from err
             raise
-        finally:
-            _DEADLINE.reset(token)
 
     # --- keys -----------------------------------------------------------------------------
     def _user_keys(self, user_id: str) -> tuple[str, str, str]:

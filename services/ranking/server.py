@@ -21,7 +21,7 @@ from services.common.remote import EmbeddingRemote, FusionRemote
 from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
                                    serve, setup_logging, wait_for)
 from services.common.events import RawEvents
-from services.ranking.catalog import Catalog
+from services.ranking.catalog import Catalog, MemoryCatalog
 from services.ranking.engine import Popularity, RankingEngine
 from services.ranking.ranker import OnnxRanker, RetrievalOrder
 
@@ -31,7 +31,9 @@ DEFAULT_PORT = 50053
 
 @dataclass(frozen=True)
 class Config:
+    catalog_store: str
     catalog_path: str
+    catalog_redis_url: str
     embedding_address: str
     fusion_address: str
     model_repo: str
@@ -43,6 +45,15 @@ class Config:
     fusion_fallback: bool
     popularity_refresh_s: float
     dependency_wait_s: float
+
+
+def open_catalog(config: Config, dim: int) -> MemoryCatalog:
+    if config.catalog_store == "sqlite":
+        return Catalog(config.catalog_path, dim, config.index, config.hnsw_threshold)
+    if config.catalog_store == "redis":
+        from services.ranking.redis_catalog import RedisCatalog
+        return RedisCatalog(config.catalog_redis_url, dim, config.index, config.hnsw_threshold)
+    raise ValueError(f"--catalog-store must be sqlite or redis, got {config.catalog_store!r}")
 
 
 def load_ranker(config: Config):
@@ -97,7 +108,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     parser = argparse.ArgumentParser(description=__doc__)
     add_server_flags(parser, DEFAULT_PORT)
-    add_flag(parser, "--catalog-path", "var/ranking/catalog.sqlite3", "catalogue SQLite file")
+    add_flag(parser, "--catalog-store", "sqlite",
+             "catalogue backend: sqlite (this process only) or redis (shared by every replica)")
+    add_flag(parser, "--catalog-path", "var/ranking/catalog.sqlite3",
+             "catalogue SQLite file (--catalog-store sqlite)")
+    add_flag(parser, "--catalog-redis-url", "redis://127.0.0.1:6379/0",
+             "Redis holding the shared catalogue (--catalog-store redis)")
     add_flag(parser, "--embedding-address", "127.0.0.1:50051", "embedding service host:port")
     add_flag(parser, "--fusion-address", "127.0.0.1:50052", "fusion service host:port")
     add_flag(parser, "--model-repo", "models", "model repository directory")
@@ -113,7 +129,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     add_flag(parser, "--popularity-refresh-s", 10.0, "how often item popularity is re-read")
     add_flag(parser, "--dependency-wait-s", 120.0, "how long to wait at start for embedding")
     args = parser.parse_args(argv)
-    config = Config(catalog_path=args.catalog_path, embedding_address=args.embedding_address,
+    config = Config(catalog_store=args.catalog_store, catalog_path=args.catalog_path,
+                    catalog_redis_url=args.catalog_redis_url,
+                    embedding_address=args.embedding_address,
                     fusion_address=args.fusion_address, model_repo=args.model_repo,
                     model_version=args.model_version or None,
                     allow_no_ranker=args.allow_no_ranker, index=args.index,
@@ -141,7 +159,7 @@ def main(argv=None) -> int:
         name, version, dim = wait_for(embed.model, config.dependency_wait_s,
                                       f"embedding service at {config.embedding_address}")
         fusion = FusionRemote(config.fusion_address, security)
-        catalog = Catalog(config.catalog_path, dim, config.index, config.hnsw_threshold)
+        catalog = open_catalog(config, dim)
         popularity = Popularity(fusion.item_stats, catalog, config.popularity_refresh_s)
         popularity.start()
         servicer.engine = RankingEngine(catalog, embed, fusion.profile, ranker, popularity,

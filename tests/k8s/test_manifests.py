@@ -264,11 +264,14 @@ def test_service_has_a_pod_disruption_budget_for_its_pods(objects, svc):
     assert any(_matches(p["spec"]["selector"], labels) for p in budgets), svc
 
 
-@pytest.mark.parametrize("svc", ["embedding", "ranking"])
-def test_embedding_and_ranking_scale_on_cpu_with_an_autoscaler(objects, svc):
-    hpas = [h for h in _of_kind(objects, "HorizontalPodAutoscaler").values()
+def _autoscalers(objects, svc: str) -> list[dict]:
+    return [h for h in _of_kind(objects, "HorizontalPodAutoscaler").values()
             if h["apiVersion"] == "autoscaling/v2"
             and h["spec"]["scaleTargetRef"]["name"] == f"crossrec-{svc}"]
+
+
+def _assert_scales_on_cpu(objects, svc: str) -> dict:
+    hpas = _autoscalers(objects, svc)
     assert len(hpas) == 1, f"one autoscaling/v2 HPA for crossrec-{svc}, found {len(hpas)}"
     spec = hpas[0]["spec"]
     assert spec["scaleTargetRef"]["kind"] == _service_workload(objects, svc)["kind"]
@@ -277,6 +280,44 @@ def test_embedding_and_ranking_scale_on_cpu_with_an_autoscaler(objects, svc):
                and m["resource"]["target"]["type"] == "Utilization" for m in spec["metrics"])
     # An HPA-managed Deployment leaves replicas unset, or every apply would reset the count.
     assert "replicas" not in _service_workload(objects, svc)["spec"]
+    return spec
+
+
+def test_embedding_scales_on_cpu_with_an_autoscaler(objects):
+    _assert_scales_on_cpu(objects, "embedding")
+
+
+def _data_claims(workload: dict) -> set[str]:
+    """Persistent volume claims a workload's pods mount, the model repository aside."""
+    pod = workload["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v} | {
+        t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
+    return claims - {"crossrec-models"}
+
+
+def test_ranking_scales_out_only_on_the_shared_redis_catalogue(objects, overlay):
+    """The issue asks for an HPA on ranking; it is only sound where every replica serves the
+    same catalogue (Redis). On the SQLite catalogue a second pod would start with a catalogue
+    of its own, so there ranking is one replica."""
+    ranking = _service_workload(objects, "ranking")
+    env = _config(objects, ranking)
+    claims = _of_kind(objects, "PersistentVolumeClaim")
+    if overlay == "redis":
+        assert env["CROSSREC_CATALOG_STORE"] == "redis"
+        assert env["CROSSREC_CATALOG_REDIS_URL"].startswith("redis://crossrec-redis")
+        assert _assert_scales_on_cpu(objects, "ranking")["minReplicas"] >= 2
+        assert "crossrec-ranking-data" not in claims and not _data_claims(ranking)
+        return
+    assert env.get("CROSSREC_CATALOG_STORE", "sqlite") == "sqlite"
+    assert _autoscalers(objects, "ranking") == []
+    assert ranking["spec"].get("replicas", 1) == 1
+    if ranking["kind"] == "Deployment":
+        # A rolling update would start a second pod on the ReadWriteOnce volume.
+        assert ranking["spec"]["strategy"]["type"] == "Recreate"
+    (claim,) = _data_claims(ranking)
+    assert claims[claim]["spec"]["accessModes"] == ["ReadWriteOnce"], \
+        "the catalogue file belongs to one pod: its volume to one node"
 
 
 def test_every_service_pod_mounts_the_model_repository_read_only(objects):
@@ -347,11 +388,7 @@ def test_fusion_runs_one_sqlite_replica_unless_on_redis(objects, overlay):
     if fusion["kind"] == "Deployment":
         # A rolling update would start a second writer on the ReadWriteOnce volume.
         assert fusion["spec"]["strategy"]["type"] == "Recreate"
-    pod = fusion["spec"]["template"]["spec"]
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
-              if "persistentVolumeClaim" in v} | {
-        t["metadata"]["name"] for t in fusion["spec"].get("volumeClaimTemplates", [])}
-    assert claims - {"crossrec-models"}, "fusion's SQLite file needs a persistent volume"
+    assert _data_claims(fusion), "fusion's SQLite file needs a persistent volume"
 
 
 def test_redis_overlay_runs_redis_with_every_write_fsynced(objects, overlay):
@@ -372,3 +409,24 @@ def test_redis_overlay_runs_redis_with_every_write_fsynced(objects, overlay):
     assert ["appendonly", "yes"] in settings
     assert ["appendfsync", "always"] in settings
     assert "crossrec-fusion-data" not in _of_kind(objects, "PersistentVolumeClaim")
+
+
+def test_every_service_configured_for_redis_may_reach_it(objects, overlay):
+    """Redis has no password: a NetworkPolicy admits exactly the pods that need it."""
+    redis = _of_kind(objects, "StatefulSet").get("crossrec-redis")
+    if redis is None:
+        return
+    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+    admitted = [peer["podSelector"] for policy in _of_kind(objects, "NetworkPolicy").values()
+                if _matches(policy["spec"]["podSelector"], redis_labels)
+                for rule in policy["spec"].get("ingress", []) for peer in rule.get("from", [])
+                if "podSelector" in peer]
+    assert admitted, "no NetworkPolicy in front of Redis"
+    users = [svc for svc in SERVICES
+             if any(str(v).startswith("redis://crossrec-redis")
+                    for v in _config(objects, _service_workload(objects, svc)).values())]
+    assert sorted(users) == ["fusion", "ranking"]
+    for svc in SERVICES:
+        labels = _service_workload(objects, svc)["spec"]["template"]["metadata"]["labels"]
+        reaches = any(_matches(selector, labels) for selector in admitted)
+        assert reaches == (svc in users), f"{svc}: admitted {reaches}, uses Redis {svc in users}"
