@@ -47,8 +47,8 @@ INT8_ENCODER = "encoder_int8"
 TOP_K = 100
 K = 10
 SYSTEMS = ("crossrec", "crossrec_retrieval_only", "fusion_untrained", "popularity",
-           "text_similarity", "als", "crossrec_int8")
-BASELINES = ("fusion_untrained", "popularity", "text_similarity", "als")
+           "text_similarity", "als", "itemknn", "crossrec_int8")
+BASELINES = ("fusion_untrained", "popularity", "text_similarity", "als", "itemknn")
 SETTINGS = (("A", "warm"), ("A", "cold"), ("B", "warm"))
 # arXiv 2406.03085 Table 3, Amazon Arts/Office, (HR@10, NDCG@10) on their test users.
 PUBLISHED = {"C2DSR": (0.0320, 0.0234), "UniSRec": (0.0375, 0.0242),
@@ -351,23 +351,44 @@ class ALSSystem(CatalogueSystem):
         return users @ self.model.item_factors[self.data.catalogue[platform]].T
 
 
+class ItemKNNSystem(CatalogueSystem):
+    """Item-based collaborative filtering: an item's score is the number of training users who
+    had it together with each of the query's distinct input items, summed, over
+    sqrt(its users + 1) (the best damping of 0, .3, .4, .5, .6, .7, .8 on these validation
+    users, A warm: flattered like ALS); ties by popularity. The same counts as the ranker's
+    co-visit features (services/ranking/covisit.py)."""
+
+    name = "itemknn"
+
+    def score(self, queries, platform):
+        rows = self.data.catalogue[platform]
+        tie = 1e-6 * np.log1p(self.data.counts[rows])
+        out = np.zeros((len(queries), len(rows)))
+        for i, q in enumerate(queries):
+            sums = self.data.covisit.sums(
+                q.rows, np.array([self.data.ids[r][0] for r in q.rows], dtype=object), platform)
+            out[i] = (sums.same + sums.other)[rows] / np.sqrt(sums.deg[rows] + 1) + tie
+        return out
+
+
 class CrossrecSystem(CatalogueSystem):
-    """User tower -> top CANDIDATES by dot product -> ranker re-rank; items below the
-    candidates keep retrieval order after them."""
+    """User tower -> CANDIDATES by dot product with co-visit items merged in -> ranker
+    re-rank; items below the candidates keep retrieval order after them."""
 
     def __init__(self, data, user_model, session, name="crossrec", n=rk.CANDIDATES,
-                 popular=0):
+                 popular=0, covisit=0):
         super().__init__(data)
         self.model, self.session, self.name = user_model, session, name
-        self.n, self.popular = n, popular
+        self.n, self.popular, self.covisit = n, popular, covisit
 
     def _rank_platform(self, queries, platform, targets):
         rows = self.data.catalogue[platform]
         ctxs = rk.user_contexts(self.model, self.data, queries)
         users = np.stack([c.for_platform for c in ctxs])
-        cands, ranks = rk.retrieve(self.data, users, [platform] * len(queries), self.n,
-                                   rows[targets], self.popular)
-        feats = np.stack([rk.features_for(self.data, c, r) for c, r in zip(ctxs, cands)])
+        cands, sums, ranks = rk.candidates(self.data, ctxs, self.n, self.popular, self.covisit,
+                                           rows[targets])
+        feats = np.stack([rk.features_for(self.data, c, r, sm)
+                          for c, r, sm in zip(ctxs, cands, sums)])
         s = rk.ort_scores(self.session, feats)
         order = np.argsort(-s, axis=1, kind="stable")
         reranked = np.take_along_axis(cands, order, 1)
@@ -427,6 +448,8 @@ def rank_fn(system: str, repo: str | os.PathLike = "models", data: rk.RankData |
         return TextSimilaritySystem(data)
     if system == "als":
         return ALSSystem(data)
+    if system == "itemknn":
+        return ItemKNNSystem(data)
     if system == "fusion_untrained":
         return UserVectorSystem(data, BaselineUserModel(), system)
     tower = rk.load_user_model(repo)
@@ -440,7 +463,8 @@ def rank_fn(system: str, repo: str | os.PathLike = "models", data: rk.RankData |
                 raise FileNotFoundError("no int8 item-vector cache; run export.evaluate once")
             data = data.with_vectors(found[1], {"name": INT8_ENCODER, "version": found[2]})
         return CrossrecSystem(data, tower, session, system, int(meta["candidates"]),
-                              int(meta.get("popular_candidates", 0)))
+                              int(meta.get("popular_candidates", 0)),
+                              int(meta.get("covisit_candidates", 0)))
     raise ValueError(f"system must be one of {SYSTEMS}, got {system!r}")
 
 
@@ -551,20 +575,22 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
     models = {}
     tower = rk.load_user_model(repo, allow_baseline=allow_baseline)
     models["user_tower"] = {"name": tower.name, "version": tower.version}
-    ranker_meta, n_cands, n_pop = None, rk.CANDIDATES, 0
+    ranker_meta, n_cands, n_pop, n_cov = None, rk.CANDIDATES, 0, 0
     if versions(repo, rk.MODEL_NAME):
         session, ranker_meta = load_ranker(repo)
         n_cands = int(ranker_meta["candidates"])
         n_pop = int(ranker_meta.get("popular_candidates", 0))
+        n_cov = int(ranker_meta.get("covisit_candidates", 0))
         models["ranker"] = {"version": ranker_meta["version"], "candidates": n_cands,
-                            "popular_candidates": n_pop,
+                            "popular_candidates": n_pop, "covisit_candidates": n_cov,
                             "user_tower": ranker_meta.get("user_tower")}
         if ranker_meta.get("user_tower", {}).get("version") != tower.version:
             log.warning("ranker v%s was trained on user_tower v%s, evaluating with v%s",
                         ranker_meta["version"], ranker_meta.get("user_tower", {}).get("version"),
                         tower.version)
     builders = {
-        "crossrec": lambda: CrossrecSystem(data, tower, session, "crossrec", n_cands, n_pop),
+        "crossrec": lambda: CrossrecSystem(data, tower, session, "crossrec", n_cands, n_pop,
+                                           n_cov),
         "crossrec_retrieval_only": lambda: UserVectorSystem(data, tower,
                                                             "crossrec_retrieval_only"),
         "fusion_untrained": lambda: UserVectorSystem(data, BaselineUserModel(),
@@ -572,6 +598,7 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
         "popularity": lambda: PopularitySystem(data),
         "text_similarity": lambda: TextSimilaritySystem(data),
         "als": lambda: ALSSystem(data, seed=seed),
+        "itemknn": lambda: ItemKNNSystem(data),
     }
     int8_note = None
     if "crossrec_int8" in systems and ranker_meta is not None:
@@ -590,7 +617,7 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
                                  "same user tower and ranker (trained on fp32 vectors)"}
             builders["crossrec_int8"] = lambda: CrossrecSystem(int8_data, tower, session,
                                                                "crossrec_int8", n_cands,
-                                                               n_pop)
+                                                               n_pop, n_cov)
     if ranker_meta is None:
         log.warning("no ranker in %s: crossrec systems skipped", repo)
         builders.pop("crossrec")
@@ -633,7 +660,8 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
                     "ties": "broken by catalogue order (deterministic)"},
         "systems": {
             "crossrec": f"user tower -> {n_cands} candidates ({n_pop} most popular items of "
-                        "the platform + the best by exact dot product, ordered by dot) -> "
+                        "the platform + the best by exact dot product, ordered by dot, the "
+                        f"last up to {n_cov} replaced by the user's best co-visit items) -> "
                         "ranker; every other item after them by dot product",
             "crossrec_retrieval_only": "user tower for_platform vector, dot over catalogue",
             "fusion_untrained": "services.fusion.model.BaselineUserModel (time-decayed mean "
@@ -644,6 +672,9 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
                    "(user, item) events; validation queries folded in by the exact ALS user "
                    "step (recalculate_user) from their input events only; params: best of a "
                    "small grid on these validation users (A warm NDCG@10), i.e. flattered",
+            "itemknn": "item-based CF: summed co-visit counts (training users who had both "
+                       "items) with the query's distinct input items / sqrt(item's users + 1); "
+                       "damping exponent best of 0-0.8 on these validation users (flattered)",
             "crossrec_int8": "crossrec with item vectors from the int8 encoder",
         },
         "published_protocol_b": {k: {"hr@10": v[0], "ndcg@10": v[1]}

@@ -134,8 +134,10 @@ class Catalog(MemoryCatalog):
             rows.setdefault(platform, []).append((item_id, title, attrs, text, blob))
         self._replace_all(rows)
 
-    def upsert(self, items: list[CatalogItem], vectors: np.ndarray) -> None:
-        """Store items with float32 [n, dim] vectors durably, then make them searchable."""
+    def upsert(self, items: list[CatalogItem], vectors: np.ndarray,
+               timeout_s: float | None = None) -> None:
+        """Store items with float32 [n, dim] vectors durably, then make them searchable.
+        `timeout_s` is accepted for the interface's sake: a local commit has no remote wait."""
         vectors = np.asarray(vectors, np.float32)
         with self._write_lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -151,8 +153,8 @@ class Catalog(MemoryCatalog):
                 raise
             self._apply_upsert(items, vectors)
 
-    def delete(self, platform: str, item_ids: list[str]) -> int:
-        """Remove items; the number that existed."""
+    def delete(self, platform: str, item_ids: list[str], timeout_s: float | None = None) -> int:
+        """Remove items; the number that existed (`timeout_s`: see upsert)."""
         with self._write_lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("DELETE FROM items WHERE platform=? AND item_id=?",

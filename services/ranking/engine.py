@@ -16,6 +16,7 @@ from services.common.errors import DOWNSTREAM_BUDGET_SHARE, BudgetSpent, Invalid
 from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
 from services.common.text import compose_item_text
 from services.ranking.catalog import Catalog, CatalogItem
+from services.ranking.covisit import merge_candidates
 from services.ranking.features import UserContext, candidate_features, popularity_features
 
 log = logging.getLogger("crossrec.ranking")
@@ -121,6 +122,7 @@ class RankingEngine:
     # --- catalogue ------------------------------------------------------------------------
     def upsert_items(self, raw: list[dict], budget_s: float | None = None) -> int:
         """Validate, embed (only new or changed texts) and store items; all-or-nothing."""
+        started = time.monotonic()
         if not raw:
             raise InvalidInput("items must hold at least 1 item, got 0")
         if len(raw) > MAX_BATCH_ITEMS:
@@ -151,22 +153,27 @@ class RankingEngine:
         todo = []
         for n, it in enumerate(items):
             old = self.catalog.get(it.platform, it.item_id)
-            if old is not None and old.text == it.text:
-                vectors[n] = self.catalog.index(it.platform).vectors([it.item_id])[0]
+            kept, vec = (self.catalog.index(it.platform).live_vectors([it.item_id])
+                         if old is not None and old.text == it.text else ([], None))
+            if kept:  # the same text: keep its vector (unless deleted meanwhile)
+                vectors[n] = vec[0]
             else:
                 todo.append(n)
         if todo:
-            vectors[todo] = self.embed([items[n].text for n in todo], budget_s)
-        self.catalog.upsert(items, vectors)
+            vectors[todo] = self.embed([items[n].text for n in todo],
+                                       None if budget_s is None
+                                       else budget_s * DOWNSTREAM_BUDGET_SHARE)
+        self.catalog.upsert(items, vectors, _left(budget_s, started))
         for platform in {it.platform for it in items}:
             metrics.CATALOG_ITEMS.labels(platform).set(self.catalog.size(platform))
         return len(items)
 
-    def delete_items(self, platform: str, item_ids: list[str]) -> int:
+    def delete_items(self, platform: str, item_ids: list[str],
+                     budget_s: float | None = None) -> int:
         check_platform(platform)
         if not item_ids or len(item_ids) > MAX_BATCH_ITEMS:
             raise InvalidInput(f"item_ids must hold 1..{MAX_BATCH_ITEMS} ids, got {len(item_ids)}")
-        return self.catalog.delete(platform, item_ids)
+        return self.catalog.delete(platform, item_ids, budget_s)
 
     # --- recommend ------------------------------------------------------------------------
     def recommend(self, user_id: str, platform: str, k: int, exclude_seen: bool = False,
@@ -208,16 +215,28 @@ class RankingEngine:
             raise BudgetSpent("deadline passed after the profile was read")
 
         index = self.catalog.index(platform)
+        exclude = seen if exclude_seen else set()
+        user = UserContext(platform, profile.for_platform, profile.fused,
+                           profile.per_platform, profile.counts,
+                           [(p, i) for p, i, _ in profile.recent], profile.recent_vectors)
+        covisit = self.ranker.covisit
         with metrics.RANKING_STAGE_SECONDS.labels("retrieve").time():
-            ids, _ = index.search(profile.for_platform, max(self.ranker.candidates, k),
-                                  seen if exclude_seen else set())
-            vectors = index.vectors(ids)
+            n = max(self.ranker.candidates, k)
+            ids, _ = index.search(profile.for_platform, n, exclude)
+            if covisit is not None:
+                sums = covisit.user_sums(user.history_keys, platform)
+                extra = covisit.top(sums, platform, self.ranker.covisit_candidates,
+                                    lambda r: self._listed(platform, covisit.keys[r][1],
+                                                           exclude))
+                ids = merge_candidates(ids, [covisit.keys[r][1] for r in extra], n,
+                                       self.ranker.covisit_candidates)
+            ids, vectors = index.live_vectors(ids)
         with metrics.RANKING_STAGE_SECONDS.labels("rank").time():
             log_pop, pop_pct = self.popularity.features(platform, ids)
-            user = UserContext(platform, profile.for_platform, profile.fused,
-                               profile.per_platform, profile.counts,
-                               [(p, i) for p, i, _ in profile.recent], profile.recent_vectors)
-            scores = self.ranker.score(candidate_features(user, ids, vectors, log_pop, pop_pct))
+            cov = (None if covisit is None else
+                   covisit.features(sums, covisit.rows([(platform, i) for i in ids])))
+            scores = self.ranker.score(candidate_features(user, ids, vectors, log_pop, pop_pct,
+                                                          cov))
         metrics.RANKING_SOURCE.labels("cross_platform" if source == CROSS_PLATFORM
                                       else "personalised").inc()
         order = np.argsort(-scores, kind="stable")
@@ -226,6 +245,9 @@ class RankingEngine:
         items = [self._explain(ids[j], platform, float(scores[j]), vectors[j], source, profile)
                  for j in order[:k]]
         return RecommendResult(items, source, profile.weights, models)
+
+    def _listed(self, platform: str, item_id: str, exclude: set[str]) -> bool:
+        return item_id not in exclude and self.catalog.get(platform, item_id) is not None
 
     def _popular(self, platform, k, exclude, models, degraded: str = "") -> RecommendResult:
         items = []
@@ -258,6 +280,16 @@ class RankingEngine:
     def close(self) -> None:
         self.popularity.stop()
         self.catalog.close()
+
+
+def _left(budget_s: float | None, started: float) -> float | None:
+    """What is left of a call's budget that began at `started` (time.monotonic)."""
+    if budget_s is None:
+        return None
+    left = budget_s - (time.monotonic() - started)
+    if left <= 0:
+        raise BudgetSpent("deadline passed before the catalogue write")
+    return left
 
 
 def mmr(order: np.ndarray, scores: np.ndarray, vectors: np.ndarray, k: int,

@@ -2,7 +2,8 @@
 
 For one request the ranker sees the user (vectors from fusion, recent history with item
 vectors, event counts per platform) and N candidates of the target platform (item vectors,
-popularity, retrieval order), and scores each candidate from FEATURES below.
+popularity, retrieval order, co-visit counts with the user's items: services/ranking/covisit.py),
+and scores each candidate from FEATURES below.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ FEATURES = (
     "log_hist_total",    # log1p(user's events on all platforms)
     "retrieval_pct",     # candidate's retrieval position / N, [0, 1)
     "seen",              # 1 if the candidate is in the user's recent history (repeat buy)
+    "covisit_same",      # log1p(summed co-visit counts with the user's target-platform items)
+    "covisit_other",     # log1p(the same with the user's other-platform items)
+    "covisit_knn",       # log1p((same + other) / sqrt(candidate's users + 1)): item-kNN score
+    "covisit_cos",       # log1p(100 x cosine item-kNN score over the user's items)
+    "covisit_last",      # log1p(co-visit count with the user's newest item)
 )
 N_FEATURES = len(FEATURES)
 
@@ -45,10 +51,12 @@ class UserContext:
 
 
 def candidate_features(user: UserContext, item_ids: list[str], item_vectors: np.ndarray,
-                       log_pop: np.ndarray, pop_pct: np.ndarray) -> np.ndarray:
+                       log_pop: np.ndarray, pop_pct: np.ndarray,
+                       covisit: np.ndarray | None = None) -> np.ndarray:
     """float32 [N, N_FEATURES] for candidates in retrieval order (best first).
 
-    item_vectors float32 [N, dim]; log_pop and pop_pct float32 [N] (see FEATURES).
+    item_vectors float32 [N, dim]; log_pop and pop_pct float32 [N]; covisit float32 [N, 5]
+    (CoVisits.features; zeros when None) (see FEATURES).
     """
     n = len(item_ids)
     out = np.zeros((n, N_FEATURES), dtype=np.float32)
@@ -79,6 +87,8 @@ def candidate_features(user: UserContext, item_ids: list[str], item_vectors: np.
     out[:, 11] = np.log1p(user.counts.get(target, 0))
     out[:, 12] = np.log1p(sum(user.counts.values()))
     out[:, 13] = np.arange(n, dtype=np.float32) / n
+    if covisit is not None:
+        out[:, 15:20] = covisit
     return out
 
 

@@ -76,6 +76,13 @@ class PlatformIndex:
         with self._lock:
             return self._vectors[[self._row[i] for i in item_ids]]
 
+    def live_vectors(self, item_ids: list[str]) -> tuple[list[str], np.ndarray]:
+        """(the ids still live, in order; their float32 [n, dim] vectors): a search's or a
+        lookup's ids may have been deleted by another writer since."""
+        with self._lock:
+            kept = [i for i in item_ids if i in self._row]
+            return kept, self._vectors[[self._row[i] for i in kept]]
+
     def search(self, query: np.ndarray, k: int, exclude: set[str] = frozenset()
                ) -> tuple[list[str], np.ndarray]:
         """Top-k live items by inner product with `query` float32 [dim], best first."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.modelrepo import read_meta
+from services.ranking.covisit import CoVisits
 from services.ranking.features import FEATURES
 
 log = logging.getLogger("crossrec.ranking")
@@ -26,6 +27,13 @@ class OnnxRanker:
             raise ValueError(f"ranker {self.model_dir} was trained on features "
                              f"{self.meta['features']}, serving computes {list(FEATURES)}")
         self.candidates = int(self.meta.get("candidates", 200))
+        self.covisit_candidates = int(self.meta.get("covisit_candidates", 0))
+        covisit_file = self.meta.get("covisit_file")
+        # The co-visit counts the ranker was trained with (features and candidates).
+        self.covisit = CoVisits.load(self.model_dir / covisit_file) if covisit_file else None
+        if self.covisit is None and any(f.startswith("covisit") for f in FEATURES):
+            raise ValueError(f"ranker {self.model_dir} has no co-visit counts (covisit_file "
+                             "in meta.json)")
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -42,6 +50,7 @@ class RetrievalOrder:
     """No trained ranker (--allow-no-ranker): keep the retrieval order."""
 
     name, version, candidates = "retrieval_order", 0, 200
+    covisit, covisit_candidates = None, 0
 
     def score(self, features: np.ndarray) -> np.ndarray:
         return -np.arange(len(features), dtype=np.float32)

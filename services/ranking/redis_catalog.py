@@ -44,7 +44,7 @@ import numpy as np
 import redis
 
 from services.common import metrics, redisio
-from services.common.errors import NotReady, Overloaded
+from services.common.errors import BudgetSpent, NotReady, Overloaded
 from services.ranking.catalog import CatalogItem, MemoryCatalog, Row
 
 log = logging.getLogger("crossrec.ranking")
@@ -141,11 +141,14 @@ class RedisCatalog(MemoryCatalog):
         self._tail.start()
 
     # --- writes ---------------------------------------------------------------------------
-    def upsert(self, items: list[CatalogItem], vectors: np.ndarray) -> None:
+    def upsert(self, items: list[CatalogItem], vectors: np.ndarray,
+               timeout_s: float | None = None) -> None:
         """Store items with float32 [n, dim] vectors durably (fsynced by Redis), then wait
-        until this replica serves them; every other replica follows through the log."""
+        until this replica serves them; every other replica follows through the log. Within
+        `timeout_s` (None: the pool's socket timeouts), else BudgetSpent."""
         if not items:
             return
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         vectors = np.asarray(vectors, np.float32)
         names = list(dict.fromkeys(it.platform for it in items))
         slot = {name: n for n, name in enumerate(names, start=1)}
@@ -157,31 +160,37 @@ class RedisCatalog(MemoryCatalog):
         for it, vec in zip(items, vectors):
             args += [slot[it.platform], it.item_id,
                      json.dumps([it.title, it.attributes, it.text]), vec.tobytes()]
-        with self._errors():
+        with self._errors(timeout_s, writes=True):
             entry = _text(self._upsert_script(keys=keys, args=args))
-        self._wait_applied(entry)
+        self._wait_applied(entry, deadline)
 
-    def delete(self, platform: str, item_ids: list[str]) -> int:
+    def delete(self, platform: str, item_ids: list[str], timeout_s: float | None = None) -> int:
         """Remove items everywhere; the number that existed. Returns once this replica no
-        longer serves them."""
+        longer serves them. Within `timeout_s` (see upsert)."""
         ids = list(dict.fromkeys(item_ids))
         if not ids:
             return 0
-        with self._errors():
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._errors(timeout_s, writes=True):
             gone, entry = self._delete_script(
                 keys=[self._log_key, self._meta_prefix + platform, self._vec_prefix + platform],
                 args=[self.log_max_entries, json.dumps([[platform, i] for i in ids]), *ids])
         if gone:
-            self._wait_applied(_text(entry))
+            self._wait_applied(_text(entry), deadline)
         return int(gone)
 
-    def _wait_applied(self, entry: str) -> None:
+    def _wait_applied(self, entry: str, call_deadline: float | None = None) -> None:
         wanted = _entry_key(entry)
         deadline = time.monotonic() + self.apply_wait_s
         with self._applied_changed:
             while _entry_key(self._applied) < wanted:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
+                now = time.monotonic()
+                if call_deadline is not None and now >= call_deadline:
+                    raise BudgetSpent(
+                        f"stored in redis at {self.where} (log entry {entry}), but this replica "
+                        "did not apply it within the call's budget; every replica will")
+                left = min(deadline, call_deadline or deadline) - now
+                if deadline - now <= 0 or self._stop.is_set():
                     raise NotReady(
                         f"stored in redis at {self.where} (log entry {entry}), but this replica "
                         f"has not applied it within {self.apply_wait_s:.1f} s; it will once its "
@@ -308,11 +317,16 @@ class RedisCatalog(MemoryCatalog):
 
     # --- plumbing -------------------------------------------------------------------------
     @contextmanager
-    def _errors(self):
+    def _errors(self, timeout_s: float | None = None, writes: bool = False):
         if self._stop.is_set():
             raise NotReady("catalogue is closed")
         try:
-            yield
+            with redisio.deadline(timeout_s):
+                yield
+        except redisio.DeadlinePassed:
+            maybe = "; the write may still be applied: re-sending it is safe" if writes else ""
+            raise BudgetSpent(f"redis at {self.where} did not answer within the call's budget "
+                              f"({timeout_s:.2f} s){maybe}") from None
         except redis.exceptions.MaxConnectionsError:
             raise Overloaded(f"all {self._max_connections} catalogue redis connections are "
                              "busy; retry with backoff") from None

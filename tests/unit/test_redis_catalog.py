@@ -9,10 +9,10 @@ import uuid
 import numpy as np
 import pytest
 
-from services.common.errors import NotReady
+from services.common.errors import BudgetSpent, NotReady
 from services.ranking.catalog import CatalogItem
 from services.ranking.redis_catalog import RedisCatalog
-from tests.reliability.support import percentile
+from tests.reliability.support import frozen, percentile
 
 DIM = 16
 # How long a replica may take to show another replica's write before the test gives up: far
@@ -165,3 +165,27 @@ def test_a_replica_keeps_serving_while_redis_is_down_and_catches_up_after(start_
     finally:
         a.close()
         b.close()
+
+
+def test_catalogue_writes_on_a_frozen_redis_give_up_at_their_budget_naming_it(start_redis):
+    server = start_redis()
+    catalog = RedisCatalog(server.url, DIM)
+    budget_s = 0.5
+    try:
+        catalog.upsert([item("before")], unit_vectors(1, seed=9))
+        with frozen(server.proc.pid):
+            for call, args in ((catalog.upsert, ([item("frozen")], unit_vectors(1, seed=10))),
+                               (catalog.delete, ("office", ["before"]))):
+                started = time.monotonic()
+                with pytest.raises(BudgetSpent) as err:
+                    call(*args, timeout_s=budget_s)
+                seconds = time.monotonic() - started
+                print(f"{call.__name__}: BudgetSpent after {seconds:.3f} s (budget {budget_s} s)")
+                assert str(err.value).startswith(
+                    f"redis at 127.0.0.1:{server.port} did not answer within the call's budget")
+                assert "re-sending it is safe" in str(err.value)
+                assert seconds < budget_s + 1.0
+        catalog.upsert([item("after")], unit_vectors(1, seed=11), timeout_s=5.0)
+        assert catalog.get("office", "after") is not None
+    finally:
+        catalog.close()

@@ -1,0 +1,196 @@
+"""Co-visitation: how many training users interacted with both of two items (any platforms).
+
+The collaborative signal the text-based user tower lacks: export/ranker.py counts it over the
+training users, writes it beside the ranker (models/ranker/<N>/covisit.npz), and the ranker
+reads it as features (`covisit_features`) and as a second candidate source (`top`). Numpy only:
+serving loads it without torch or scipy.
+
+Memory: the full symmetric count matrix (CSR, uint16 counts), ~30 MB for the 38,396-item
+Amazon catalogue (4.6 M non-zeros). A catalogue a hundred times larger would keep only each
+item's top neighbours; this one keeps every pair so that training and serving see the same
+counts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+COVISIT_FILE = "covisit.npz"
+N_COVISIT_FEATURES = 5
+
+
+class Sums(NamedTuple):
+    """A user's co-visit sums, float32 [n items] each: `same`/`other`, counts summed over
+    the user's distinct history items on the target platform / on other platforms; `deg`,
+    users per item; `cos`, counts[i, j] / sqrt(deg[i]) summed over all history items i (with
+    1 / sqrt(deg[j]) applied in features(): cosine item-kNN); `last`, counts with the
+    newest history item."""
+    same: np.ndarray
+    other: np.ndarray
+    deg: np.ndarray
+    cos: np.ndarray
+    last: np.ndarray
+
+
+class CoVisits:
+    """counts[i, j] = training users with both items i and j (i != j), deg[i] = users with i.
+
+    keys: (platform, item_id) of each row; indptr int64 [n+1], indices int32 [nnz],
+    counts uint16 [nnz] (CSR, symmetric); deg float32 [n].
+    """
+
+    def __init__(self, keys: list[tuple[str, str]], indptr: np.ndarray, indices: np.ndarray,
+                 counts: np.ndarray, deg: np.ndarray):
+        self.keys = list(keys)
+        self.indptr, self.indices = indptr, indices
+        self.counts, self.deg = counts, deg.astype(np.float32)
+        self.row_of = {key: r for r, key in enumerate(self.keys)}
+        self.platform_of = np.array([p for p, _ in self.keys])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def from_users(cls, keys: list[tuple[str, str]], user_rows: list[np.ndarray]) -> "CoVisits":
+        """Counts over users' item rows (indices into `keys`; repeats count once per user)."""
+        n = len(keys)
+        pairs: list[np.ndarray] = []
+        deg = np.zeros(n, np.float32)
+        for rows in user_rows:
+            items = np.unique(np.asarray(rows, np.int64))
+            deg[items] += 1
+            if len(items) > 1:
+                a, b = np.meshgrid(items, items, indexing="ij")
+                off = a != b
+                pairs.append(a[off] * n + b[off])
+        flat = np.concatenate(pairs) if pairs else np.zeros(0, np.int64)
+        codes, counts = np.unique(flat, return_counts=True)
+        rows_, cols = codes // n, codes % n
+        indptr = np.zeros(n + 1, np.int64)
+        np.add.at(indptr, rows_ + 1, 1)
+        np.cumsum(indptr, out=indptr)
+        if counts.max(initial=0) > np.iinfo(np.uint16).max:
+            raise ValueError("a co-visit count exceeds uint16")
+        return cls(keys, indptr, cols.astype(np.int32), counts.astype(np.uint16), deg)
+
+    def save(self, path: str | os.PathLike) -> None:
+        np.savez_compressed(path, platform=np.array([p for p, _ in self.keys]),
+                            item_id=np.array([i for _, i in self.keys]), indptr=self.indptr,
+                            indices=self.indices, counts=self.counts, deg=self.deg)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CoVisits":
+        with np.load(Path(path)) as z:
+            keys = list(zip(z["platform"].tolist(), z["item_id"].tolist()))
+            return cls(keys, z["indptr"], z["indices"], z["counts"], z["deg"])
+
+    def rows(self, keys) -> np.ndarray:
+        """int64 row of each (platform, item_id); -1 for items the counts do not know."""
+        return np.array([self.row_of.get(k, -1) for k in keys], np.int64)
+
+    def sums(self, history_rows: np.ndarray, history_platforms: np.ndarray, target: str,
+             own_rows: np.ndarray | None = None) -> "Sums":
+        """Per item j, float32 [n] each (see Sums), over the user's distinct history items;
+        history newest first. `own_rows` (training only): every item of a user whose events
+        are inside the counts; that user's own contribution is taken out, so training sees
+        what a user unknown to the counts would get."""
+        n = len(self)
+        same, other = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        cos, last = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        deg = self.deg
+        own = None
+        if own_rows is not None and len(own_rows):
+            own = np.unique(own_rows[own_rows >= 0])
+            deg = deg.copy()
+            deg[own] -= 1
+        keep = history_rows >= 0
+        hist, first = np.unique(history_rows[keep], return_index=True)
+        plats = history_platforms[keep][first]
+        newest = int(history_rows[keep][0]) if len(hist) else -1
+        weight = 1.0 / np.sqrt(np.maximum(deg[hist], 1.0))
+        for r, p, w in zip(hist.tolist(), plats.tolist(), weight.tolist()):
+            lo, hi = self.indptr[r], self.indptr[r + 1]
+            cols, counts = self.indices[lo:hi], self.counts[lo:hi]
+            (same if p == target else other)[cols] += counts
+            cos[cols] += w * counts
+            if r == newest:
+                last[cols] = counts
+        if own is not None:
+            # The user added 1 to counts[i, j] for every pair of their distinct items i != j,
+            # and every history item is one of them.
+            is_same = np.isin(own, hist[plats == target])
+            is_other = np.isin(own, hist[plats != target])
+            n_same = int((plats == target).sum())
+            same[own] -= n_same - is_same
+            other[own] -= len(hist) - n_same - is_other
+            w_of = dict(zip(hist.tolist(), weight.tolist()))
+            cos[own] -= weight.sum() - np.array([w_of.get(j, 0.0) for j in own.tolist()])
+            last[own[own != newest]] -= 1 if newest >= 0 else 0
+        return Sums(same, other, deg, cos, last)
+
+    def user_sums(self, history_keys: list[tuple[str, str]], target: str,
+                  own_rows: np.ndarray | None = None):
+        """self.sums of a user's history (platform, item_id) keys, e.g. UserContext's."""
+        return self.sums(self.rows(history_keys),
+                         np.array([p for p, _ in history_keys], dtype=object), target, own_rows)
+
+    def features(self, sums: "Sums", rows: np.ndarray) -> np.ndarray:
+        """float32 [N, N_COVISIT_FEATURES] of candidate rows (-1: an item the counts do not
+        know -> zeros): log1p of same, other, the item-kNN score (same + other) / sqrt(deg +
+        1), the cosine score cos / sqrt(deg), and last (see Sums)."""
+        out = np.zeros((len(rows), N_COVISIT_FEATURES), np.float32)
+        known = rows >= 0
+        r = rows[known]
+        s, o = np.maximum(sums.same[r], 0), np.maximum(sums.other[r], 0)
+        deg = np.maximum(sums.deg[r], 0)
+        out[known, 0] = np.log1p(s)
+        out[known, 1] = np.log1p(o)
+        out[known, 2] = np.log1p((s + o) / np.sqrt(deg + 1))
+        out[known, 3] = np.log1p(100 * np.maximum(sums.cos[r], 0) / np.sqrt(np.maximum(deg, 1)))
+        out[known, 4] = np.log1p(np.maximum(sums.last[r], 0))
+        return out
+
+    def top(self, sums, platform: str, m: int, allowed=None) -> list[int]:
+        """Up to m rows of `platform` by the item-kNN score (positive only), best first, ties
+        by row; `allowed(row) -> bool` filters (catalogue membership, exclusions)."""
+        if m <= 0:
+            return []
+        score = (sums.same + sums.other) / np.sqrt(np.maximum(sums.deg, 0) + 1)
+        score = np.where(self.platform_of == platform, score, 0)
+        cand = np.flatnonzero(score > 0)
+        cand = cand[np.lexsort((cand, -score[cand]))]
+        out = []
+        for r in cand.tolist():
+            if allowed is None or allowed(r):
+                out.append(r)
+                if len(out) == m:
+                    break
+        return out
+
+
+def merge_candidates(dense: list, covisit: list, n: int, m: int) -> list:
+    """The ranker's candidate list of length <= n: the first n - m of `dense` (nearest
+    neighbours of the user vector, best first), then up to m of `covisit` (best first) not
+    already in, then the following `dense` items until n. Training and serving both use it,
+    so the retrieval_pct feature means the same in both."""
+    head = list(dense[:max(n - m, 0)])
+    taken = set(head)
+    extras = []
+    for c in covisit:
+        if len(extras) == m:
+            break
+        if c not in taken:
+            extras.append(c)
+            taken.add(c)
+    out = head + extras
+    for d in dense[len(head):]:
+        if len(out) >= n:
+            break
+        if d not in taken:
+            out.append(d)
+            taken.add(d)
+    return out
