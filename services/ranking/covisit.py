@@ -49,7 +49,8 @@ class CoVisits:
         self.indptr, self.indices = indptr, indices
         self.counts, self.deg = counts, deg.astype(np.float32)
         self.row_of = {key: r for r, key in enumerate(self.keys)}
-        self.platform_of = np.array([p for p, _ in self.keys])
+        platforms = np.array([p for p, _ in self.keys])
+        self._platform_rows = {p: np.flatnonzero(platforms == p) for p in set(platforms.tolist())}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -157,14 +158,27 @@ class CoVisits:
     def top(self, sums, platform: str, m: int, allowed=None) -> list[int]:
         """Up to m rows of `platform` by the item-kNN score (positive only), best first, ties
         by row; `allowed(row) -> bool` filters (catalogue membership, exclusions)."""
-        if m <= 0:
+        rows = self._platform_rows.get(platform)
+        if m <= 0 or rows is None:
             return []
-        score = (sums.same + sums.other) / np.sqrt(np.maximum(sums.deg, 0) + 1)
-        score = np.where(self.platform_of == platform, score, 0)
-        cand = np.flatnonzero(score > 0)
-        cand = cand[np.lexsort((cand, -score[cand]))]
+        score = (sums.same[rows] + sums.other[rows]) / np.sqrt(np.maximum(sums.deg[rows], 0) + 1)
+        keep = score > 0
+        rows, score = rows[keep], score[keep]
+        # Sorting only the best few times m (every row tied with the last of them included)
+        # gives the same order; the rest is sorted only if the filter rejects that many.
+        few = 4 * m
+        if len(rows) > few:
+            kth = -np.partition(-score, few - 1)[few - 1]
+            best = score >= kth
+            order = self._take(rows[best], score[best], m, allowed)
+            if len(order) == m or best.all():
+                return order
+        return self._take(rows, score, m, allowed)
+
+    @staticmethod
+    def _take(rows: np.ndarray, score: np.ndarray, m: int, allowed) -> list[int]:
         out = []
-        for r in cand.tolist():
+        for r in rows[np.lexsort((rows, -score))].tolist():
             if allowed is None or allowed(r):
                 out.append(r)
                 if len(out) == m:

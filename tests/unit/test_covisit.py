@@ -118,3 +118,16 @@ def test_save_and_load_round_trip(tmp_path):
     back = CoVisits.load(tmp_path / "covisit.npz")
     assert back.keys == KEYS
     assert np.array_equal(_to_dense(back), _to_dense(cv)) and np.array_equal(back.deg, cv.deg)
+
+
+def test_top_gives_the_full_sort_order_when_it_sorts_only_the_best_few():
+    rng = np.random.default_rng(6)
+    users = [rng.choice(len(KEYS), size=6) for _ in range(300)]
+    cv = CoVisits.from_users(KEYS, users)
+    sums = cv.user_sums([(ARTS, "a0"), (OFFICE, "o1")], OFFICE)
+    full = cv._take(cv._platform_rows[OFFICE], (sums.same + sums.other)[cv._platform_rows[OFFICE]]
+                    / np.sqrt(sums.deg[cv._platform_rows[OFFICE]] + 1), 6, None)
+    assert cv.top(sums, OFFICE, 1) == full[:1]       # sorts 4 of 6, ties included
+    assert cv.top(sums, OFFICE, 6) == full
+    # A filter rejecting the best ones falls back to the whole list.
+    assert cv.top(sums, OFFICE, 1, allowed=lambda r: r == full[-1]) == full[-1:]
