@@ -25,7 +25,8 @@ class OnnxRanker:
         self.name, self.version = self.meta["name"], int(self.meta["version"])
         if tuple(self.meta["features"]) != FEATURES:
             raise ValueError(f"ranker {self.model_dir} was trained on features "
-                             f"{self.meta['features']}, serving computes {list(FEATURES)}")
+                             f"{self.meta['features']}, serving computes {list(FEATURES)}; "
+                             "export a new version: python -m export.ranker")
         self.candidates = int(self.meta.get("candidates", 200))
         self.covisit_candidates = int(self.meta.get("covisit_candidates", 0))
         covisit_file = self.meta.get("covisit_file")
