@@ -19,7 +19,7 @@ export CROSSREC_MODEL_REPO ?= $(CURDIR)/$(MODEL_REPO)
 
 
 .PHONY: setup system-deps protos models encoder user_tower ranker evaluate up down demo test \
-        test-unit test-gpu bench k8s-check clean
+        test-unit test-gpu bench loadtest k8s-check clean
 
 setup: system-deps $(VENV)/.installed-$(ORT_EXTRA)
 
@@ -86,6 +86,13 @@ test-gpu: protos models
 bench: protos models
 	$(PY) bench/embedding.py
 	$(PY) bench/ingest.py
+
+# Bounded loopback load test of the services `make up` started (clients/loadtest.py): a mix of
+# Recommend, Ingest and GetProfile over real users; LOADTEST_ARGS adds or overrides flags, e.g.
+# LOADTEST_ARGS="--mode open --rate 300 --duration-s 30 --json var/loadtest.json".
+LOADTEST_ARGS ?=
+loadtest: protos
+	$(PY) -m clients.loadtest --ranking 127.0.0.1:50053 --fusion 127.0.0.1:50052 $(LOADTEST_ARGS)
 
 # Renders k8s/overlays/{cpu,gpu,redis} and validates them offline; no cluster needed.
 k8s-check: protos
