@@ -4,7 +4,9 @@ platform into user vectors (per platform, overall, and as seen by one platform).
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -66,15 +68,107 @@ class Profile:
     recent: list[tuple[Event, np.ndarray, float]] = field(default_factory=list)
 
 
-class FusionEngine:
-    """Plain-Python core of the fusion service (no grpc). Thread-safe."""
+class ItemCache:
+    """The store's item texts and vectors in memory, for a store this process alone writes
+    (SQLite): every profile read needs the vectors of up to 50 events per platform, and a
+    store query for them cost more than the user model. Bounded, least recently used out;
+    thread-safe.
 
-    def __init__(self, store: ProfileStore, embed: EmbedFn, model, dim: int):
+    Coherence: writers call `write` (or `drop` when a write's outcome is unknown) after the
+    store; a reader fills what it read from the store only if no write came in since it began
+    (`generation`), so a slow reader never puts back a text a writer has just replaced.
+    """
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self._items: OrderedDict[ItemKey, tuple[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.generation = 0
+
+    def get(self, keys: list[ItemKey]) -> tuple[dict[ItemKey, tuple[str, np.ndarray]],
+                                                 list[ItemKey]]:
+        """({key: (text, vector)} of the keys held, [keys not held])."""
+        found, missing = {}, []
+        with self._lock:
+            items = self._items
+            for key in keys:
+                hit = items.get(key)
+                if hit is None:
+                    missing.append(key)
+                else:
+                    items.move_to_end(key)
+                    found[key] = hit
+        return found, missing
+
+    def fill(self, read: dict[ItemKey, tuple[str, np.ndarray]], since: int) -> None:
+        """Keep what a reader read from the store, unless a write came in since `since`."""
+        with self._lock:
+            if self.generation == since:
+                self._put(read)
+
+    def write(self, items: dict[ItemKey, tuple[str, np.ndarray]]) -> None:
+        # Own copies: a vector may be a row of a whole embedding batch, kept alive otherwise.
+        items = {k: (text, np.array(vec, np.float32)) for k, (text, vec) in items.items()}
+        with self._lock:
+            self.generation += 1
+            self._put(items)
+
+    def drop(self, keys) -> None:
+        with self._lock:
+            self.generation += 1
+            for key in keys:
+                self._items.pop(key, None)
+
+    def _put(self, items) -> None:
+        self._items.update(items)
+        for key in items:
+            self._items.move_to_end(key)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+
+class FusionEngine:
+    """Plain-Python core of the fusion service (no grpc). Thread-safe.
+
+    `item_cache_items` > 0 keeps that many item vectors in memory (ItemCache); only for a
+    store no other process writes, since another writer's changes would not reach the cache.
+    """
+
+    def __init__(self, store: ProfileStore, embed: EmbedFn, model, dim: int,
+                 item_cache_items: int = 0):
         self.store = store
         self.embed = embed
         self.model = model
         self.dim = dim
         self.backend = type(store).__name__
+        self.items = ItemCache(item_cache_items) if item_cache_items > 0 else None
+
+    def _stored_items(self, keys: list[ItemKey], deadline: float | None
+                      ) -> dict[ItemKey, tuple[str, np.ndarray]]:
+        """Stored (text, vector) of the keys the store holds, through the item cache."""
+        if self.items is None:
+            return self.store.get_items(keys, timeout_s=time_left(deadline,
+                                                                  "item vectors were read"))
+        since = self.items.generation
+        found, missing = self.items.get(keys)
+        if missing:
+            read = self.store.get_items(missing, timeout_s=time_left(
+                deadline, "item vectors were read"))
+            self.items.fill(read, since)
+            found.update(read)
+        return found
+
+    def _put_items(self, items: dict[ItemKey, tuple[str, np.ndarray]],
+                   deadline: float | None) -> None:
+        try:
+            self.store.put_items(items, timeout_s=time_left(
+                deadline, "new item vectors were cached; no event was stored"))
+        except BaseException:
+            if self.items is not None:  # the write may or may not have landed
+                self.items.drop(items)
+            raise
+        if self.items is not None:
+            self.items.write(items)
 
     # --- ingest ---------------------------------------------------------------------------
     def validate(self, raw: Sequence[dict], field_name: str, require_user: bool = True,
@@ -94,8 +188,7 @@ class FusionEngine:
         whose text is new or changed, every call done by `deadline` (monotonic s, None: no
         limit). Returns (events with texts, {key: vector})."""
         keys = list(dict.fromkeys((e.platform, e.item_id) for e in events))
-        cached = self.store.get_items(keys, timeout_s=time_left(deadline,
-                                                                "item vectors were read"))
+        cached = self._stored_items(keys, deadline)
         filled, texts = [], {}
         for i, e in enumerate(events):
             key = (e.platform, e.item_id)
@@ -114,8 +207,7 @@ class FusionEngine:
                                   time_left(deadline, "new item texts were embedded"))
             fresh = {k: (texts[k], embedded[j]) for j, k in enumerate(missing)}
             if cache_new:
-                self.store.put_items(fresh, timeout_s=time_left(
-                    deadline, "new item vectors were cached; no event was stored"))
+                self._put_items(fresh, deadline)
             vectors.update({k: v for k, (_, v) in fresh.items()})
         return filled, vectors
 

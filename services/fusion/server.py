@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# The hot path's numpy work is small (one user's events); BLAS worker threads would only
+# compete with gRPC and ONNX Runtime for the cores. Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import logging
 import sys
@@ -14,6 +20,7 @@ from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote
 from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
                                    serve, setup_logging, wait_for)
+from services.common.wire import packed_floats
 from services.common.events import RawEvents
 from services.fusion.engine import FusionEngine, Profile
 from services.fusion.model import BaselineUserModel, OnnxUserModel
@@ -33,6 +40,7 @@ class Config:
     model_version: int | None
     allow_baseline: bool
     max_queue_batches: int
+    item_cache_items: int
     dependency_wait_s: float
 
 
@@ -63,6 +71,18 @@ def _vec(v) -> list[float]:
     return [] if v is None else v.tolist()
 
 
+_ITEM_VECTOR = fusion_pb2.ProfileEvent.DESCRIPTOR.fields_by_name["item_vector"].number
+
+
+def _profile_event(e, vec) -> fusion_pb2.ProfileEvent:
+    pb = fusion_pb2.ProfileEvent(event=common_pb2.BehaviorEvent(
+        event_id=e.event_id, user_id=e.user_id, platform=e.platform, action=e.action,
+        item_id=e.item_id, item_text=e.item_text, event_time_ms=e.event_time_ms,
+        weight=e.weight))
+    pb.MergeFromString(packed_floats(_ITEM_VECTOR, vec))
+    return pb
+
+
 def profile_to_pb(p: Profile, model) -> fusion_pb2.GetProfileResponse:
     return fusion_pb2.GetProfileResponse(
         user_id=p.user_id, known=p.known, dim=p.dim, total_events=p.total_events,
@@ -73,12 +93,7 @@ def profile_to_pb(p: Profile, model) -> fusion_pb2.GetProfileResponse:
         for_platform_vector=_vec(p.for_platform_vector),
         model=common_pb2.ModelRef(name=model.name, version=model.version),
         baseline=model.baseline,
-        recent_events=[fusion_pb2.ProfileEvent(
-            event=common_pb2.BehaviorEvent(
-                event_id=e.event_id, user_id=e.user_id, platform=e.platform, action=e.action,
-                item_id=e.item_id, item_text=e.item_text, event_time_ms=e.event_time_ms,
-                weight=e.weight),
-            item_vector=vec.tolist()) for e, vec, _ in p.recent])
+        recent_events=[_profile_event(e, vec) for e, vec, _ in p.recent])
 
 
 class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
@@ -138,6 +153,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
              "serve the untrained time-decayed mean pooling if no user model is exported")
     add_flag(parser, "--max-queue-batches", 1024,
              "ingest batches waiting for commit at most; more: RESOURCE_EXHAUSTED")
+    add_flag(parser, "--item-cache-items", 50_000,
+             "item vectors kept in memory (about 2 KB each) so that profile reads skip the "
+             "store; SQLite only (a Redis store may be written by other replicas); 0 = off")
     add_flag(parser, "--dependency-wait-s", 120.0,
              "how long to wait at start for the embedding service (health stays NOT_SERVING)")
     args = parser.parse_args(argv)
@@ -146,6 +164,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
                     model_version=args.model_version or None,
                     allow_baseline=args.allow_baseline,
                     max_queue_batches=args.max_queue_batches,
+                    item_cache_items=args.item_cache_items,
                     dependency_wait_s=args.dependency_wait_s)
     return args, config
 
@@ -165,7 +184,9 @@ def main(argv=None) -> int:
         embed = EmbeddingRemote(config.embedding_address, client_security(args))
         dim = wait_for(lambda: embed.model()[2], config.dependency_wait_s,
                        f"embedding service at {config.embedding_address}")
-        servicer.engine = FusionEngine(open_store(config), embed, model, dim)
+        servicer.engine = FusionEngine(
+            open_store(config), embed, model, dim,
+            item_cache_items=config.item_cache_items if config.store == "sqlite" else 0)
         metrics.MODEL_INFO.labels("fusion", model.name).info({
             "version": str(model.version), "baseline": str(model.baseline).lower(),
             "store": config.store})
