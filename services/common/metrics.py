@@ -19,6 +19,10 @@ RPC_SECONDS = Histogram("crossrec_grpc_request_duration_seconds", "gRPC request 
                         ["service", "method"], buckets=LATENCY_BUCKETS)
 MODEL_INFO = Info("crossrec_model", "Models a server has loaded", ["service", "model"])
 READY = Gauge("crossrec_ready", "1 when health is SERVING", ["service"])
+ADMISSION_WAITING = Gauge("crossrec_admission_waiting", "Calls waiting for an engine slot",
+                          ["gate"])
+ADMISSION_REFUSED = Counter("crossrec_admission_refused", "Calls refused by admission control",
+                            ["gate", "reason"])
 
 # embedding
 EMBED_QUEUE_TEXTS = Gauge("crossrec_embedding_queue_texts", "Texts waiting in the batcher")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from crossrec.common.v1 import common_pb2
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from services.common import metrics, modelrepo
+from services.common.admission import Admission
 from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote, FusionRemote
 from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
@@ -45,6 +46,8 @@ class Config:
     fusion_fallback: bool
     popularity_refresh_s: float
     dependency_wait_s: float
+    max_active_recommends: int
+    max_waiting_recommends: int
 
 
 def open_catalog(config: Config, dim: int) -> MemoryCatalog:
@@ -68,8 +71,9 @@ def load_ranker(config: Config):
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    def __init__(self):
+    def __init__(self, admission: Admission | None = None):
         self.engine: RankingEngine | None = None
+        self.admission = admission or Admission("recommend", 4, 32)
 
     def _ready(self) -> RankingEngine:
         if self.engine is None:
@@ -87,11 +91,15 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                                                                     list(request.item_ids)))
         return ranking_pb2.DeleteItemsResponse(deleted=n)
 
+    def _recommend(self, request, context):
+        with self.admission.slot(context.time_remaining()):
+            return self._ready().recommend(
+                request.user_id, request.platform, request.k, request.exclude_seen,
+                RawEvents(request.session_events), request.diversify, request.diversity_lambda,
+                context.time_remaining())
+
     def Recommend(self, request, context):
-        session = RawEvents(request.session_events)
-        result = engine_call(context, lambda: self._ready().recommend(
-            request.user_id, request.platform, request.k, request.exclude_seen, session,
-            request.diversify, request.diversity_lambda, context.time_remaining()))
+        result = engine_call(context, self._recommend, request, context)
         return ranking_pb2.RecommendResponse(
             items=[ranking_pb2.Recommendation(
                 item_id=r.item_id, platform=request.platform, title=r.title, score=r.score,
@@ -128,6 +136,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
              "instead of UNAVAILABLE")
     add_flag(parser, "--popularity-refresh-s", 10.0, "how often item popularity is re-read")
     add_flag(parser, "--dependency-wait-s", 120.0, "how long to wait at start for embedding")
+    add_flag(parser, "--max-active-recommends", 4,
+             "Recommend calls computed at once (the engine holds the GIL: more only adds "
+             "contention, see services/common/admission.py)")
+    add_flag(parser, "--max-waiting-recommends", 32,
+             "Recommend calls waiting for a slot at most (each within its deadline); more are "
+             "refused with RESOURCE_EXHAUSTED")
     args = parser.parse_args(argv)
     config = Config(catalog_store=args.catalog_store, catalog_path=args.catalog_path,
                     catalog_redis_url=args.catalog_redis_url,
@@ -138,7 +152,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
                     hnsw_threshold=args.hnsw_threshold, max_k=args.max_k,
                     fusion_fallback=args.fusion_fallback,
                     popularity_refresh_s=args.popularity_refresh_s,
-                    dependency_wait_s=args.dependency_wait_s)
+                    dependency_wait_s=args.dependency_wait_s,
+                    max_active_recommends=args.max_active_recommends,
+                    max_waiting_recommends=args.max_waiting_recommends)
     return args, config
 
 
@@ -147,7 +163,8 @@ def main(argv=None) -> int:
     setup_logging(args.log_level)
     log.info("config", extra={"fields": vars(config)})
     ranker = load_ranker(config)
-    servicer = RankingServicer()
+    servicer = RankingServicer(Admission("recommend", config.max_active_recommends,
+                                         config.max_waiting_recommends))
 
     def register(server):
         ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, server)
