@@ -87,8 +87,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.UpsertItemsResponse(upserted=n)
 
     def DeleteItems(self, request, context):
-        n = engine_call(context, lambda: self._ready().delete_items(request.platform,
-                                                                    list(request.item_ids)))
+        n = engine_call(context, lambda: self._ready().delete_items(
+            request.platform, list(request.item_ids), context.time_remaining()))
         return ranking_pb2.DeleteItemsResponse(deleted=n)
 
     def _recommend(self, request, context):
