@@ -22,7 +22,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from services.common.errors import NotReady
+from services.common.errors import BudgetSpent, NotReady, Overloaded
 
 # Deadline (time.monotonic) of the Redis calls this thread is making; None: no deadline.
 _DEADLINE: ContextVar[float | None] = ContextVar("crossrec_redis_deadline", default=None)
@@ -130,6 +130,33 @@ def deadline(timeout_s: float | None):
         yield
     finally:
         _DEADLINE.reset(token)
+
+
+@contextmanager
+def errors(where: str, max_connections: int, timeout_s: float | None = None,
+           resend_note: str = ""):
+    """Runs the block under deadline(timeout_s) and maps redis errors to the services' kinds:
+    deadline -> BudgetSpent (with `resend_note` for a write that may still land), pool full ->
+    Overloaded, unreachable, loading or refusing writes -> NotReady naming `where`."""
+    try:
+        with deadline(timeout_s):
+            yield
+    except DeadlinePassed:
+        raise BudgetSpent(f"redis at {where} did not answer within the call's budget "
+                          f"({timeout_s:.2f} s){resend_note}") from None
+    except redis.exceptions.MaxConnectionsError:
+        raise Overloaded(f"all {max_connections} redis connections are busy; retry with "
+                         "backoff") from None
+    except redis.exceptions.BusyLoadingError as err:
+        raise NotReady(f"redis at {where} is loading its data: {err}") from err
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        raise NotReady(f"redis at {where} unreachable: {err}") from err
+    except (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError) as err:
+        raise NotReady(f"redis at {where} refused the write: {err}") from err
+    except redis.ResponseError as err:
+        if str(err).startswith(("MISCONF", "MASTERDOWN")):
+            raise NotReady(f"redis at {where} refused the write: {err}") from err
+        raise
 
 
 def check_fsync(client: redis.Redis, where: str, losing: str) -> None:

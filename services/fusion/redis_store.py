@@ -42,7 +42,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 from services.common import redisio
-from services.common.errors import BudgetSpent, NotReady, Overloaded
+from services.common.errors import BudgetSpent, NotReady
 from services.common.events import Event, check_platform
 from services.fusion.store import RECENT_PER_PLATFORM, PlatformHistory, ProfileStore
 
@@ -187,27 +187,10 @@ class RedisStore(ProfileStore):
             raise NotReady("profile store is closed")
         if timeout_s is not None and timeout_s <= 0:
             raise BudgetSpent(f"redis at {self.where} not asked: the call's budget was spent")
-        try:
-            with redisio.deadline(timeout_s):
-                yield
-        except redisio.DeadlinePassed:
-            maybe = ("; the write may still be applied: re-sending it is safe (event ids dedupe)"
-                     if writes else "")
-            raise BudgetSpent(f"redis at {self.where} did not answer within the call's budget "
-                              f"({timeout_s:.2f} s){maybe}") from None
-        except redis.exceptions.MaxConnectionsError:
-            raise Overloaded(f"all {self._max_connections} redis connections are busy; "
-                             "retry with backoff") from None
-        except redis.exceptions.BusyLoadingError as err:
-            raise NotReady(f"redis at {self.where} is loading its data: {err}") from err
-        except (redis.ConnectionError, redis.TimeoutError) as err:
-            raise NotReady(f"redis at {self.where} unreachable: {err}") from err
-        except (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError) as err:
-            raise NotReady(f"redis at {self.where} refused the write: {err}") from err
-        except redis.ResponseError as err:
-            if str(err).startswith(("MISCONF", "MASTERDOWN")):
-                raise NotReady(f"redis at {self.where} refused the write: {err}") from err
-            raise
+        note = ("; the write may still be applied: re-sending it is safe (event ids dedupe)"
+                if writes else "")
+        with redisio.errors(self.where, self._max_connections, timeout_s, note):
+            yield
 
     # --- keys -----------------------------------------------------------------------------
     def _user_keys(self, user_id: str) -> tuple[str, str, str]:

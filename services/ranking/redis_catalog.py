@@ -44,7 +44,7 @@ import numpy as np
 import redis
 
 from services.common import metrics, redisio
-from services.common.errors import BudgetSpent, NotReady, Overloaded
+from services.common.errors import BudgetSpent, NotReady
 from services.ranking.catalog import CatalogItem, MemoryCatalog, Row
 
 log = logging.getLogger("crossrec.ranking")
@@ -320,26 +320,9 @@ class RedisCatalog(MemoryCatalog):
     def _errors(self, timeout_s: float | None = None, writes: bool = False):
         if self._stop.is_set():
             raise NotReady("catalogue is closed")
-        try:
-            with redisio.deadline(timeout_s):
-                yield
-        except redisio.DeadlinePassed:
-            maybe = "; the write may still be applied: re-sending it is safe" if writes else ""
-            raise BudgetSpent(f"redis at {self.where} did not answer within the call's budget "
-                              f"({timeout_s:.2f} s){maybe}") from None
-        except redis.exceptions.MaxConnectionsError:
-            raise Overloaded(f"all {self._max_connections} catalogue redis connections are "
-                             "busy; retry with backoff") from None
-        except redis.exceptions.BusyLoadingError as err:
-            raise NotReady(f"redis at {self.where} is loading its data: {err}") from err
-        except (redis.ConnectionError, redis.TimeoutError) as err:
-            raise NotReady(f"redis at {self.where} unreachable: {err}") from err
-        except (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError) as err:
-            raise NotReady(f"redis at {self.where} refused the write: {err}") from err
-        except redis.ResponseError as err:
-            if str(err).startswith(("MISCONF", "MASTERDOWN")):
-                raise NotReady(f"redis at {self.where} refused the write: {err}") from err
-            raise
+        note = "; the write may still be applied: re-sending it is safe" if writes else ""
+        with redisio.errors(self.where, self._max_connections, timeout_s, note):
+            yield
 
     def _disconnect(self) -> None:
         self._client.connection_pool.disconnect()
