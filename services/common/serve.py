@@ -33,6 +33,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # streams count against it too).
 HEALTH_WORKERS = 2
 HEALTH_MAX_CONCURRENT_RPCS = 32
+HEALTH_CLOSE_GRACE_S = 0.5
 
 
 def env_name(flag: str) -> str:
@@ -281,8 +282,10 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     metrics.READY.labels(name).set(0)
     server.stop(args.grace_s).wait()
     if health_server is not None:
-        # Only now: probes read NOT_SERVING there for the whole drain, not a refused port.
-        health_server.stop(0).wait()
+        # Only now: probes read NOT_SERVING there for the whole drain, not a refused port; and
+        # a moment more, so that an open Watch stream is sent its NOT_SERVING before it is
+        # cancelled (stop(0) could cancel it with the update still queued).
+        health_server.stop(HEALTH_CLOSE_GRACE_S).wait()
     close = getattr(engine, "close", None)
     if close:
         close()
