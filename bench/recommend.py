@@ -1,24 +1,24 @@
 """Recommend benchmark (in-process, no gRPC): latency of RankingEngine.recommend at the real
-catalogue size, and nearest-neighbour retrieval on a 1M-item catalogue, HNSW vs exact.
-Writes bench/results/recommend.{json,png}.
+catalogue size, and the retrieval index kinds compared by what users see: the end NDCG@10 of
+the whole Recommend pipeline on the validation users. Writes bench/results/recommend.{json,png}.
 
     .venv/bin/python bench/recommend.py [--requests 300] [--synthetic-items 1000000]
 
 Part 1: the real Amazon Arts/Office catalogue (38,396 items, real vectors from the exported
 encoder), 300 real users ingested into an in-process FusionEngine (SQLite, trained user
-tower); Recommend (k=10, exact retrieval of the ranker's candidate count, trained ranker) for
-random users and platforms; p50/p95/p99 of the whole call (profile fusion included).
+tower); Recommend (k=10, the serving default index, trained ranker) for random users and
+platforms; p50/p95/p99 of the whole call (profile fusion included).
 
-Part 2: a 1M-item catalogue made from the real item vectors: each synthetic item is a real
-vector plus Gaussian noise (sigma 0.05 per dimension before re-normalising), so its
-neighbourhood structure is that of real titles (HNSW recall is meaningless on uniform random
-vectors). Queries are real users' for_platform vectors: they sit far from every item (mean
-best cosine 0.28; the 10th and 11th best differ by ~0.001), which makes approximate search
-much harder than item-to-item queries, so the recall of each efSearch is swept too. Exact = numpy matmul over all rows;
-HNSW = faiss IndexHNSWFlat with the serving defaults of services/ranking/index.py. Reports
-build time, per-query search latency and recall of HNSW against exact at k = 10 and at the
-ranker's candidate count, and the whole in-process Recommend (same users, fusion and ranker
-as part 1; the 1M items as the office catalogue, in memory) on each index.
+Part 2: every index kind of services/ranking/index.py (exact float32, pca, fp16, sq8, ivf,
+hnsw) under services/ranking/pipeline.rank with the trained tower and ranker, on the protocol-A
+validation cases (warm and cold platform, as `make evaluate`): NDCG@10 and HR@10 of the whole
+pipeline, relative to exact float32, and the latency of the search for the ranker's 1,000
+candidates. Then the same at --synthetic-items on the office platform: its real items plus
+synthetic ones, each a real vector plus Gaussian noise (sigma 0.05 per dimension before
+re-normalising), so the neighbourhood structure is that of real titles, with the office cases
+(their targets are real items, the synthetic ones are distractors). The queries are real
+users' for_platform vectors, which sit far from every item (the 10th and 11th best differ by
+~0.001): a recall@10 of near-tied neighbours says little, the end NDCG@10 says what users get.
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ from services.common.remote import RemoteProfile  # noqa: E402
 from services.fusion.engine import FusionEngine  # noqa: E402
 from services.fusion.model import OnnxUserModel  # noqa: E402
 from services.fusion.store import SQLiteStore  # noqa: E402
-from services.ranking.catalog import Catalog, CatalogItem, MemoryCatalog  # noqa: E402
+from services.ranking.catalog import Catalog, CatalogItem  # noqa: E402
 from services.ranking.engine import Popularity, RankingEngine  # noqa: E402
-from services.ranking.index import EXACT, HNSW, PlatformIndex  # noqa: E402
+from services.ranking import pipeline  # noqa: E402
+from services.ranking.index import (EXACT, HNSW, IVF, IVF_NPROBE, KINDS, PCA,  # noqa: E402
+                                    PCA_SHORTLIST, SQ_RESCORE, PlatformIndex)
 from services.ranking.ranker import OnnxRanker  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -98,7 +100,8 @@ def real_catalog_latency(repo: str, tmp: Path, n_requests: int, seed: int):
     keys, vectors = item_vectors(AMAZON, repo)
     lookup = {k: v for k, v in zip(keys, vectors)}
     rows = read_items(AMAZON)
-    catalog = Catalog(tmp / "catalog.sqlite3", vectors.shape[1])
+    ranker = OnnxRanker(modelrepo.resolve(repo, "ranker"))
+    catalog = Catalog(tmp / "catalog.sqlite3", vectors.shape[1], projection=ranker.projection)
     items = [CatalogItem(r["item_id"], r["platform"], r["title"], r["attributes"], "")
              for r in rows]
     catalog.upsert(items, np.stack([lookup[(r["platform"], r["item_id"])] for r in rows]))
@@ -112,11 +115,11 @@ def real_catalog_latency(repo: str, tmp: Path, n_requests: int, seed: int):
         store.append(fusion.validate(events, "events"))
     popularity = Popularity(lambda p: store.item_stats(p, 100_000), catalog, 3600)
     popularity.refresh()
-    ranker = OnnxRanker(modelrepo.resolve(repo, "ranker"))
     profile = as_remote(fusion)
     engine = RankingEngine(catalog, None, profile, ranker, popularity)
     ids = list(users)
     result = {"catalogue_items": len(rows), "users": len(users), "k": 10,
+              "index": catalog.index("office").kind,
               "candidates": ranker.candidates,
               "covisit_candidates": ranker.covisit_candidates,
               **recommend_latency(engine, ids, ["office", "arts_crafts"], n_requests, seed)}
@@ -134,121 +137,118 @@ def synthetic_catalogue(base: np.ndarray, n_items: int, seed: int) -> np.ndarray
     return vectors
 
 
-def synthetic_ann(base: np.ndarray, profile, user_ids: list[str], ranker, popularity,
-                  n_items: int, n_requests: int, seed: int) -> dict:
-    """Part 2 (see the module docstring)."""
-    vectors = synthetic_catalogue(base, n_items, seed)
-    item_ids = [f"syn{i}" for i in range(n_items)]
-    items = [CatalogItem(i, "office", f"synthetic item {n}", {}, "")
-             for n, i in enumerate(item_ids)]
-    queries = [profile(u, "office", [], 0, None).for_platform for u in user_ids[:200]]
-    probe = PlatformIndex(base.shape[1], HNSW)
-    out = {"items": n_items, "queries": len(queries), "recall_ks": [10, ranker.candidates],
-           "hnsw": {"M": probe.hnsw_m, "efConstruction": probe.ef_construction,
-                    "efSearch": probe.ef_search}}
-    results = {}
-    for kind in (EXACT, HNSW):
+def end_quality(tables: dict, contexts: list, targets: list[int], ranker, k: int = 10) -> dict:
+    """NDCG@10 / HR@10 of the whole served pipeline (pipeline.rank: retrieval by each table's
+    index, co-visit merge, features, the trained ranker) over (user context, target row)
+    cases, and the p50/p99 of the retrieval search itself (1,000 candidates)."""
+    gains, hits, search_ms = [], [], []
+    for ctx, target in zip(contexts, targets):
+        table = tables[ctx.target_platform]
+        t = time.perf_counter()
+        table.snapshot.search(ctx.for_platform, ranker.candidates)
+        search_ms.append((time.perf_counter() - t) * 1000)
+        ranked = pipeline.rank(ctx, table, ranker.covisit, ranker, ranker.candidates,
+                               ranker.covisit_candidates)
+        hit = np.flatnonzero(ranked.rows[:k] == target)
+        gains.append(1 / np.log2(hit[0] + 2) if len(hit) else 0.0)
+        hits.append(bool(len(hit)))
+    return {"ndcg@10": round(float(np.mean(gains)), 5), "hr@10": round(float(np.mean(hits)), 5),
+            "cases": len(gains), "search": percentiles(search_ms)}
+
+
+def index_tables(data, kind: str, extra: dict | None = None) -> dict:
+    """Per platform the pipeline table on an index of `kind` (services/ranking/index.py) over
+    the real catalogue, plus `extra[platform]` = synthetic vectors appended after it."""
+    tables = {}
+    for p, rows in data.catalogue.items():
+        index = PlatformIndex(data.vecs.shape[1], kind, projection=data.projection)
+        ids = [data.ids[r][1] for r in rows]
+        index.upsert(ids, data.vecs[rows])
+        counts = data.counts[rows]
+        more = (extra or {}).get(p)
+        if more is not None:
+            for c0 in range(0, len(more), 100_000):
+                part = more[c0:c0 + 100_000]
+                index.upsert([f"syn{c0 + i}" for i in range(len(part))], part)
+            counts = np.concatenate([counts, np.zeros(len(more))])
+        tables[p] = pipeline.item_table(p, index.snapshot(), counts, data.covisit)
+    return tables
+
+
+def index_comparison(repo: str, n_items: int, cases_per_setting: int, big_cases: int,
+                     seed: int) -> dict:
+    """Part 2 (see the module docstring): each index kind by the end NDCG@10 of the whole
+    Recommend pipeline against exact float32, at the real catalogue and at n_items."""
+    from export import evaluate as ev
+    from export import ranker as rk
+
+    data = ev.default_data(repo)
+    ranker = OnnxRanker(modelrepo.resolve(repo, "ranker"))
+    data = rk.replace(data, covisit=ranker.covisit, projection=ranker.projection)
+    tower = rk.load_user_model(repo)
+    cases = []
+    users = ev.validation_users(data)
+    for setting in ("warm", "cold"):
+        cases += ev.build_cases("A", setting, users, data)[:cases_per_setting]
+    contexts = [rk.user_context(tower, data, c.query) for c in cases]
+    targets = [data.local[c.query.target_row] for c in cases]
+    out = {"real": {"items": len(data.ids), "cases": len(cases), "kinds": {}}}
+    for kind in KINDS:
         started = time.perf_counter()
-        # In memory only: this part measures retrieval and ranking, not durability.
-        catalog = MemoryCatalog(base.shape[1], index=kind)
-        for c0 in range(0, n_items, 100_000):
-            catalog._apply_upsert(items[c0:c0 + 100_000], vectors[c0:c0 + 100_000])
-            print(f"    {kind}: {min(c0 + 100_000, n_items):,} items indexed, "
-                  f"{time.perf_counter() - started:.0f} s", flush=True)
-        out[f"{kind}_build_s"] = round(time.perf_counter() - started, 1)
-        index = catalog.index("office")
-        for k in out["recall_ks"]:
-            latencies, found = [], []
-            for q in queries:
-                t = time.perf_counter()
-                found.append(index.search(q, k)[0])
-                latencies.append((time.perf_counter() - t) * 1000)
-            out[f"{kind}_search_k{k}"] = percentiles(latencies)
-            results[(kind, k)] = found
-        if kind == HNSW:
-            out["hnsw_ef_sweep"] = ef_sweep(index, queries, out["recall_ks"], results)
-        engine = RankingEngine(catalog, None, profile, ranker, popularity)
-        out[f"{kind}_recommend"] = recommend_latency(engine, user_ids, ["office"],
-                                                     n_requests, seed)
-        print(f"  {kind}: built in {out[f'{kind}_build_s']} s; search k=10 p50 "
-              f"{out[f'{kind}_search_k10']['p50_ms']} ms; Recommend p50 "
-              f"{out[f'{kind}_recommend']['p50_ms']} ms", flush=True)
-        del catalog, index, engine
-    for k in out["recall_ks"]:
-        out[f"hnsw_recall_at_{k}"] = round(float(np.mean(
-            [len(set(a) & set(b)) / k for a, b in zip(results[(EXACT, k)],
-                                                      results[(HNSW, k)])])), 4)
-        out[f"hnsw_search_speedup_p50_k{k}"] = round(
-            out[f"{EXACT}_search_k{k}"]["p50_ms"] / out[f"{HNSW}_search_k{k}"]["p50_ms"], 1)
-    out["hnsw_recommend_speedup_p50"] = round(
-        out[f"{EXACT}_recommend"]["p50_ms"] / out[f"{HNSW}_recommend"]["p50_ms"], 2)
+        tables = index_tables(data, kind)
+        build_s = time.perf_counter() - started
+        out["real"]["kinds"][kind] = {"build_s": round(build_s, 1),
+                                      **end_quality(tables, contexts, targets, ranker)}
+        print(f"  {kind:6s} real catalogue: {out['real']['kinds'][kind]}", flush=True)
+    relative(out["real"]["kinds"])
+    if not n_items:
+        return out
+    # n_items on the office platform: its real items plus synthetic ones (real vectors plus
+    # noise); office cases only, so every query searches the large index.
+    office = [i for i, c in enumerate(cases) if c.platform == "office"][:big_cases]
+    n_real = len(data.catalogue["office"])
+    synthetic = synthetic_catalogue(data.vecs, n_items - n_real, seed)
+    big = {"items": n_items, "platform": "office", "cases": len(office), "kinds": {}}
+    for kind in (EXACT, IVF, HNSW, PCA):
+        started = time.perf_counter()
+        tables = index_tables(data, kind, {"office": synthetic})
+        build_s = time.perf_counter() - started
+        big["kinds"][kind] = {"build_s": round(build_s, 1), **end_quality(
+            tables, [contexts[i] for i in office], [targets[i] for i in office], ranker)}
+        print(f"  {kind:6s} {n_items:,} items: {big['kinds'][kind]}", flush=True)
+        del tables
+    relative(big["kinds"])
+    out["synthetic"] = big
     return out
 
 
-EF_SWEEP = (128, 512, 2048, 8192)
-
-
-def ef_sweep(index: PlatformIndex, queries, ks: list[int], results: dict) -> list[dict]:
-    """HNSW recall against exact (results[(EXACT, k)]) and search latency at each efSearch:
-    the price of recall on this index. Leaves the index's efSearch as it was."""
-    default, rows = index.ef_search, []
-    for ef in EF_SWEEP:
-        index.ef_search = ef
-        for k in ks:
-            latencies, recall = [], []
-            for q, want in zip(queries, results[(EXACT, k)]):
-                t = time.perf_counter()
-                got = index.search(q, k)[0]
-                latencies.append((time.perf_counter() - t) * 1000)
-                recall.append(len(set(got) & set(want)) / k)
-            rows.append({"ef_search": max(ef, k), "k": k, "recall": round(float(np.mean(recall)), 4),
-                         **percentiles(latencies)})
-            print(f"    efSearch {max(ef, k)}: recall@{k} {rows[-1]['recall']:.3f}, p50 "
-                  f"{rows[-1]['p50_ms']} ms", flush=True)
-    index.ef_search = default
-    return rows
+def relative(kinds: dict) -> None:
+    """Each kind's NDCG@10 relative to exact float32's, in place."""
+    exact = kinds[EXACT]["ndcg@10"]
+    for row in kinds.values():
+        row["ndcg_vs_exact"] = round(row["ndcg@10"] / exact - 1, 4) if exact else None
 
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    real = results["real_catalogue"]
-    axes[0].bar(["p50", "p95", "p99"], [real["p50_ms"], real["p95_ms"], real["p99_ms"]])
-    axes[0].set_ylabel("ms")
-    axes[0].set_title(f"Recommend in-process, {real['catalogue_items']:,} real items")
-    syn = results.get("synthetic_1m")
-    if syn:
-        k = syn["recall_ks"][-1]
-        labels = ["search k=10", f"search k={k}", "Recommend"]
-        keys = ["search_k10", f"search_k{k}", "recommend"]
-        x = np.arange(len(labels))
-        for n, kind in enumerate([EXACT, HNSW]):
-            axes[1].bar(x + (n - 0.5) * 0.38, [syn[f"{kind}_{key}"]["p50_ms"] for key in keys],
-                        0.38, label=f"{kind} p50")
-        axes[1].set_xticks(x, labels)
-        axes[1].set_yscale("log")
-        axes[1].set_ylabel("ms (log)")
-        axes[1].legend()
-        axes[1].set_title(f"{syn['items']:,} items: HNSW recall@10 "
-                          f"{syn['hnsw_recall_at_10']:.3f}, @{k} {syn[f'hnsw_recall_at_{k}']:.3f}")
-        sweep = syn.get("hnsw_ef_sweep", [])
-        for k in syn["recall_ks"]:
-            pts = [r for r in sweep if r["k"] == k]
-            axes[2].plot([r["p50_ms"] for r in pts], [r["recall"] for r in pts], "o-",
-                         label=f"recall@{k}")
-            for r in pts:
-                axes[2].annotate(f"ef {r['ef_search']}", (r["p50_ms"], r["recall"]),
-                                 fontsize=7)
-        axes[2].axhline(0.95, color="grey", ls="--", lw=1)
-        axes[2].axvline(syn[f"{EXACT}_search_k10"]["p50_ms"], color="red", ls=":", lw=1,
-                        label="exact search p50")
-        axes[2].set_xscale("log")
-        axes[2].set_xlabel("HNSW search p50 (ms, log)")
-        axes[2].set_ylabel("recall vs exact")
-        axes[2].legend(fontsize=8)
-        axes[2].set_title("HNSW: recall bought by efSearch")
+    parts = [("real", "real catalogue")] + ([("synthetic", "synthetic")]
+                                            if "synthetic" in results["indexes"] else [])
+    fig, axes = plt.subplots(1, len(parts), figsize=(7 * len(parts), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], parts):
+        part = results["indexes"][key]
+        for kind, row in part["kinds"].items():
+            ax.scatter(row["search"]["p99_ms"], row["ndcg@10"], s=40)
+            ax.annotate(f"{kind} ({row['ndcg_vs_exact']:+.1%})",
+                        (row["search"]["p99_ms"], row["ndcg@10"]), fontsize=8)
+        exact = part["kinds"][EXACT]["ndcg@10"]
+        ax.axhline(exact * 0.99, color="grey", ls="--", lw=1, label="exact - 1%")
+        ax.set_xscale("log")
+        ax.set_xlabel("search p99, 1,000 candidates (ms, log)")
+        ax.set_ylabel("end NDCG@10 of Recommend")
+        ax.set_title(f"{label}: {part['items']:,} items, {part['cases']} cases")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -258,6 +258,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--synthetic-items", type=int, default=1_000_000)
+    parser.add_argument("--cases", type=int, default=1716,
+                        help="validation cases per setting (warm, cold) at the real catalogue")
+    parser.add_argument("--synthetic-cases", type=int, default=300,
+                        help="office cases ranked against the synthetic catalogue")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
                                                                str(REPO / "models")))
@@ -265,28 +269,36 @@ def main(argv=None) -> int:
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                          capture_output=True, text=True).stdout.strip(),
-               "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
+               "cpus": os.cpu_count(), "cpu": cpu_model(),
+               "index_params": {"pca_shortlist": PCA_SHORTLIST, "sq_rescore": SQ_RESCORE,
+                                "ivf_nprobe": IVF_NPROBE, "hnsw_ef_search": 128}}
     with tempfile.TemporaryDirectory() as tmp:
         print("real catalogue: in-process Recommend latency", flush=True)
-        results["real_catalogue"], profile, users, ranker, popularity, base, store = \
-            real_catalog_latency(args.model_repo, Path(tmp), args.requests, args.seed)
+        results["real_catalogue"], *_, store = real_catalog_latency(
+            args.model_repo, Path(tmp), args.requests, args.seed)
         print(json.dumps(results["real_catalogue"]), flush=True)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "recommend.json").write_text(json.dumps(results, indent=2) + "\n")  # kept
-        if args.synthetic_items:
-            print("synthetic catalogue: HNSW vs exact", flush=True)
-            results["synthetic_1m"] = synthetic_ann(base, profile, users, ranker, popularity,
-                                                    args.synthetic_items, args.requests,
-                                                    args.seed)
-            print(json.dumps(results["synthetic_1m"]), flush=True)
-            results["targets"] = {"hnsw_recall_at_10": 0.95,
-                                  "met": results["synthetic_1m"]["hnsw_recall_at_10"] >= 0.95}
         store.close()
+    print("index kinds by the end NDCG@10 of Recommend", flush=True)
+    results["indexes"] = index_comparison(args.model_repo, args.synthetic_items, args.cases,
+                                          args.synthetic_cases, args.seed)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "recommend.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, RESULTS / "recommend.png")
     print(f"wrote {RESULTS / 'recommend.json'} and recommend.png")
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU model and its vector extensions (lscpu), recorded with every figure."""
+    try:
+        info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "amx_tile", "avx512_bf16")
+    return (fields.get("Model name", "?").strip() + " (" +
+            " ".join(f for f in wanted if f in flags) + ")")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ Writes models/encoder/<N>/ and models/encoder_int8/<N>/, each holding model.onnx
 files and meta.json (written last). Mean pooling over attention_mask and L2 normalisation are part
 of the graph, so a server only tokenizes, runs the graph and copies the output.
 
-Both gates run before anything is published: the fp32 graph must match the torch wrapper on real
-titles (max abs diff <= 1e-4, min cosine >= 0.9999), and the int8 graph must keep mean cosine to
-fp32 >= 0.985. A miss raises SystemExit and no version is written.
+Both gates run before anything is published, on each version laid out as it will be published and
+run by the serving code itself (services.embedding.engine.EmbeddingEngine): the fp32 vectors must
+match the torch wrapper on real titles (max abs diff <= 1e-4, min cosine >= 0.9999) and be the same
+bits for a text alone as in a batch, and the int8 ones must keep mean cosine to fp32 >= 0.985.
+A miss raises SystemExit and no version is written.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from services.common.modelrepo import new_version, write_meta
+from services.embedding.engine import LAYOUT, EmbeddingEngine
 
 log = logging.getLogger("export.encoder")
 
@@ -44,6 +47,9 @@ PARITY_MAX_ABS_DIFF = 1e-4
 PARITY_MIN_COSINE = 0.9999
 INT8_GATE_MEAN_COSINE = 0.985
 PARITY_BATCH_SIZE = 32
+# A text's vector alone vs in a batch, through the serving engine: bit for bit (see
+# EmbeddingEngine), so the offline vectors are the served ones.
+BATCH_INVARIANCE_MAX_ABS_DIFF = 0.0
 # Copied beside model.onnx when the source has them; tokenizer.json is the one serving reads.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 QUANTIZATION = {"method": "dynamic", "per_channel": True, "weight_type": "QInt8"}
@@ -57,7 +63,8 @@ def default_model_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenization: the `tokenizers` library on tokenizer.json, exactly as the embedding server does.
+# Tokenization for the torch side (and bench/embedding.py's raw layouts): the `tokenizers` library
+# on tokenizer.json with the server's settings. The ONNX side runs through the serving engine.
 
 def max_sequence_tokens(model_dir: str | os.PathLike) -> int:
     """sentence_bert_config.json's max_seq_length, else tokenizer_config's model_max_length,
@@ -289,11 +296,27 @@ def check_int8(fp32: np.ndarray, int8: np.ndarray,
 
 
 # ---------------------------------------------------------------------------------------------
-# ONNX Runtime side.
+# ONNX Runtime side: the gates run the serving engine (serving_vectors). ort_session and
+# run_session are bench/embedding.py's raw layouts (pad to the longest of each batch, or to a
+# fixed length) for its speed comparisons; no vector that decides an answer comes from them.
+
+def serving_vectors(engine: EmbeddingEngine, texts: Sequence[str],
+                    batch_size: int = PARITY_BATCH_SIZE) -> np.ndarray:
+    """float32 [len(texts), dim]: `texts` through the serving engine (tokenize, run_sorted in
+    chunks of at most `batch_size`), the vectors the embedding service returns."""
+    return engine.run_sorted(engine.tokenize(list(texts)), batch_size)
+
+
+def batch_invariance(engine: EmbeddingEngine, texts: Sequence[str], batched: np.ndarray) -> float:
+    """Max abs diff between each of `texts` run alone by the serving engine and its row of
+    `batched` (the same texts run in batches first): 0.0 when a vector depends on its text only."""
+    single = np.vstack([engine.run_sorted([e], 1) for e in engine.tokenize(list(texts))])
+    return float(np.max(np.abs(single - batched[:len(texts)])))
+
 
 def ort_session(path: str | os.PathLike, threads: int | None = None, spinning: bool = True):
-    """CPU InferenceSession with all graph optimisations. `spinning=False` is for servers that
-    share their cores: idle ORT workers then sleep instead of spinning."""
+    """CPU InferenceSession with all graph optimisations (bench/embedding.py). `spinning=False`
+    is for servers that share their cores: idle ORT workers then sleep instead of spinning."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -306,6 +329,7 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, spinning: b
 
 def run_session(session, tokenizer, texts: Sequence[str], input_names: Sequence[str],
                 pad_id: int, batch_size: int = PARITY_BATCH_SIZE) -> np.ndarray:
+    """`texts` in order, batches padded to their longest (bench/embedding.py's raw layout)."""
     out = [session.run([OUTPUT_NAME], encode_batch(tokenizer, chunk, input_names, pad_id))[0]
            for chunk in batches(list(texts), batch_size)]
     return np.concatenate(out)
@@ -359,7 +383,8 @@ def write_tokenizer_files(model_dir: Path, dest: Path, max_tokens: int) -> dict:
     tokenizer.enable_truncation(max_length=max_tokens)
     tokenizer.no_padding()
     tokenizer.save(str(dest / "tokenizer.json"))
-    return {"truncation_max_length": max_tokens, "padding": "none (pad per batch to longest)",
+    return {"truncation_max_length": max_tokens,
+            "padding": f"none (the serving engine pads each text: {LAYOUT})",
             "source_settings": before}
 
 
@@ -402,14 +427,6 @@ def _publish(repo: Path, name: str, files: dict[str, Path], meta: dict) -> Path:
     return repo / name / str(version)
 
 
-def batch_invariance(session, tokenizer, texts: Sequence[str], input_names: Sequence[str],
-                     pad_id: int, batched: np.ndarray) -> float:
-    """Max abs diff between `texts` run one at a time and the same texts' rows of a padded
-    batch run: padding must not leak into a text's vector, and batch 1 must work."""
-    single = run_session(session, tokenizer, texts, input_names, pad_id, batch_size=1)
-    return float(np.max(np.abs(single - batched[:len(texts)])))
-
-
 def export_encoder(model_dir: str | os.PathLike | None = None,
                    repo: str | os.PathLike = "models", opset: int = 17,
                    parity_texts: int = 512, titles: Sequence[str] | None = None,
@@ -440,73 +457,68 @@ def export_encoder(model_dir: str | os.PathLike | None = None,
                  model_dir, config.get("_name_or_path"), reference.dim, reference.max_tokens,
                  reference.input_names, len(titles))
 
+    base_meta = {
+        "format": "onnx", "opset": opset,
+        "input_names": list(reference.input_names), "output_names": [OUTPUT_NAME],
+        "dim": reference.dim, "max_sequence_tokens": reference.max_tokens,
+        "pooling": "mean", "normalized": True,
+        "source_model": {"path": str(model_dir.resolve()),
+                         "name_or_path": config.get("_name_or_path", model_dir.name)},
+        "tokenizer_file": "tokenizer.json", "pad_token_id": reference.pad_id,
+        "exporter": _versions(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     repo.mkdir(parents=True, exist_ok=True)
     # Work beside the repository's versions so publishing is a rename on one filesystem.
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=repo))
     try:
-        fp32_path = work / "model.onnx"
+        fp32_dir = work / FP32_NAME
+        fp32_dir.mkdir()
+        fp32_path = fp32_dir / "model.onnx"
         with clock.stage("export"):
             export_onnx(reference, fp32_path, opset)
             onnx.checker.check_model(str(fp32_path))
+        fp32_meta = {**base_meta, "precision": "fp32",
+                     "tokenizer_settings": _stage(model_dir, fp32_dir, FP32_NAME, base_meta,
+                                                  reference.max_tokens)}
 
         with clock.stage("parity"):
             expected = reference(titles)
-            session = ort_session(fp32_path)
-            got_fp32 = run_session(session, reference.tokenizer, titles, reference.input_names,
-                                   reference.pad_id)
+            engine = EmbeddingEngine(fp32_dir, device="cpu")
+            got_fp32 = serving_vectors(engine, titles)
             parity = check_parity(expected, got_fp32)
-            # Held to the same tolerance as the torch comparison.
-            invariance = batch_invariance(session, reference.tokenizer, titles[:16],
-                                          reference.input_names, reference.pad_id, got_fp32)
-            if not invariance <= PARITY_MAX_ABS_DIFF:
+            invariance = batch_invariance(engine, titles[:16], got_fp32)
+            if not invariance <= BATCH_INVARIANCE_MAX_ABS_DIFF:
                 raise SystemExit(f"parity gate failed: a text's vector changes with its batch "
-                                 f"(max abs diff {invariance:.3g} between batch 1 and padded "
-                                 f"batches > {PARITY_MAX_ABS_DIFF:g}; no version written)")
+                                 f"(max abs diff {invariance:.3g} between batch 1 and batched "
+                                 f"runs of the serving engine > {BATCH_INVARIANCE_MAX_ABS_DIFF:g};"
+                                 f" no version written)")
             parity["batch_invariance_max_abs_diff"] = invariance
-            log.info("parity fp32 vs torch on %d titles: max abs diff %.2e, min cosine %.7f; "
-                     "batch 1 vs batched %.2e", parity["n_texts"], parity["max_abs_diff"],
-                     parity["min_cosine"], invariance)
+            log.info("parity fp32 (serving engine) vs torch on %d titles: max abs diff %.2e, "
+                     "min cosine %.7f; batch 1 vs batched %.2e", parity["n_texts"],
+                     parity["max_abs_diff"], parity["min_cosine"], invariance)
 
-        base_meta = {
-            "format": "onnx", "opset": opset,
-            "input_names": list(reference.input_names), "output_names": [OUTPUT_NAME],
-            "dim": reference.dim, "max_sequence_tokens": reference.max_tokens,
-            "pooling": "mean", "normalized": True,
-            "source_model": {"path": str(model_dir.resolve()),
-                             "name_or_path": config.get("_name_or_path", model_dir.name)},
-            "tokenizer_file": "tokenizer.json", "pad_token_id": reference.pad_id,
-            "exporter": _versions(),
-        }
-
-        int8_path = work / "model.int8.onnx"
         if int8:
+            int8_dir = work / INT8_NAME
+            int8_dir.mkdir()
+            quantization = dict(QUANTIZATION, preprocessed=preprocess_int8)
             with clock.stage("quantize"):
-                quantize_int8(fp32_path, int8_path, preprocess=preprocess_int8)
-                got_int8 = run_session(ort_session(int8_path), reference.tokenizer, titles,
-                                       reference.input_names, reference.pad_id)
+                quantize_int8(fp32_path, int8_dir / "model.onnx", preprocess=preprocess_int8)
+                int8_meta = {**base_meta, "precision": "int8", "quantization": quantization}
+                int8_meta["tokenizer_settings"] = _stage(model_dir, int8_dir, INT8_NAME,
+                                                         int8_meta, reference.max_tokens)
+                got_int8 = serving_vectors(EmbeddingEngine(int8_dir, device="cpu"), titles)
                 vs_fp32 = check_int8(got_fp32, got_int8)
                 vs_torch = compare(expected, got_int8)
                 log.info("int8 vs fp32 on %d titles: mean cosine %.5f, min %.5f",
                          vs_fp32["n_texts"], vs_fp32["mean_cosine"], vs_fp32["min_cosine"])
 
-        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        out = {}
-        tok_dir = work / "tokenizer-fp32"
-        tok_dir.mkdir()
-        tok_settings = write_tokenizer_files(model_dir, tok_dir, reference.max_tokens)
-        out[FP32_NAME] = _publish(
-            repo, FP32_NAME, {"model.onnx": fp32_path, **_files(tok_dir)},
-            {**base_meta, "tokenizer_settings": tok_settings, "precision": "fp32",
-             "created_at": created, "parity": parity})
+        out = {FP32_NAME: _publish(repo, FP32_NAME, _files(fp32_dir),
+                                   {**fp32_meta, "parity": parity})}
         if int8:
-            tok_dir = work / "tokenizer-int8"
-            tok_dir.mkdir()
-            write_tokenizer_files(model_dir, tok_dir, reference.max_tokens)
             out[INT8_NAME] = _publish(
-                repo, INT8_NAME, {"model.onnx": int8_path, **_files(tok_dir)},
-                {**base_meta, "tokenizer_settings": tok_settings, "precision": "int8",
-                 "created_at": created,
-                 "quantization": dict(QUANTIZATION, preprocessed=preprocess_int8),
+                repo, INT8_NAME, _files(int8_dir),
+                {**int8_meta,
                  "quantized_from": {"name": FP32_NAME, "version": int(out[FP32_NAME].name)},
                  "parity_vs_fp32": vs_fp32,
                  # Context only: int8 is gated on parity_vs_fp32, not on the fp32 tolerance.
@@ -520,8 +532,19 @@ def export_encoder(model_dir: str | os.PathLike | None = None,
     return out
 
 
+def _stage(model_dir: Path, dest: Path, name: str, meta: dict, max_tokens: int) -> dict:
+    """Lay `dest` (model.onnx already or soon there) out as a published version, so the gates
+    run the serving engine on the files serving will load: the tokenizer files and a provisional
+    meta.json (version 0, no gate figures; _publish writes the final one). Returns the
+    tokenizer settings for meta.json."""
+    settings = write_tokenizer_files(model_dir, dest, max_tokens)
+    write_meta(dest, dict(meta, tokenizer_settings=settings, name=name, version=0))
+    return settings
+
+
 def _files(directory: Path) -> dict[str, Path]:
-    return {p.name: p for p in directory.iterdir()}
+    """A staged version's files but its provisional meta.json (_publish writes meta.json)."""
+    return {p.name: p for p in directory.iterdir() if p.name != "meta.json"}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:

@@ -31,7 +31,7 @@ import platform as _platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ from clients.datasets import AMAZON, AMAZON_ORIGIN_MS, item_texts
 from export import ranker as rk
 from services.common.modelrepo import read_meta, resolve, versions
 from services.fusion.model import BaselineUserModel
+from services.ranking import pipeline
+from services.ranking.ranker import OnnxRanker
 
 log = logging.getLogger("export.evaluate")
 
@@ -294,8 +296,8 @@ class UserVectorSystem(CatalogueSystem):
         self.model, self.name = user_model, name
 
     def score(self, queries, platform):
-        jobs = [(rk._window(self.data, q, self.model.max_events), platform) for q in queries]
-        users = rk.encode_all(self.model, jobs)
+        users = np.stack([rk.user_context(self.model, self.data, q).for_platform
+                          for q in queries])
         return users @ self.data.vecs[self.data.catalogue[platform]].T
 
 
@@ -372,33 +374,29 @@ class ItemKNNSystem(CatalogueSystem):
 
 
 class CrossrecSystem(CatalogueSystem):
-    """User tower -> CANDIDATES by dot product with co-visit items merged in -> ranker
-    re-rank; items below the candidates keep retrieval order after them."""
+    """The served pipeline (services/ranking/pipeline.rank) query by query, with the exported
+    ranker and its co-visit counts: user tower -> candidates by dot product with co-visit
+    items merged in -> ranker; items below the candidates keep retrieval order after them."""
 
-    def __init__(self, data, user_model, session, name="crossrec", n=rk.CANDIDATES,
-                 popular=0, covisit=0):
-        super().__init__(data)
-        self.model, self.session, self.name = user_model, session, name
-        self.n, self.popular, self.covisit = n, popular, covisit
+    def __init__(self, data, user_model, ranker, name="crossrec"):
+        if ranker.covisit is not None and ranker.covisit.keys != data.covisit.keys:
+            raise ValueError(f"ranker v{ranker.version} was trained on another catalogue")
+        super().__init__(replace(data, covisit=ranker.covisit) if ranker.covisit else data)
+        self.model, self.ranker, self.name = user_model, ranker, name
 
     def _rank_platform(self, queries, platform, targets):
-        rows = self.data.catalogue[platform]
-        ctxs = rk.user_contexts(self.model, self.data, queries)
-        users = np.stack([c.for_platform for c in ctxs])
-        cands, sums, ranks = rk.candidates(self.data, ctxs, self.n, self.popular, self.covisit,
-                                           rows[targets])
-        feats = np.stack([rk.features_for(self.data, c, r, sm)
-                          for c, r, sm in zip(ctxs, cands, sums)])
-        s = rk.ort_scores(self.session, feats)
-        order = np.argsort(-s, axis=1, kind="stable")
-        reranked = np.take_along_axis(cands, order, 1)
-        if self.n < TOP_K:  # fill with the best remaining items by dot product
-            scores = users @ self.data.vecs[rows].T
-            top, _ = rk.top_and_rank(scores, TOP_K + self.n)
-            rest = [[r for r in rows[t] if r not in set(c)][:TOP_K - self.n]
-                    for t, c in zip(top, cands)]
-            reranked = np.concatenate([reranked, np.array(rest, np.int64)], 1)
-        return reranked[:, :TOP_K], rk.rerank_ranks(s, ranks, cands, rows[targets])
+        data = self.data
+        table, rows = data.tables[platform], data.catalogue[platform]
+        top, ranks = [], np.zeros(len(queries), np.int64)
+        for i, q in enumerate(queries):
+            ctx = rk.user_context(self.model, data, q)
+            ranked = pipeline.rank(ctx, table, self.ranker.covisit, self.ranker,
+                                   self.ranker.candidates, self.ranker.covisit_candidates)
+            top.append(rows[ranked.rows[:TOP_K]])
+            hit = np.flatnonzero(ranked.rows == targets[i])
+            ranks[i] = (hit[0] + 1 if len(hit) else
+                        rk.candidate_ranks(data, ctx, ranked.rows, int(targets[i])))
+        return np.stack(top), ranks
 
 
 def int8_cache_path(repo: str | os.PathLike, dataset: str, version: int) -> Path:
@@ -433,10 +431,9 @@ def int8_item_vectors(dataset: str = AMAZON, repo: str | os.PathLike = "models",
     return ids, vecs, version
 
 
-def load_ranker(repo: str | os.PathLike, version: int | None = None):
-    """(onnxruntime session, meta) of models/ranker/<N>/."""
-    path = resolve(repo, rk.MODEL_NAME, version)
-    return rk.ort_session(path / "model.onnx"), read_meta(path)
+def load_ranker(repo: str | os.PathLike, version: int | None = None) -> OnnxRanker:
+    """The exported ranker as serving loads it (services/ranking/ranker.py)."""
+    return OnnxRanker(resolve(repo, rk.MODEL_NAME, version))
 
 
 def rank_fn(system: str, repo: str | os.PathLike = "models", data: rk.RankData | None = None):
@@ -456,15 +453,13 @@ def rank_fn(system: str, repo: str | os.PathLike = "models", data: rk.RankData |
     if system == "crossrec_retrieval_only":
         return UserVectorSystem(data, tower, system)
     if system in ("crossrec", "crossrec_int8"):
-        session, meta = load_ranker(repo)
+        ranker = load_ranker(repo)
         if system == "crossrec_int8":
             found = int8_item_vectors(data.dataset, repo, build=False)
             if found is None:
                 raise FileNotFoundError("no int8 item-vector cache; run export.evaluate once")
             data = data.with_vectors(found[1], {"name": INT8_ENCODER, "version": found[2]})
-        return CrossrecSystem(data, tower, session, system, int(meta["candidates"]),
-                              int(meta.get("popular_candidates", 0)),
-                              int(meta.get("covisit_candidates", 0)))
+        return CrossrecSystem(data, tower, ranker, system)
     raise ValueError(f"system must be one of {SYSTEMS}, got {system!r}")
 
 
@@ -575,22 +570,20 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
     models = {}
     tower = rk.load_user_model(repo, allow_baseline=allow_baseline)
     models["user_tower"] = {"name": tower.name, "version": tower.version}
-    ranker_meta, n_cands, n_pop, n_cov = None, rk.CANDIDATES, 0, 0
+    ranker_meta, n_cands, n_cov = None, rk.CANDIDATES, 0
     if versions(repo, rk.MODEL_NAME):
-        session, ranker_meta = load_ranker(repo)
-        n_cands = int(ranker_meta["candidates"])
-        n_pop = int(ranker_meta.get("popular_candidates", 0))
-        n_cov = int(ranker_meta.get("covisit_candidates", 0))
+        ranker = load_ranker(repo)
+        ranker_meta = ranker.meta
+        n_cands, n_cov = ranker.candidates, ranker.covisit_candidates
         models["ranker"] = {"version": ranker_meta["version"], "candidates": n_cands,
-                            "popular_candidates": n_pop, "covisit_candidates": n_cov,
+                            "covisit_candidates": n_cov,
                             "user_tower": ranker_meta.get("user_tower")}
         if ranker_meta.get("user_tower", {}).get("version") != tower.version:
             log.warning("ranker v%s was trained on user_tower v%s, evaluating with v%s",
                         ranker_meta["version"], ranker_meta.get("user_tower", {}).get("version"),
                         tower.version)
     builders = {
-        "crossrec": lambda: CrossrecSystem(data, tower, session, "crossrec", n_cands, n_pop,
-                                           n_cov),
+        "crossrec": lambda: CrossrecSystem(data, tower, ranker, "crossrec"),
         "crossrec_retrieval_only": lambda: UserVectorSystem(data, tower,
                                                             "crossrec_retrieval_only"),
         "fusion_untrained": lambda: UserVectorSystem(data, BaselineUserModel(),
@@ -615,9 +608,8 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
                                                         "p01": float(np.quantile(cos, 0.01))},
                          "note": "int8 item vectors for catalogue and history alike; the "
                                  "same user tower and ranker (trained on fp32 vectors)"}
-            builders["crossrec_int8"] = lambda: CrossrecSystem(int8_data, tower, session,
-                                                               "crossrec_int8", n_cands,
-                                                               n_pop, n_cov)
+            builders["crossrec_int8"] = lambda: CrossrecSystem(int8_data, tower, ranker,
+                                                               "crossrec_int8")
     if ranker_meta is None:
         log.warning("no ranker in %s: crossrec systems skipped", repo)
         builders.pop("crossrec")
@@ -659,10 +651,10 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
                     "ild@10": "mean pairwise 1 - cosine of item text vectors in a top-10",
                     "ties": "broken by catalogue order (deterministic)"},
         "systems": {
-            "crossrec": f"user tower -> {n_cands} candidates ({n_pop} most popular items of "
-                        "the platform + the best by exact dot product, ordered by dot, the "
-                        f"last up to {n_cov} replaced by the user's best co-visit items) -> "
-                        "ranker; every other item after them by dot product",
+            "crossrec": f"services.ranking.pipeline.rank, as served: user tower -> {n_cands} "
+                        "candidates (the best by exact dot product, the last up to "
+                        f"{n_cov} replaced by the user's best co-visit items) -> ranker; "
+                        "every other item after them by dot product",
             "crossrec_retrieval_only": "user tower for_platform vector, dot over catalogue",
             "fusion_untrained": "services.fusion.model.BaselineUserModel (time-decayed mean "
                                 "pooling of the last 50 events; ignores the target platform)",

@@ -1,8 +1,8 @@
 """Item text vectors of a whole catalogue from the exported ONNX encoder, cached under models/cache.
 
 The text is `compose_item_text(title, attributes)`, the one the serving side embeds, and the
-vectors come from models/encoder/<N>/model.onnx through onnxruntime and tokenizer.json, so
-training sees the vectors serving will see.
+vectors come from the serving code itself (services.embedding.engine.EmbeddingEngine on
+models/encoder/<N>/), so training and evaluation see, bit for bit, the vectors serving computes.
 
     python -m export.item_vectors --model-repo models [--dataset amazon-arts-office-urllm]
 """
@@ -22,6 +22,7 @@ import numpy as np
 from clients.datasets import AMAZON, read_items
 from services.common.modelrepo import read_meta, resolve
 from services.common.text import compose_item_text
+from services.embedding.engine import EmbeddingEngine, embedding_function_id
 
 log = logging.getLogger("export.item_vectors")
 
@@ -29,6 +30,9 @@ ENCODER_NAME = "encoder"
 BATCH_SIZE = 64
 # onnxruntime threads: the export machine is small and shared.
 THREADS = 2
+# Texts per engine call between progress lines. fp32 vectors do not depend on it (batch
+# invariance); dynamic int8 ones depend on their batch anyway (see EmbeddingEngine).
+PROGRESS_TEXTS = 4096
 
 
 def encoder_ref(repo: str | os.PathLike, version: int | None = None) -> tuple[Path, int, dict]:
@@ -51,7 +55,10 @@ def catalogue_texts(dataset: str) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def _texts_digest(ids, texts) -> str:
+    """Cache key of the vectors of `texts`: the texts, and what decides a vector's bits besides
+    the model (padding rule, ONNX Runtime version), so a change to either re-embeds."""
     h = hashlib.sha256()
+    h.update(f"{embedding_function_id()}\x1e".encode())
     for (platform, item_id), text in zip(ids, texts):
         h.update(f"{platform}\x1f{item_id}\x1f{text}\x1e".encode())
     return h.hexdigest()
@@ -59,48 +66,23 @@ def _texts_digest(ids, texts) -> str:
 
 def embed_texts(model_dir: Path, meta: dict, texts: list[str], batch_size: int = BATCH_SIZE,
                 progress_every_s: float = 10.0) -> np.ndarray:
-    """float32 [len(texts), dim] from the ONNX encoder: length-sorted batches, each padded to
-    its longest text, truncated at meta's max_sequence_tokens."""
-    import onnxruntime as ort
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(model_dir / meta.get("tokenizer_file", "tokenizer.json")))
-    tokenizer.enable_truncation(max_length=int(meta["max_sequence_tokens"]))
-    tokenizer.no_padding()
-    pad_id = int(meta.get("pad_token_id", 0))
-    input_names = list(meta["input_names"])
-    output_name = meta["output_names"][0]
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), opts,
-                                   providers=["CPUExecutionProvider"])
-
-    encodings = tokenizer.encode_batch(texts)
-    # Sorting by length keeps padding (wasted attention work) small within each batch.
-    order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-    out = np.zeros((len(texts), int(meta["dim"])), dtype=np.float32)
+    """float32 [len(texts), dim], L2-normalised: what the embedding service returns for each
+    text (EmbeddingEngine.tokenize + run_sorted on CPU, `batch_size` texts per model call).
+    `meta` is model_dir's meta.json; ValueError if it names another model."""
+    engine = EmbeddingEngine(model_dir, device="cpu", intra_op_threads=THREADS)
+    if (meta.get("name"), int(meta["dim"])) != (engine.name, engine.dim):
+        raise ValueError(f"meta names {meta.get('name')} dim {meta['dim']}, but {model_dir} "
+                         f"holds {engine.name} dim {engine.dim}")
+    out = np.empty((len(texts), engine.dim), dtype=np.float32)
     start = last = time.monotonic()
-    for b0 in range(0, len(order), batch_size):
-        rows = order[b0:b0 + batch_size]
-        width = max(len(encodings[i].ids) for i in rows)
-        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        types = np.zeros((len(rows), width), dtype=np.int64)
-        for r, i in enumerate(rows):
-            enc = encodings[i]
-            ids[r, :len(enc.ids)] = enc.ids
-            mask[r, :len(enc.ids)] = 1
-            types[r, :len(enc.ids)] = enc.type_ids
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        out[rows] = session.run([output_name], {n: feeds[n] for n in input_names})[0]
+    for b0 in range(0, len(texts), PROGRESS_TEXTS):
+        done = min(b0 + PROGRESS_TEXTS, len(texts))
+        out[b0:done] = engine.run_sorted(engine.tokenize(texts[b0:done]), batch_size)
         now = time.monotonic()
-        done = b0 + len(rows)
-        if now - last >= progress_every_s or done == len(order):
+        if now - last >= progress_every_s or done == len(texts):
             rate = done / max(now - start, 1e-9)
-            log.info("embedded %d/%d items (%.0f/s, eta %.0fs)", done, len(order), rate,
-                     (len(order) - done) / max(rate, 1e-9))
+            log.info("embedded %d/%d items (%.0f/s, eta %.0fs)", done, len(texts), rate,
+                     (len(texts) - done) / max(rate, 1e-9))
             last = now
     return out
 
@@ -111,7 +93,7 @@ def item_vectors(dataset: str = AMAZON, repo: str | os.PathLike = "models",
     float32 [n, dim] L2-normalised text vector from encoder `version` (None: the highest).
 
     Cached in models/cache/item_vectors-<dataset>-encoder-v<N>.npz; the cache is reused only
-    when it was built from the same item texts."""
+    when it was built from the same item texts by the same embedding function (_texts_digest)."""
     model_dir, version, meta = encoder_ref(repo, version)
     ids, texts = catalogue_texts(dataset)
     digest = _texts_digest(ids, texts)
@@ -121,14 +103,16 @@ def item_vectors(dataset: str = AMAZON, repo: str | os.PathLike = "models",
             if str(z["texts_sha256"]) == digest and z["vecs"].shape == (len(ids), meta["dim"]):
                 log.info("item vectors from cache %s", path)
                 return ids, z["vecs"].astype(np.float32)
-        log.warning("cache %s is stale (item texts changed); re-embedding", path)
+        log.warning("cache %s is stale (item texts or embedding function changed); "
+                    "re-embedding", path)
     log.info("embedding %d %s items with %s v%d", len(texts), dataset, ENCODER_NAME, version)
     vecs = embed_texts(model_dir, meta, texts)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, vecs=vecs, platforms=np.array([p for p, _ in ids]),
              item_ids=np.array([i for _, i in ids]), texts_sha256=np.array(digest),
-             encoder_version=np.array(version))
+             encoder_version=np.array(version),
+             embedding_function=np.array(embedding_function_id()))
     os.replace(tmp, path)
     return ids, vecs
 

@@ -1,10 +1,9 @@
 """Ranker: trains the candidate re-ranker on Amazon Arts/Office and exports it to ONNX.
 
-For a (user, target platform) query the candidates are the platform's top CANDIDATES items by
-exact dot(for_platform user vector, item vector) over its whole catalogue (optionally with its
-POPULAR_CANDIDATES most popular items forced in; retrieve()); the ranker
-scores each from services.ranking.features.candidate_features (the function serving calls) and
-re-orders them. Training examples come from training users only (export.user_data's seeded
+Candidates, features and scores come from services/ranking/pipeline.py, the code serving runs:
+per (user, target platform) query, the platform's top CANDIDATES items by dot(for_platform user
+vector, item vector), the last COVISIT_CANDIDATES replaced by co-visit items, scored by the
+ranker from candidate_features and re-ordered. Training examples come from training users only (export.user_data's seeded
 user split, the user tower's): next-item positions on each platform, half of them with the
 target platform's events removed from the input (cold platform); listwise softmax
 cross-entropy over the candidates of the examples whose target was retrieved.
@@ -29,7 +28,7 @@ import platform as _platform
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,37 +36,40 @@ import numpy as np
 from clients.datasets import AMAZON
 from export import user_data as ud
 from services.common.events import Event
-from services.common.modelrepo import new_version, read_meta, resolve, versions, write_meta
-from services.fusion.model import BaselineUserModel, OnnxUserModel, Window
-from services.ranking.covisit import COVISIT_FILE, CoVisits, merge_candidates
-from services.ranking.features import (FEATURES, N_FEATURES, UserContext, candidate_features,
-                                       popularity_features)
+from services.common.modelrepo import new_version, resolve, versions, write_meta
+from services.fusion.model import BaselineUserModel, OnnxUserModel, Window, encode_user
+from services.ranking import pipeline
+from services.ranking.covisit import COVISIT_FILE, CoVisits
+from services.ranking.features import FEATURES, N_FEATURES, UserContext, popularity_features
+from services.ranking.catalog import HNSW_THRESHOLD, index_kind
+from services.ranking.index import PCA, PCA_SHORTLIST, PlatformIndex, top_rows
+from services.ranking.pipeline import ItemTable
 
 log = logging.getLogger("export.ranker")
 
 MODEL_NAME = "ranker"
 USER_TOWER = "user_tower"
-# Candidates the ranker re-orders per query (see retrieve()). Serving must use the same
-# numbers (meta.json "candidates", "popular_candidates"): retrieval_pct = position / N is a
+# Candidates the ranker re-orders per query. Serving uses the same numbers (meta.json
+# "candidates", "covisit_candidates"): retrieval_pct = position / N is a
 # feature, so another N shifts that feature's scale. 1000 rather than 200: the tower's top 200
 # hold the target for 16% (warm) / 8% (cold platform) of validation queries, its top 1000 for
 # 32% / 19%; re-ranked NDCG@10 warm .0461 -> .0489 (cold flat), at ~5x the feature work.
 CANDIDATES = 1000
-# Of the CANDIDATES, the platform's most popular items included whatever the user vector
-# says. 0 (pure dot-product retrieval): 500 helped a weaker tower's cold platform
-# (.0102 -> .0160) but not the exported one (.0167 vs .0163).
-POPULAR_CANDIDATES = 0
 # Of the CANDIDATES, up to this many come from co-visitation (items the training users who
 # shared the user's items also had, services/ranking/covisit.py) in place of the dot
 # product's last ones: the validation targets inside the candidates rise from 31.9% to 34.1%
 # (warm) and 19.4% to 20.0% (cold platform) at the same N.
 COVISIT_CANDIDATES = 200
+# Retrieval (services/ranking/index.py, kind pca) scans the item vectors projected onto their
+# RETRIEVAL_DIMS top principal directions, computed here over the catalogue, written beside
+# the ranker so serving and evaluation project alike: 96 of 384 dimensions keep 99.7% of the
+# exact top-1000 (item-vector queries) in a 2,000-row shortlist re-scored exactly; the end
+# NDCG@10 of each index kind is in bench/results/recommend.json.
+RETRIEVAL_DIMS = 96
+RETRIEVAL_FILE = "retrieval.npz"
 INPUT_NAME, OUTPUT_NAME = "features", "scores"
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
-ENCODE_BATCH = 512
-# The fused vector is the tower's output for no particular platform (vocabulary id 0).
-FUSED_TARGET = ""
 
 
 # ---------------------------------------------------------------------------- data
@@ -87,34 +89,51 @@ class RankData:
     row_of: dict[tuple[str, str], int] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)          # vocab id -> platform
     catalogue: dict[str, np.ndarray] = field(default_factory=dict)  # platform -> rows
-    log_pop: np.ndarray | None = None  # float32 [n_items] popularity_features of `counts`,
-    pop_pct: np.ndarray | None = None  # computed within each platform
     covisit: CoVisits | None = None    # co-visit counts of the training users (same rows)
+    index_kind: str = "auto"           # the retrieval index (catalog.index_kind's rule)
+    projection: np.ndarray | None = None  # float32 [dim, RETRIEVAL_DIMS] (retrieval_projection)
+    # Per platform, its catalogue as the serving pipeline's table (table row j = global row
+    # catalogue[p][j]; popularity from `counts`), and global row -> table row.
+    tables: dict[str, ItemTable] = field(default_factory=dict)
+    local: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self):
         self.row_of = {key: i for i, key in enumerate(self.ids)}
         if self.covisit is None:
             self.covisit = CoVisits.from_users(
                 self.ids, [s.items for s in self.seqs if s.user_id in self.train_ids])
+        if self.projection is None:
+            self.projection = retrieval_projection(self.vecs)
         self.names = {i: name for name, i in self.vocab.items()}
         self.catalogue = {self.names[pid]: rows
                           for pid, rows in ud.catalogue_rows(self.ids, self.vocab).items()}
-        self.log_pop, self.pop_pct = platform_popularity(self.counts, self.catalogue)
+        self.tables = {p: self.table(p, self.counts[rows]) for p, rows in self.catalogue.items()}
+        self.local = {int(r): j for rows in self.catalogue.values() for j, r in enumerate(rows)}
+
+    def table(self, platform: str, counts: np.ndarray) -> ItemTable:
+        """`platform`'s catalogue through the serving index and pipeline.item_table, with
+        item event counts `counts` float [platform's items]."""
+        rows = self.catalogue[platform]
+        kind = index_kind(self.index_kind, len(rows), HNSW_THRESHOLD, True)
+        index = PlatformIndex(self.vecs.shape[1], kind, projection=self.projection)
+        index.upsert([self.ids[r][1] for r in rows], self.vecs[rows])
+        return pipeline.item_table(platform, index.snapshot(), counts, self.covisit)
+
+    def with_counts(self, counts: np.ndarray) -> "RankData":
+        """The same data with other item event counts float [n_items] (popularity)."""
+        return replace(self, counts=np.asarray(counts, np.float64))
 
     def with_vectors(self, vecs: np.ndarray, encoder: dict) -> "RankData":
         """The same data with another encoder's item vectors (same catalogue order)."""
         assert vecs.shape[0] == len(self.ids)
-        return RankData(self.dataset, self.ids, vecs, encoder, self.vocab, self.seqs,
-                        self.train_ids, self.val_ids, self.counts, covisit=self.covisit)
+        return replace(self, vecs=vecs, encoder=encoder)
 
 
-def platform_popularity(counts: np.ndarray, catalogue: dict[str, np.ndarray]):
-    """(log_pop, pop_pct) float32 [n_items]: popularity_features within each platform."""
-    log_pop = np.zeros(len(counts), np.float32)
-    pop_pct = np.zeros(len(counts), np.float32)
-    for rows in catalogue.values():
-        log_pop[rows], pop_pct[rows] = popularity_features(counts[rows])
-    return log_pop, pop_pct
+def retrieval_projection(vecs: np.ndarray, dims: int = RETRIEVAL_DIMS) -> np.ndarray:
+    """float32 [dim, dims]: the top right-singular vectors of the item vectors (uncentered:
+    the directions that carry most of their dot products)."""
+    _, _, vt = np.linalg.svd(vecs.astype(np.float64), full_matrices=False)
+    return np.ascontiguousarray(vt[:dims].T, dtype=np.float32)
 
 
 def load_data(repo: str | os.PathLike = "models", dataset: str = AMAZON,
@@ -194,43 +213,22 @@ def _window(data: RankData, q: Query, max_events: int) -> Window:
     return Window(events, data.vecs[rows])
 
 
-def encode_all(model, jobs: list[tuple[Window, str]], batch: int = ENCODE_BATCH) -> np.ndarray:
-    """float32 [len(jobs), dim] user vectors of (window, target platform) jobs; windows of
-    similar length are batched together (the ONNX model pads to the longest)."""
-    out = np.zeros((len(jobs), jobs[0][0].vectors.shape[1]), np.float32)
-    order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][0].events))
-    for b0 in range(0, len(order), batch):
-        idx = order[b0:b0 + batch]
-        vecs, _ = model.encode([jobs[j][0] for j in idx], [jobs[j][1] for j in idx])
-        out[idx] = vecs
-    return out
+def user_context(model, data: RankData, q: Query) -> UserContext:
+    """The ranker's view of the query's user, as the serving side gets it from fusion: the
+    input's last max_events as one window through services.fusion.model.encode_user (the
+    layout fusion serves), counts = events per platform in the whole input, history = the
+    window newest first."""
+    w = _window(data, q, model.max_events)
+    user = encode_user(model, w, q.target_platform)
+    plats, n = np.unique([data.ids[r][0] for r in q.rows], return_counts=True)
+    return UserContext(q.target_platform, user.for_platform, user.fused, user.per_platform,
+                       dict(zip(plats.tolist(), n.tolist())),
+                       [(e.platform, e.item_id) for e in reversed(w.events)],
+                       np.ascontiguousarray(w.vectors[::-1]))
 
 
 def user_contexts(model, data: RankData, queries: list[Query]) -> list[UserContext]:
-    """The ranker's view of each query's user, as the serving side builds it from fusion:
-    for_platform = tower(window, target), fused = tower(window, no platform),
-    per_platform[p] = tower(window's events on p, p), counts = events per platform in the
-    input, history = the window newest first. The window is the input's last max_events."""
-    jobs, slots = [], []
-    for q in queries:
-        w = _window(data, q, model.max_events)
-        platforms = sorted({e.platform for e in w.events})
-        slot = {"for": len(jobs), "fused": len(jobs) + 1, "per": {}}
-        jobs += [(w, q.target_platform), (w, FUSED_TARGET)]
-        for p in platforms:
-            slot["per"][p] = len(jobs)
-            jobs.append((w.only(p), p))
-        slots.append((q, w, slot))
-    vecs = encode_all(model, jobs)
-    out = []
-    for q, w, slot in slots:
-        plats = [data.ids[r][0] for r in q.rows]
-        counts = {p: plats.count(p) for p in sorted(set(plats))}
-        keys = [(e.platform, e.item_id) for e in reversed(w.events)]
-        out.append(UserContext(q.target_platform, vecs[slot["for"]], vecs[slot["fused"]],
-                               {p: vecs[j] for p, j in slot["per"].items()}, counts, keys,
-                               np.ascontiguousarray(w.vectors[::-1])))
-    return out
+    return [user_context(model, data, q) for q in queries]
 
 
 # ---------------------------------------------------------------------------- retrieval
@@ -249,125 +247,74 @@ def top_and_rank(scores: np.ndarray, k: int, target_local: np.ndarray | None = N
         top[r] = idx[np.lexsort((idx, -scores[r, idx]))][:k]
     ranks = None
     if target_local is not None:
-        st = scores[np.arange(q), target_local][:, None]
-        cols = np.arange(m)[None, :]
-        ranks = 1 + (scores > st).sum(1) + ((scores == st) & (cols < target_local[:, None])).sum(1)
+        ranks = full_ranks(scores, target_local)
     return top, ranks
 
 
-def retrieve(data: RankData, user_vecs: np.ndarray, platforms: list[str], n: int = CANDIDATES,
-             targets: np.ndarray | None = None, popular: int = 0, chunk: int = 256):
-    """Candidates per query: the query platform's `popular` most popular items (training
-    counts, ties by catalogue order) plus its best items by dot(user, item) until there are n,
-    all ordered by that dot product (ties by catalogue order); popular = 0 is plain exact
-    top-n retrieval over the whole catalogue.
+def full_ranks(scores: np.ndarray, target_local: np.ndarray) -> np.ndarray:
+    """1-based rank of column target_local[q] in each row of scores [q, m] (ties by column)."""
+    st = scores[np.arange(len(scores)), target_local][:, None]
+    cols = np.arange(scores.shape[1])[None, :]
+    return (1 + (scores > st).sum(1)
+            + ((scores == st) & (cols < target_local[:, None])).sum(1))
 
-    Returns (catalogue rows int64 [Q, n], and with targets: each target's 1-based rank when
-    the candidates come first in that order and every other item follows by dot product,
-    i.e. the pipeline's rank before re-ranking; None without targets).
-    """
+
+def batch_retrieve(data: RankData, user_vecs: np.ndarray, platforms: list[str],
+                   n: int = CANDIDATES, chunk: int = 256) -> np.ndarray:
+    """Training's retrieval: each query platform's top-n table rows by dot(user, item), ties
+    by row, as the table's index (services/ranking/index.py) finds them one query at a time
+    (exact, or pca's shortlist re-scored exactly), here a matmul per chunk of queries:
+    int64 [Q, n]."""
     top = np.zeros((len(platforms), n), np.int64)
-    ranks = np.zeros(len(platforms), np.int64) if targets is not None else None
     plats = np.asarray(platforms)
-    for p, rows in data.catalogue.items():
+    for p, table in data.tables.items():
         sel = np.flatnonzero(plats == p)
-        if not len(sel):
-            continue
-        local = None
-        if targets is not None:
-            pos = {int(r): i for i, r in enumerate(rows)}
-            local = np.array([pos[int(t)] for t in targets[sel]], np.int64)
-        forced = popular_local(data, p, popular)
-        mat = data.vecs[rows]
-        cols = np.arange(len(rows))[None, :]
+        snap = table.snapshot
         for c0 in range(0, len(sel), chunk):
             qs = sel[c0:c0 + chunk]
-            scores = user_vecs[qs] @ mat.T
-            if len(forced):
-                boosted = scores.copy()
-                boosted[:, forced] = np.inf
-                chosen, _ = top_and_rank(boosted, n)
-                # Re-order the chosen set by the true dot product, ties by catalogue order.
-                sub = np.take_along_axis(scores, chosen, 1)
-                order = np.stack([np.lexsort((c, -v)) for c, v in zip(chosen, sub)])
-                chosen = np.take_along_axis(chosen, order, 1)
-            else:
-                chosen, _ = top_and_rank(scores, n)
-            top[qs] = rows[chosen]
-            if local is not None:
-                t = local[c0:c0 + chunk]
-                st = scores[np.arange(len(qs)), t][:, None]
-                above = (scores > st) | ((scores == st) & (cols < t[:, None]))
-                inside = (chosen == t[:, None]).any(1)
-                pos_in = np.argmax(chosen == t[:, None], 1) + 1
-                above_in = np.take_along_axis(above, chosen, 1).sum(1)
-                ranks[qs] = np.where(inside, pos_in, n + 1 + above.sum(1) - above_in)
-    return top, ranks
+            if snap.kind != PCA:
+                top[qs], _ = top_and_rank(user_vecs[qs] @ table.vectors.T, n)
+                continue
+            short, _ = top_and_rank((user_vecs[qs] @ snap.projection) @ snap.projected.T,
+                                    PCA_SHORTLIST * n)
+            for j, q in enumerate(qs):
+                rows = np.sort(short[j])
+                top[q] = rows[top_rows(table.vectors[rows] @ user_vecs[q], n)]
+    return top
 
 
-def popular_local(data: RankData, platform: str, m: int) -> np.ndarray:
-    """Local catalogue indices of `platform`'s m most popular items (training counts)."""
-    if m <= 0:
-        return np.zeros(0, np.int64)
-    counts = data.counts[data.catalogue[platform]]
-    return np.lexsort((np.arange(len(counts)), -counts))[:m]
+def candidate_ranks(data: RankData, ctx: UserContext, cand_rows: np.ndarray,
+                    target_row: int) -> int:
+    """The target's 1-based rank before re-ranking: its candidate position, or below the
+    candidates, n + its rank by dot product among the rest (table rows; ties by row)."""
+    hit = np.flatnonzero(cand_rows == target_row)
+    if len(hit):
+        return int(hit[0]) + 1
+    table = data.tables[ctx.target_platform]
+    scores = table.vectors @ ctx.for_platform
+    scores[cand_rows] = -np.inf
+    return len(cand_rows) + int(full_ranks(scores[None], np.array([target_row]))[0])
 
 
-def features_for(data: RankData, ctx: UserContext, cand_rows: np.ndarray, sums,
-                 log_pop: np.ndarray | None = None, pop_pct: np.ndarray | None = None):
-    """candidate_features of catalogue rows `cand_rows` (retrieval order) with the user's
-    co-visit `sums` (CoVisits.user_sums): float32 [N, F]."""
-    log_pop = data.log_pop if log_pop is None else log_pop
-    pop_pct = data.pop_pct if pop_pct is None else pop_pct
-    return candidate_features(ctx, [data.ids[r][1] for r in cand_rows], data.vecs[cand_rows],
-                              log_pop[cand_rows], pop_pct[cand_rows],
-                              data.covisit.features(sums, cand_rows))
-
-
-def candidates(data: RankData, ctxs: list[UserContext], n: int = CANDIDATES,
-               popular: int = 0, covisit: int = COVISIT_CANDIDATES,
-               targets: np.ndarray | None = None, own: list[np.ndarray | None] | None = None):
-    """The ranker's candidates per query, as serving builds them: retrieve()'s n by dot
-    product merged with up to `covisit` co-visit items (merge_candidates).
-
-    Returns (catalogue rows int64 [Q, n], co-visit sums per query, and with targets each
-    target's 1-based rank when the candidates come first and every other item follows by
-    dot product, else None). `own[i]`: training user's every item row, left out of the
-    co-visit counts (CoVisits.sums).
-    """
-    users = np.stack([c.for_platform for c in ctxs])
-    platforms = [c.target_platform for c in ctxs]
-    dense, dense_ranks = retrieve(data, users, platforms, n, targets, popular)
-    out = np.zeros_like(dense)
-    sums, ranks = [], None if targets is None else np.zeros(len(ctxs), np.int64)
-    for i, ctx in enumerate(ctxs):
-        s = data.covisit.user_sums(ctx.history_keys, ctx.target_platform,
-                                   None if own is None else own[i])
-        sums.append(s)
-        extra = data.covisit.top(s, ctx.target_platform, covisit)
-        out[i] = merge_candidates(dense[i].tolist(), extra, n, covisit)
-        if targets is None:
-            continue
-        hit = np.flatnonzero(out[i] == targets[i])
-        if len(hit):
-            ranks[i] = hit[0] + 1
-        else:  # below the candidates: the items above it by dot product that are not in them
-            dots = data.vecs[out[i]] @ users[i]
-            t_dot = float(data.vecs[targets[i]] @ users[i])
-            above = ((dots > t_dot) | ((dots == t_dot) & (out[i] < targets[i]))).sum()
-            ranks[i] = n + 1 + (dense_ranks[i] - 1 - above)
-    return out, sums, ranks
+def local_row(data: RankData, q: Query) -> int:
+    """The query target's row in its platform's table (-1: unknown)."""
+    return data.local.get(q.target_row, -1)
 
 
 def query_features(model, data: RankData, queries: list[Query], n: int = CANDIDATES,
-                   popular: int = 0, covisit: int = COVISIT_CANDIDATES):
-    """(features float32 [Q, n, F], candidate rows int64 [Q, n], target's rank before
-    re-ranking int64 [Q]) for queries with known targets (see candidates)."""
-    ctxs = user_contexts(model, data, queries)
-    targets = np.array([q.target_row for q in queries], np.int64)
-    cands, sums, ranks = candidates(data, ctxs, n, popular, covisit, targets)
-    feats = np.stack([features_for(data, c, r, s) for c, r, s in zip(ctxs, cands, sums)])
-    return feats, cands, ranks
+                   covisit: int = COVISIT_CANDIDATES):
+    """(features float32 [Q, n, F], candidate table rows int64 [Q, n], target's rank before
+    re-ranking int64 [Q]) for queries with known targets: the serving pipeline, query by
+    query (services/ranking/pipeline.py)."""
+    feats, cands, ranks = [], [], []
+    for q in queries:
+        ctx = user_context(model, data, q)
+        table = data.tables[q.target_platform]
+        c = pipeline.candidates(ctx, table, data.covisit, n, covisit)
+        feats.append(pipeline.features(ctx, table, c, data.covisit))
+        cands.append(c.rows)
+        ranks.append(candidate_ranks(data, ctx, c.rows, local_row(data, q)))
+    return np.stack(feats), np.stack(cands), np.array(ranks, np.int64)
 
 
 # ---------------------------------------------------------------------------- training data
@@ -376,7 +323,6 @@ def query_features(model, data: RankData, queries: list[Query], n: int = CANDIDA
 class TrainConfig:
     seed: int = 0
     candidates: int = CANDIDATES
-    popular_candidates: int = POPULAR_CANDIDATES
     covisit_candidates: int = COVISIT_CANDIDATES
     positions_per_user: int = 6    # sampled next-item positions per training user
     # ...plus each platform's last event, the position the evaluation (and a backend asking
@@ -385,12 +331,14 @@ class TrainConfig:
     cold_fraction: float = 0.5     # of those, the share made cold-platform examples
     dev_fraction: float = 0.1      # training users kept for early stopping (never val users)
     hidden: tuple[int, ...] = (64, 32)
-    epochs: int = 12
+    # A fixed number of epochs (the dev-best kept), not a time budget: the model must not
+    # depend on how busy the export machine was.
+    epochs: int = 6
     batch: int = 128
     lr: float = 3e-3
     weight_decay: float = 1e-4
     patience: int = 3
-    max_train_s: float = 240.0
+    max_train_s: float = 1800.0  # a safety stop only
 
 
 def training_queries(data: RankData, users: list[ud.UserSeq], cfg: TrainConfig,
@@ -413,20 +361,22 @@ def training_queries(data: RankData, users: list[ud.UserSeq], cfg: TrainConfig,
     return out
 
 
-def leave_user_out_popularity(data: RankData, s: ud.UserSeq):
-    """(log_pop, pop_pct) of training counts without user `s`'s own events: a validation
-    user's events are not in the counts either, so a target's popularity is not inflated by
-    the very event being predicted."""
+def leave_user_out_popularity(data: RankData, s: ud.UserSeq) -> dict[str, tuple]:
+    """Per platform, (log_pop, pop_pct) float32 [table rows] of training counts without user
+    `s`'s own events: a validation user's events are not in the counts either, so a target's
+    popularity is not inflated by the very event being predicted."""
     counts = data.counts.copy()
     if s.user_id in data.train_ids:
         np.subtract.at(counts, s.items, 1.0)
-    return platform_popularity(counts, data.catalogue)
+    return {p: popularity_features(counts[rows]) for p, rows in data.catalogue.items()}
 
 
 def build_examples(model, data: RankData, users: list[ud.UserSeq], cfg: TrainConfig,
                    rng: np.random.Generator, chunk_users: int = 400, label: str = "train"):
     """(features float32 [M, N, F], target position int64 [M], stats) of the sampled queries
-    whose target is among the CANDIDATES retrieved."""
+    whose target is among the CANDIDATES retrieved: serving's pipeline.candidates and
+    pipeline.features, with training's batched exact retrieval, each training user left out
+    of the co-visit counts and the popularity."""
     xs, ys = [], []
     n_queries = n_cold = n_kept = n_kept_cold = 0
     start = time.monotonic()
@@ -434,22 +384,25 @@ def build_examples(model, data: RankData, users: list[ud.UserSeq], cfg: TrainCon
         part = users[u0:u0 + chunk_users]
         queries = training_queries(data, part, cfg, rng)
         ctxs = user_contexts(model, data, queries)
-        targets = np.array([q.target_row for q in queries])
+        dense = batch_retrieve(data, np.stack([c.for_platform for c in ctxs]),
+                               [q.target_platform for q in queries], cfg.candidates)
         own_of = {s.user_id: s.items if s.user_id in data.train_ids else None for s in part}
-        cands, sums, _ = candidates(data, ctxs, cfg.candidates, cfg.popular_candidates,
-                                    cfg.covisit_candidates,
-                                    own=[own_of[q.user_id] for q in queries])
         pops = {s.user_id: leave_user_out_popularity(data, s) for s in part}
-        for q, c, rows, target, sm in zip(queries, ctxs, cands, targets, sums):
-            cold = q.target_platform not in c.per_platform
+        for q, ctx, rows in zip(queries, ctxs, dense):
+            cold = q.target_platform not in ctx.per_platform
             n_queries += 1
             n_cold += cold
-            hit = np.flatnonzero(rows == target)
+            table = data.tables[q.target_platform]
+            c = pipeline.candidates(ctx, table, data.covisit, cfg.candidates,
+                                    cfg.covisit_candidates, retrieve=lambda *_, r=rows: r,
+                                    own_rows=own_of[q.user_id])
+            hit = np.flatnonzero(c.rows == local_row(data, q))
             if not len(hit):
                 continue
             n_kept += 1
             n_kept_cold += cold
-            xs.append(features_for(data, c, rows, sm, *pops[q.user_id]))
+            xs.append(pipeline.features(ctx, table, c, data.covisit,
+                                        pops[q.user_id][q.target_platform]))
             ys.append(int(hit[0]))
         log.info("%s examples: %d/%d users, %d queries (%d cold), %d kept (target in top-%d)"
                  ", %.0fs", label, min(u0 + chunk_users, len(users)), len(users), n_queries,
@@ -608,7 +561,8 @@ def check_parity(model, path: Path, feature_sets: list[np.ndarray]) -> dict:
     return result
 
 
-def io_meta(n_candidates: int = CANDIDATES, popular: int = 0, covisit: int = 0) -> dict:
+def io_meta(n_candidates: int = CANDIDATES, covisit: int = 0, history_events: int = 50
+            ) -> dict:
     return {
         "format": "onnx", "opset": OPSET, "model_file": "model.onnx",
         "input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME],
@@ -616,27 +570,25 @@ def io_meta(n_candidates: int = CANDIDATES, popular: int = 0, covisit: int = 0) 
                                 "shape": ["batch", "candidates", N_FEATURES]}},
         "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": ["batch", "candidates"]}},
         "features": list(FEATURES), "n_features": N_FEATURES, "candidates": n_candidates,
-        "popular_candidates": popular, "covisit_candidates": covisit,
-        "covisit_file": COVISIT_FILE,
-        "candidate_rule": "the target platform's popular_candidates most popular items "
-                          "(item_counts.npz, ties by catalogue order) plus its best items by "
-                          "dot(for_platform user vector, item vector) until there are "
-                          "`candidates`, all ordered by that dot product (ties by catalogue "
-                          "order); then services.ranking.covisit.merge_candidates puts up to "
-                          "covisit_candidates co-visit items (CoVisits.top of the user's "
-                          "history window) in place of the last ones; retrieval_pct = "
-                          "position in the merged list / candidates",
-        "feature_function": "services.ranking.features.candidate_features (raw, unscaled: "
+        "covisit_candidates": covisit, "covisit_file": COVISIT_FILE,
+        "retrieval_file": RETRIEVAL_FILE,
+        "history_events": history_events,
+        "candidate_rule": "services.ranking.pipeline.candidates: the target platform's best "
+                          "`candidates` items by dot(for_platform user vector, item vector) "
+                          "(ties by catalogue row), up to covisit_candidates of the last "
+                          "replaced by co-visit items of the user's newest history_events "
+                          "events; retrieval_pct = position in that list / candidates",
+        "feature_function": "services.ranking.pipeline.features (raw, unscaled: "
                             "standardisation is inside the model)",
         "score": "higher is better; sort candidates by score descending",
     }
 
 
 def write_version(repo: str | os.PathLike, model, meta: dict, parity_sets: list[np.ndarray],
-                  counts: np.ndarray | None = None, ids=None, eval_fn=None,
-                  covisit: CoVisits | None = None) -> tuple[Path, dict]:
-    """Export, gate on parity, write models/ranker/<N>/ (model.onnx, item_counts.npz when
-    counts are given, covisit.npz, meta.json last). Nothing is written unless parity holds."""
+                  projection: np.ndarray, eval_fn=None, covisit: CoVisits | None = None,
+                  history_events: int = 50) -> tuple[Path, dict]:
+    """Export, gate on parity, write models/ranker/<N>/ (model.onnx, covisit.npz,
+    retrieval.npz, meta.json last). Nothing is written unless parity holds."""
     with new_version(repo, MODEL_NAME) as (tmp, version):
         onnx_path = tmp / "model.onnx"
         export_onnx(model, onnx_path)
@@ -645,17 +597,11 @@ def write_version(repo: str | os.PathLike, model, meta: dict, parity_sets: list[
                  parity["max_abs_diff"], parity["n_lists"], PARITY_TOLERANCE)
         cfg = meta.get("train_config", {})
         meta = dict(meta, **io_meta(cfg.get("candidates", CANDIDATES),
-                                    cfg.get("popular_candidates", 0),
-                                    cfg.get("covisit_candidates", 0)),
+                                    cfg.get("covisit_candidates", 0), history_events),
                     name=MODEL_NAME, version=version, parity=parity)
-        if counts is not None:
-            # The popularity the ranker was trained with, for serving's popularity_features.
-            np.savez_compressed(tmp / "item_counts.npz",
-                                platform=np.array([p for p, _ in ids]),
-                                item_id=np.array([i for _, i in ids]), count=counts)
-            meta["item_counts_file"] = "item_counts.npz"
         if covisit is not None:
             covisit.save(tmp / COVISIT_FILE)
+        np.savez(tmp / RETRIEVAL_FILE, projection=projection)
         if eval_fn is not None:
             meta = eval_fn(onnx_path, meta)
         write_meta(tmp, meta)
@@ -680,21 +626,21 @@ def rerank_ranks(scores: np.ndarray, retrieval_ranks: np.ndarray, cands: np.ndar
 
 
 def validation_metrics(session, model, data: RankData, n: int = CANDIDATES,
-                       popular: int = 0, covisit: int = COVISIT_CANDIDATES) -> dict:
+                       covisit: int = COVISIT_CANDIDATES) -> dict:
     """Protocol A (last event per platform, full catalogue) on the validation users:
     retrieval order vs re-ranked, warm and cold platform."""
     val = [s for s in data.seqs if s.user_id in data.val_ids]
     out = {}
     for setting, cold in (("warm", False), ("cold", True)):
         queries = [q for s in val for q in last_on_platform_queries(data, s, cold)]
-        feats, cands, ranks = query_features(model, data, queries, n, popular, covisit)
-        targets = np.array([q.target_row for q in queries])
+        feats, cands, ranks = query_features(model, data, queries, n, covisit)
+        targets = np.array([local_row(data, q) for q in queries])
         reranked = rerank_ranks(ort_scores(session, feats), ranks, cands, targets)
         out[setting] = {
             "retrieval": ud.metrics_from_ranks(ranks),
             "reranked": ud.metrics_from_ranks(reranked),
             "candidate_recall": float((ranks <= n).mean()), "candidates": n,
-            "popular_candidates": popular, "covisit_candidates": covisit,
+            "covisit_candidates": covisit,
         }
         log.info("validation %s (%d queries): retrieval NDCG@10 %.4f -> re-ranked %.4f "
                  "(HR@10 %.4f -> %.4f), candidate recall@%d %.3f", setting, len(queries),
@@ -741,12 +687,12 @@ def run(cfg: TrainConfig, repo: str | os.PathLike, dataset: str = AMAZON,
     val = [s for s in data.seqs if s.user_id in data.val_ids]
     parity_queries = [q for s in val[:64] for q in last_on_platform_queries(data, s, False)]
     pf, _, _ = query_features(model, data, parity_queries, cfg.candidates,
-                              cfg.popular_candidates, cfg.covisit_candidates)
+                              cfg.covisit_candidates)
     parity_sets = [pf, pf[:5, :37], x_dev[:64]]
 
     def eval_fn(onnx_path: Path, meta: dict) -> dict:
         meta["validation"] = validation_metrics(ort_session(onnx_path), model, data,
-                                                cfg.candidates, cfg.popular_candidates,
+                                                cfg.candidates,
                                                 cfg.covisit_candidates)
         return meta
 
@@ -755,7 +701,7 @@ def run(cfg: TrainConfig, repo: str | os.PathLike, dataset: str = AMAZON,
         "user_tower": {"name": model.name, "version": model.version,
                        "baseline": bool(model.baseline)},
         "encoder": data.encoder,
-        "popularity": "item event counts of the training users (item_counts.npz); each "
+        "popularity": "item event counts of the training users (served: fusion's); each "
                       "training example's own user is left out of them",
         "covisit": f"{COVISIT_FILE}: pairs of items the same training user had (user-level, "
                    f"repeats once), {len(data.covisit)} items, "
@@ -775,8 +721,8 @@ def run(cfg: TrainConfig, repo: str | os.PathLike, dataset: str = AMAZON,
         "exporter": {"torch": torch.__version__, "python": _platform.python_version(),
                      "threads": torch.get_num_threads()},
     }
-    path, meta = write_version(repo, ranker, meta, parity_sets, data.counts, data.ids, eval_fn,
-                               data.covisit)
+    path, meta = write_version(repo, ranker, meta, parity_sets, data.projection, eval_fn,
+                               data.covisit, model.max_events)
     log.info("wrote %s (%d params, total %.0fs)", path, n_params, time.monotonic() - t0)
     return path, meta
 
@@ -801,8 +747,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--candidates", type=int, default=CANDIDATES,
                         help="candidates re-ranked per query (serving must use the same)")
-    parser.add_argument("--popular-candidates", type=int, default=POPULAR_CANDIDATES,
-                        help="of those, the platform's most popular items always included")
     parser.add_argument("--covisit-candidates", type=int, default=COVISIT_CANDIDATES,
                         help="of those, up to this many from co-visitation")
     parser.add_argument("--threads", type=int, default=2)
@@ -816,7 +760,6 @@ def main(argv: list[str] | None = None) -> int:
     limit_blas_threads()
     cfg = TrainConfig(seed=args.seed, positions_per_user=args.positions_per_user,
                       epochs=args.epochs, candidates=args.candidates,
-                      popular_candidates=args.popular_candidates,
                       covisit_candidates=args.covisit_candidates)
     run(cfg, args.model_repo, args.dataset, args.user_tower_version, args.allow_baseline)
     return 0

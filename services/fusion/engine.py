@@ -16,7 +16,7 @@ from services.common import metrics
 from services.common.errors import DOWNSTREAM_BUDGET_SHARE, BudgetSpent, InvalidInput
 from services.common.events import (MAX_BATCH_EVENTS, MAX_SESSION_EVENTS, Event, check_id,
                                     check_platform, validate_event)
-from services.fusion.model import Window
+from services.fusion.model import Window, encode_user
 from services.fusion.store import ItemKey, ProfileStore
 
 log = logging.getLogger("crossrec.fusion")
@@ -279,29 +279,26 @@ class FusionEngine:
                                              cache_new=False)
         events.sort(key=lambda e: (e.event_time_ms, e.event_id))
         window = Window.of(events[-self.model.max_events:], vectors)
-        platforms = sorted({e.platform for e in window.events})
-        targets = ["", *platforms] + ([for_platform] if for_platform else [])
-        windows = [window] + [window.only(p) for p in platforms] + ([window] if for_platform else [])
-        vecs, weights = self.model.encode(windows, targets)
-        profile.fused = vecs[0]
-        shares = {p: float(weights[0][[e.platform == p for e in window.events]].sum())
-                  for p in platforms}
-        for j, p in enumerate(platforms):
+        user = encode_user(self.model, window, for_platform)
+        profile.fused = user.fused
+        shares = {p: float(user.fused_weights[[e.platform == p for e in window.events]].sum())
+                  for p in user.platforms}
+        for p in user.platforms:
             h = history.get(p)
             session_here = [e for e in session_events if e.platform == p]
             profile.platforms.append(PlatformView(
-                platform=p, vector=vecs[1 + j],
+                platform=p, vector=user.per_platform[p],
                 event_count=(h.count if h else 0) + len(session_here),
                 last_seen_ms=max([h.last_seen_ms if h else 0] +
                                  [e.event_time_ms for e in session_here]),
                 fusion_weight=shares[p]))
-        if for_platform:
-            profile.for_platform_vector = vecs[-1]
+        profile.for_platform_vector = user.for_platform
         if recent_limit:
-            explain = weights[-1] if for_platform else weights[0]
-            order = np.argsort([-(e.event_time_ms) for e in window.events], kind="stable")
+            # Newest first is the window reversed: the order the ranker was trained on.
+            explain = user.for_platform_weights if for_platform else user.fused_weights
+            newest = range(len(window.events) - 1, -1, -1)
             profile.recent = [(window.events[i], window.vectors[i], float(explain[i]))
-                              for i in order[:recent_limit]]
+                              for i in list(newest)[:recent_limit]]
         return profile
 
     def close(self) -> None:

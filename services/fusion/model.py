@@ -13,9 +13,20 @@ import numpy as np
 
 from services.common.events import Event
 from services.common.modelrepo import read_meta
-from services.fusion.pooling import HALF_LIFE_EVENTS, baseline_user_vec, rank_ages
+from services.fusion.pooling import (ACTION_NAMES, DEFAULT_ACTION_WEIGHT, HALF_LIFE_EVENTS,
+                                     baseline_user_vec, rank_ages)
 
 log = logging.getLogger("crossrec.fusion")
+
+# Every key export/user_tower.py writes into meta.json is read by serving (SERVED, in
+# OnnxUserModel below) or is a record for people (INFORMATIONAL); tests/unit/test_model_meta.py
+# fails on a key that is neither.
+SERVED = ("name", "version", "max_events", "dim", "platform_vocab", "unknown_platform_id",
+          "action_vocab", "default_action_weight", "model_file", "input_names", "output_names")
+INFORMATIONAL = ("format", "opset", "inputs", "outputs", "features", "score", "temperature",
+                 "actions_seen_in_training", "actions_tied_to_interact", "baseline",
+                 "created_at", "dataset", "encoder", "evaluation", "exporter", "metrics",
+                 "parity", "seed", "split", "train_config", "training")
 
 
 @dataclass
@@ -37,6 +48,34 @@ class Window:
 
     def weights(self) -> np.ndarray:
         return np.asarray([e.weight for e in self.events], dtype=np.float32)
+
+
+@dataclass
+class UserVectors:
+    """One user's vectors from one window, float32 [dim] each, L2-normalised."""
+    platforms: list[str]                    # the window's platforms, sorted
+    fused: np.ndarray                       # the window for no particular platform
+    per_platform: dict[str, np.ndarray]     # platform p: the window's events on p, for p
+    for_platform: np.ndarray | None         # the window as seen by `for_platform`
+    fused_weights: np.ndarray               # float32 [n events]: weights in `fused`
+    for_platform_weights: np.ndarray | None
+
+
+def encode_user(model, window: Window, for_platform: str = "") -> UserVectors:
+    """The user-window layout, the one fusion serves and export trains and evaluates on: one
+    model call over [the window for "" (fused), the window's events on each platform p for p,
+    the window for `for_platform` (when given)]. The same window gives the same vectors on
+    every path, bit for bit: same batch, same order, same padding."""
+    platforms = sorted({e.platform for e in window.events})
+    windows = [window] + [window.only(p) for p in platforms]
+    targets = ["", *platforms]
+    if for_platform:
+        windows.append(window)
+        targets.append(for_platform)
+    vecs, weights = model.encode(windows, targets)
+    return UserVectors(platforms, vecs[0], {p: vecs[1 + j] for j, p in enumerate(platforms)},
+                       vecs[-1] if for_platform else None, weights[0],
+                       weights[-1] if for_platform else None)
 
 
 class BaselineUserModel:
@@ -68,20 +107,36 @@ class OnnxUserModel:
         self.meta = read_meta(self.model_dir)
         self.name = self.meta["name"]
         self.version = int(self.meta["version"])
+        missing = [k for k in SERVED if k not in self.meta]
+        if missing:
+            raise ValueError(f"user tower {self.model_dir} meta.json lacks {missing}; export a "
+                             "new version: python -m export.user_tower")
         self.max_events = int(self.meta["max_events"])
         self.dim = int(self.meta["dim"])
         self.platform_ids: dict[str, int] = self.meta["platform_vocab"]
+        self.unknown_platform_id = int(self.meta["unknown_platform_id"])
+        # The model embeds Action enum values directly and weighs unset weights by the one
+        # table in services/common/events.py: refuse a model trained on other numbers.
+        vocab = {name: int(i) for name, i in self.meta["action_vocab"].items()}
+        weights = {ACTION_NAMES[a]: w for a, w in DEFAULT_ACTION_WEIGHT.items()}
+        if vocab != {name: a for a, name in enumerate(ACTION_NAMES)} or \
+                self.meta["default_action_weight"] != weights:
+            raise ValueError(f"user tower {self.model_dir} was trained on other action ids or "
+                             "default weights than serving uses; export a new version")
+        self.input_names = list(self.meta["input_names"])
+        self.output_names = list(self.meta["output_names"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.model_dir / "model.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.model_dir / self.meta["model_file"]),
+                                            options, providers=["CPUExecutionProvider"])
         log.info("user model loaded", extra={"fields": {
             "model": self.name, "version": self.version, "platforms": self.platform_ids}})
 
     def platform_id(self, platform: str) -> int:
-        """Vocabulary id; 0 for "" (no particular platform) and platforms unseen in training."""
-        return self.platform_ids.get(platform, 0)
+        """Vocabulary id; unknown_platform_id for "" (no particular platform) and platforms
+        unseen in training."""
+        return self.platform_ids.get(platform, self.unknown_platform_id)
 
     def encode(self, windows: list[Window], targets: list[str]):
         batch, length = len(windows), max(1, max(len(w.events) for w in windows))
@@ -103,7 +158,8 @@ class OnnxUserModel:
             ages[b, at] = rank_ages(n)
             mask[b, at] = 1.0
         target = np.asarray([self.platform_id(t) for t in targets], np.int64)
-        vecs, event_weights = self.session.run(["user_vec", "event_weights"], {
-            "item_vecs": item_vecs, "platform_ids": platform_ids, "action_ids": action_ids,
-            "weights": weights, "ages": ages, "mask": mask, "target_platform": target})
+        feeds = {"item_vecs": item_vecs, "platform_ids": platform_ids, "action_ids": action_ids,
+                 "weights": weights, "ages": ages, "mask": mask, "target_platform": target}
+        vecs, event_weights = self.session.run(self.output_names,
+                                               {n: feeds[n] for n in self.input_names})
         return vecs, [event_weights[b, length - len(w.events):] for b, w in enumerate(windows)]

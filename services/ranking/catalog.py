@@ -17,7 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
-from services.ranking.index import EXACT, HNSW, PlatformIndex
+from services.ranking.index import EXACT, HNSW, KINDS, PCA, PlatformIndex
+
+# Items per platform above which "auto" indexes with HNSW (bench/recommend.py: pca's scan
+# stops being cheap there).
+HNSW_THRESHOLD = 200_000
+
+
+def index_kind(requested: str, size: int, hnsw_threshold: int, has_projection: bool) -> str:
+    """The index kind of a platform with `size` items: `requested` unless "auto", which is
+    pca (exact without the ranker's projection) up to `hnsw_threshold` items, HNSW above.
+    The same rule for serving and the offline evaluation (export/evaluate.py)."""
+    if requested != "auto":
+        return requested
+    if size > hnsw_threshold:
+        return HNSW
+    return PCA if has_projection else EXACT
 
 
 @dataclass(frozen=True)
@@ -39,18 +54,24 @@ class MemoryCatalog:
     auto (HNSW once a platform has more than `hnsw_threshold` items; exact below, where a
     scan is both exact and fast enough)."""
 
-    def __init__(self, dim: int, index: str = "auto", hnsw_threshold: int = 200_000):
-        if index not in ("auto", EXACT, HNSW):
-            raise ValueError(f"index must be auto, exact or hnsw, got {index!r}")
+    def __init__(self, dim: int, index: str = "auto", hnsw_threshold: int = HNSW_THRESHOLD,
+                 projection: np.ndarray | None = None):
+        if index not in ("auto", *KINDS):
+            raise ValueError(f"index must be auto or one of {KINDS}, got {index!r}")
+        if index == PCA and projection is None:
+            raise ValueError("index pca needs the ranker's retrieval projection")
         self.dim = dim
         self.index_kind, self.hnsw_threshold = index, hnsw_threshold
+        self.projection = projection
         self._items: dict[str, dict[str, CatalogItem]] = {}
         self._indexes: dict[str, PlatformIndex] = {}
 
     def _kind(self, size: int) -> str:
-        if self.index_kind != "auto":
-            return self.index_kind
-        return HNSW if size > self.hnsw_threshold else EXACT
+        return index_kind(self.index_kind, size, self.hnsw_threshold,
+                          self.projection is not None)
+
+    def _new_index(self, size: int) -> PlatformIndex:
+        return PlatformIndex(self.dim, self._kind(size), projection=self.projection)
 
     def _replace_all(self, rows: dict[str, list[Row]]) -> None:
         """Swap in the whole catalogue `rows` per platform; readers see the old or the new."""
@@ -59,7 +80,7 @@ class MemoryCatalog:
         for platform, platform_rows in rows.items():
             items[platform] = {i: CatalogItem(i, platform, t, json.loads(a), x)
                                for i, t, a, x, _ in platform_rows}
-            index = PlatformIndex(self.dim, self._kind(len(platform_rows)))
+            index = self._new_index(len(platform_rows))
             index.upsert([i for i, *_ in platform_rows],
                          np.frombuffer(b"".join(r[-1] for r in platform_rows), np.float32)
                          .reshape(len(platform_rows), self.dim))
@@ -92,14 +113,14 @@ class MemoryCatalog:
                 stored[items[n].item_id] = items[n]
             index = self._indexes.get(platform)
             if index is None:
-                index = self._indexes[platform] = PlatformIndex(self.dim, self._kind(len(rows)))
+                index = self._indexes[platform] = self._new_index(len(rows))
             index.upsert([items[n].item_id for n in rows], vectors[rows])
-            if index.kind == EXACT and self._kind(len(index)) == HNSW:
+            if index.kind != HNSW and self._kind(len(index)) == HNSW:
                 self._indexes[platform] = self._reindexed(index, HNSW)
 
     def _reindexed(self, old: PlatformIndex, kind: str) -> PlatformIndex:
         ids = old.item_ids
-        index = PlatformIndex(self.dim, kind)
+        index = PlatformIndex(self.dim, kind, projection=self.projection)
         index.upsert(ids, old.vectors(ids))
         return index
 
@@ -116,8 +137,8 @@ class Catalog(MemoryCatalog):
     """SQLite-backed, one process. Thread-safe; see MemoryCatalog for `index`."""
 
     def __init__(self, path: str | Path, dim: int, index: str = "auto",
-                 hnsw_threshold: int = 200_000):
-        super().__init__(dim, index, hnsw_threshold)
+                 hnsw_threshold: int = HNSW_THRESHOLD, projection: np.ndarray | None = None):
+        super().__init__(dim, index, hnsw_threshold, projection)
         self.path = str(path)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)

@@ -2,7 +2,8 @@
 
 The collaborative signal the text-based user tower lacks: export/ranker.py counts it over the
 training users, writes it beside the ranker (models/ranker/<N>/covisit.npz), and the ranker
-reads it as features (`CoVisits.features`) and as a second candidate source (`top`). Numpy only:
+reads it as features (`CoVisits.features`) and as a second candidate source
+(services/ranking/pipeline.covisit_top). Numpy only:
 serving loads it without torch or scipy.
 
 Memory: the full symmetric count matrix (CSR, uint16 counts), ~30 MB for the 38,396-item
@@ -51,9 +52,23 @@ class CoVisits:
         self.row_of = {key: r for r, key in enumerate(self.keys)}
         platforms = np.array([p for p, _ in self.keys])
         self._platform_rows = {p: np.flatnonzero(platforms == p) for p in set(platforms.tolist())}
+        # Per row, a small code of its platform (platform_code(p)), for masks over rows.
+        self._codes = {p: c for c, p in enumerate(sorted(self._platform_rows))}
+        self.codes = np.zeros(len(self.keys), np.int16)
+        for p, rows in self._platform_rows.items():
+            self.codes[rows] = self._codes[p]
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def platform_code(self, platform: str) -> int:
+        """The `codes` value of `platform`'s rows; -1 for a platform the counts do not know."""
+        return self._codes.get(platform, -1)
+
+    def platform_rows(self, platform: str) -> np.ndarray:
+        """int64 rows of `platform`'s items, ascending."""
+        rows = self._platform_rows.get(platform)
+        return np.zeros(0, np.int64) if rows is None else rows
 
     @classmethod
     def from_users(cls, keys: list[tuple[str, str]], user_rows: list[np.ndarray]) -> "CoVisits":
@@ -100,8 +115,6 @@ class CoVisits:
         are inside the counts; that user's own contribution is taken out, so training sees
         what a user unknown to the counts would get."""
         n = len(self)
-        same, other = np.zeros(n, np.float32), np.zeros(n, np.float32)
-        cos, last = np.zeros(n, np.float32), np.zeros(n, np.float32)
         deg = self.deg
         own = None
         if own_rows is not None and len(own_rows):
@@ -113,13 +126,22 @@ class CoVisits:
         plats = history_platforms[keep][first]
         newest = int(history_rows[keep][0]) if len(hist) else -1
         weight = 1.0 / np.sqrt(np.maximum(deg[hist], 1.0))
-        for r, p, w in zip(hist.tolist(), plats.tolist(), weight.tolist()):
-            lo, hi = self.indptr[r], self.indptr[r + 1]
-            cols, counts = self.indices[lo:hi], self.counts[lo:hi]
-            (same if p == target else other)[cols] += counts
-            cos[cols] += w * counts
-            if r == newest:
-                last[cols] = counts
+        # Every history item's CSR slice at once: entries [lo, hi) of each item, owner = the
+        # history item an entry belongs to.
+        lo, hi = self.indptr[hist], self.indptr[hist + 1]
+        lens = hi - lo
+        owner = np.repeat(np.arange(len(hist)), lens)
+        entries = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens) + lo[owner]
+        cols = self.indices[entries]
+        counts = self.counts[entries].astype(np.float64)
+        on_target = (plats == target)[owner]
+        same = np.bincount(cols, counts * on_target, n).astype(np.float32)
+        other = np.bincount(cols, counts * ~on_target, n).astype(np.float32)
+        cos = np.bincount(cols, counts * weight[owner], n).astype(np.float32)
+        last = np.zeros(n, np.float32)
+        if newest >= 0:
+            at = owner == int(np.searchsorted(hist, newest))
+            last[cols[at]] = counts[at]
         if own is not None:
             # The user added 1 to counts[i, j] for every pair of their distinct items i != j,
             # and every history item is one of them.
@@ -154,57 +176,3 @@ class CoVisits:
         out[known, 3] = np.log1p(100 * np.maximum(sums.cos[r], 0) / np.sqrt(np.maximum(deg, 1)))
         out[known, 4] = np.log1p(np.maximum(sums.last[r], 0))
         return out
-
-    def top(self, sums, platform: str, m: int, allowed=None) -> list[int]:
-        """Up to m rows of `platform` by the item-kNN score (positive only), best first, ties
-        by row; `allowed(row) -> bool` filters (catalogue membership, exclusions)."""
-        rows = self._platform_rows.get(platform)
-        if m <= 0 or rows is None:
-            return []
-        score = (sums.same[rows] + sums.other[rows]) / np.sqrt(np.maximum(sums.deg[rows], 0) + 1)
-        keep = score > 0
-        rows, score = rows[keep], score[keep]
-        # Sorting only the best few times m (every row tied with the last of them included)
-        # gives the same order; the rest is sorted only if the filter rejects that many.
-        few = 4 * m
-        if len(rows) > few:
-            kth = -np.partition(-score, few - 1)[few - 1]
-            best = score >= kth
-            order = self._take(rows[best], score[best], m, allowed)
-            if len(order) == m or best.all():
-                return order
-        return self._take(rows, score, m, allowed)
-
-    @staticmethod
-    def _take(rows: np.ndarray, score: np.ndarray, m: int, allowed) -> list[int]:
-        out = []
-        for r in rows[np.lexsort((rows, -score))].tolist():
-            if allowed is None or allowed(r):
-                out.append(r)
-                if len(out) == m:
-                    break
-        return out
-
-
-def merge_candidates(dense: list, covisit: list, n: int, m: int) -> list:
-    """The ranker's candidate list of length <= n: the first n - m of `dense` (nearest
-    neighbours of the user vector, best first), then up to m of `covisit` (best first) not
-    already in, then the following `dense` items until n. Training and serving both use it,
-    so the retrieval_pct feature means the same in both."""
-    head = list(dense[:max(n - m, 0)])
-    taken = set(head)
-    extras = []
-    for c in covisit:
-        if len(extras) == m:
-            break
-        if c not in taken:
-            extras.append(c)
-            taken.add(c)
-    out = head + extras
-    for d in dense[len(head):]:
-        if len(out) >= n:
-            break
-        if d not in taken:
-            out.append(d)
-            taken.add(d)
-    return out

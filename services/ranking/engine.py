@@ -16,8 +16,8 @@ from services.common.errors import DOWNSTREAM_BUDGET_SHARE, BudgetSpent, Invalid
 from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
 from services.common.text import compose_item_text
 from services.ranking.catalog import Catalog, CatalogItem
-from services.ranking.covisit import merge_candidates
-from services.ranking.features import UserContext, candidate_features, popularity_features
+from services.ranking import pipeline
+from services.ranking.features import UserContext
 
 log = logging.getLogger("crossrec.ranking")
 
@@ -25,7 +25,6 @@ PERSONALISED, CROSS_PLATFORM, POPULARITY = 1, 2, 3  # crossrec.ranking.v1.Source
 MAX_BATCH_ITEMS = 1000
 MAX_TITLE_CHARS = 2048
 MAX_ATTRIBUTES, MAX_ATTRIBUTE_CHARS = 16, 2048
-RECENT_EVENTS = 50
 
 
 @dataclass
@@ -49,28 +48,31 @@ class RecommendResult:
 
 
 class Popularity:
-    """Per-platform item event counts from fusion, refreshed in the background."""
+    """Per-platform item event counts from fusion, refreshed in the background; `generation`
+    changes with every refresh (the engine's item tables are rebuilt then)."""
 
     def __init__(self, stats_fn: Callable[[str], list[tuple[str, int, int]]],
                  catalog: Catalog, refresh_s: float):
         self._stats_fn, self._catalog, self.refresh_s = stats_fn, catalog, refresh_s
         self._counts: dict[str, dict[str, int]] = {}
-        self._features: dict[str, dict[str, tuple[float, float]]] = {}
+        self._ranked: dict[str, list[tuple[str, int]]] = {}
+        self.generation = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def refresh(self) -> None:
+        counts = {}
         for platform in self._catalog.platforms():
             try:
                 stats = self._stats_fn(platform)
             except Exception as err:  # noqa: BLE001 - stale popularity beats none
                 log.warning("popularity refresh failed", extra={"fields": {"error": str(err)}})
                 return
-            counts = {item_id: n for item_id, n, _ in stats}
-            ids = self._catalog.item_ids(platform)
-            log_pop, pct = popularity_features([counts.get(i, 0) for i in ids])
-            self._counts[platform] = counts
-            self._features[platform] = dict(zip(ids, zip(log_pop.tolist(), pct.tolist())))
+            counts[platform] = {item_id: n for item_id, n, _ in stats}
+        if counts != self._counts:
+            self._ranked = {p: sorted(c.items(), key=lambda kv: -kv[1]) for p, c in counts.items()}
+            self._counts = counts
+            self.generation += 1
 
     def start(self) -> None:
         self.refresh()
@@ -84,20 +86,19 @@ class Popularity:
     def stop(self) -> None:
         self._stop.set()
 
-    def count(self, platform: str, item_id: str) -> int:
-        return self._counts.get(platform, {}).get(item_id, 0)
-
-    def features(self, platform: str, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        table = self._features.get(platform, {})
-        pairs = [table.get(i, (0.0, 0.0)) for i in item_ids]
-        arr = np.asarray(pairs, np.float32).reshape(len(item_ids), 2)
-        return arr[:, 0], arr[:, 1]
+    def counts(self, platform: str, item_ids: list[str]) -> np.ndarray:
+        """float64 event counts of `item_ids` (0 for an item fusion has no events of)."""
+        table = self._counts.get(platform, {})
+        return np.fromiter((table.get(i, 0) for i in item_ids), np.float64, len(item_ids))
 
     def top(self, platform: str, k: int, exclude: set[str]) -> list[tuple[str, int]]:
         """Most popular catalogue items (by events), then the rest of the catalogue."""
-        counts = self._counts.get(platform, {})
-        ranked = sorted(counts.items(), key=lambda kv: -kv[1])
-        out = [(i, n) for i, n in ranked if i not in exclude and self._catalog.get(platform, i)]
+        out = []
+        for i, n in self._ranked.get(platform, []):
+            if i not in exclude and self._catalog.get(platform, i):
+                out.append((i, n))
+                if len(out) == k:
+                    return out
         if len(out) < k:
             seen = {i for i, _ in out} | exclude
             out += [(i, 0) for i in self._catalog.item_ids(platform) if i not in seen][:k]
@@ -118,6 +119,10 @@ class RankingEngine:
         self.ranker, self.popularity, self.max_k = ranker, popularity, max_k
         self.fusion_fallback = fusion_fallback
         self.embedder = embedder
+        # The history window the ranker was trained on (its meta.json): the user tower's
+        # newest events, asked of fusion with the profile.
+        self.history_events = int(getattr(ranker, "history_events", 50))
+        self._tables: dict[str, tuple[tuple, pipeline.ItemTable]] = {}
 
     # --- catalogue ------------------------------------------------------------------------
     def upsert_items(self, raw: list[dict], budget_s: float | None = None) -> int:
@@ -199,7 +204,7 @@ class RankingEngine:
         try:
             with metrics.RANKING_STAGE_SECONDS.labels("profile").time():
                 profile = self.profile_fn(user_id, platform, session_events[:],
-                                          RECENT_EVENTS,
+                                          self.history_events,
                                           None if budget_s is None
                                           else budget_s * DOWNSTREAM_BUDGET_SHARE)
         except NotReady as err:
@@ -207,47 +212,48 @@ class RankingEngine:
                 raise
             return self._popular(platform, k, set(), models, degraded=str(err))
         models.insert(0, profile.model)
-        seen = {i for p, i, _ in profile.recent if p == platform}
         if not profile.known or profile.for_platform is None:
+            seen = {i for p, i, _ in profile.recent if p == platform}
             return self._popular(platform, k, seen if exclude_seen else set(), models)
         source = PERSONALISED if profile.counts.get(platform, 0) else CROSS_PLATFORM
         if budget_s is not None and time.monotonic() - started > budget_s:
             raise BudgetSpent("deadline passed after the profile was read")
 
-        index = self.catalog.index(platform)
-        exclude = seen if exclude_seen else set()
+        table = self.item_table(platform)
         user = UserContext(platform, profile.for_platform, profile.fused,
                            profile.per_platform, profile.counts,
                            [(p, i) for p, i, _ in profile.recent], profile.recent_vectors)
         covisit = self.ranker.covisit
         with metrics.RANKING_STAGE_SECONDS.labels("retrieve").time():
-            n = max(self.ranker.candidates, k)
-            ids, _ = index.search(profile.for_platform, n, exclude)
-            if covisit is not None:
-                sums = covisit.user_sums(user.history_keys, platform)
-                extra = covisit.top(sums, platform, self.ranker.covisit_candidates,
-                                    lambda r: self._listed(platform, covisit.keys[r][1],
-                                                           exclude))
-                ids = merge_candidates(ids, [covisit.keys[r][1] for r in extra], n,
-                                       self.ranker.covisit_candidates)
-            ids, vectors = index.live_vectors(ids)
+            cands = pipeline.candidates(user, table, covisit, max(self.ranker.candidates, k),
+                                        self.ranker.covisit_candidates, exclude_seen)
         with metrics.RANKING_STAGE_SECONDS.labels("rank").time():
-            log_pop, pop_pct = self.popularity.features(platform, ids)
-            cov = (None if covisit is None else
-                   covisit.features(sums, covisit.rows([(platform, i) for i in ids])))
-            scores = self.ranker.score(candidate_features(user, ids, vectors, log_pop, pop_pct,
-                                                          cov))
+            ranked = pipeline.order(user, table, cands, covisit, self.ranker)
         metrics.RANKING_SOURCE.labels("cross_platform" if source == CROSS_PLATFORM
                                       else "personalised").inc()
-        order = np.argsort(-scores, kind="stable")
+        rows, scores = ranked.rows, ranked.scores
         if diversify:
-            order = mmr(order, scores, vectors, k, diversity_lambda or 0.7)
-        items = [self._explain(ids[j], platform, float(scores[j]), vectors[j], source, profile)
-                 for j in order[:k]]
+            order = mmr(np.arange(len(rows)), scores, table.vectors[rows], k,
+                        diversity_lambda or 0.7)
+            rows, scores = rows[order], scores[order]
+        ids = table.snapshot.ids
+        items = [self._explain(ids[r], platform, float(s), table.vectors[r], source, profile)
+                 for r, s in zip(rows[:k].tolist(), scores[:k].tolist())]
         return RecommendResult(items, source, profile.weights, models)
 
-    def _listed(self, platform: str, item_id: str, exclude: set[str]) -> bool:
-        return item_id not in exclude and self.catalog.get(platform, item_id) is not None
+    def item_table(self, platform: str) -> pipeline.ItemTable:
+        """The platform's catalogue as pipeline arrays, rebuilt only when the index or the
+        popularity changed since the last call (a rebuild is O(items); a request is not)."""
+        snapshot = self.catalog.index(platform).snapshot()
+        key = (snapshot.generation, id(snapshot), self.popularity.generation)
+        cached = self._tables.get(platform)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        table = pipeline.item_table(platform, snapshot,
+                                    self.popularity.counts(platform, snapshot.ids),
+                                    self.ranker.covisit)
+        self._tables[platform] = (key, table)
+        return table
 
     def _popular(self, platform, k, exclude, models, degraded: str = "") -> RecommendResult:
         items = []

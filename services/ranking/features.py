@@ -50,38 +50,49 @@ class UserContext:
     history_vectors: np.ndarray | None = None
 
 
-def candidate_features(user: UserContext, item_ids: list[str], item_vectors: np.ndarray,
+def candidate_features(user: UserContext, item_vectors: np.ndarray, seen: np.ndarray,
                        log_pop: np.ndarray, pop_pct: np.ndarray,
                        covisit: np.ndarray | None = None) -> np.ndarray:
-    """float32 [N, N_FEATURES] for candidates in retrieval order (best first).
+    """float32 [N, N_FEATURES] for candidates in retrieval order (best first), every input an
+    array over the N candidates (services/ranking/pipeline.py gathers them by row).
 
-    item_vectors float32 [N, dim]; log_pop and pop_pct float32 [N]; covisit float32 [N, 5]
-    (CoVisits.features; zeros when None) (see FEATURES).
+    item_vectors float32 [N, dim]; seen bool [N] (in the user's target-platform history);
+    log_pop and pop_pct float32 [N]; covisit float32 [N, 5] (CoVisits.features; zeros when
+    None). See FEATURES.
     """
-    n = len(item_ids)
+    n = len(item_vectors)
     out = np.zeros((n, N_FEATURES), dtype=np.float32)
     if n == 0:
         return out
     target = user.target_platform
-    out[:, 0] = item_vectors @ user.for_platform
-    out[:, 1] = item_vectors @ user.fused
-    if target in user.per_platform:
-        out[:, 2] = item_vectors @ user.per_platform[target]
-        out[:, 3] = 1.0
+    users = [user.for_platform, user.fused]
+    same = user.per_platform.get(target)
     others = [v for p, v in user.per_platform.items() if p != target]
+    # One matmul for every user vector and history item: [N, dim] @ [dim, m].
+    columns = np.stack(users + ([same] if same is not None else []) + others, axis=1)
+    n_hist = 0 if user.history_vectors is None else len(user.history_keys)
+    if n_hist:
+        columns = np.concatenate([columns, user.history_vectors.T], axis=1)
+    sims = item_vectors @ columns
+    out[:, 0:2] = sims[:, 0:2]
+    col = 2
+    if same is not None:
+        out[:, 2] = sims[:, col]
+        out[:, 3] = 1.0
+        col += 1
     if others:
-        out[:, 4] = (item_vectors @ np.stack(others).T).max(axis=1)
+        out[:, 4] = sims[:, col:col + len(others)].max(axis=1)
         out[:, 5] = 1.0
-    if user.history_vectors is not None and len(user.history_keys):
-        sims = item_vectors @ user.history_vectors.T          # [N, n_hist]
-        same = np.asarray([p == target for p, _ in user.history_keys])
-        if same.any():
-            out[:, 6] = sims[:, same].max(axis=1)
-        if (~same).any():
-            out[:, 7] = sims[:, ~same].max(axis=1)
-        out[:, 8] = sims[:, :5].mean(axis=1)
-        seen = {i for p, i in user.history_keys if p == target}
-        out[:, 14] = [1.0 if i in seen else 0.0 for i in item_ids]
+        col += len(others)
+    if n_hist:
+        hist = sims[:, col:col + n_hist]
+        is_same = np.asarray([p == target for p, _ in user.history_keys])
+        if is_same.any():
+            out[:, 6] = hist[:, is_same].max(axis=1)
+        if (~is_same).any():
+            out[:, 7] = hist[:, ~is_same].max(axis=1)
+        out[:, 8] = hist[:, :5].mean(axis=1)
+        out[:, 14] = seen
     out[:, 9] = log_pop
     out[:, 10] = pop_pct
     out[:, 11] = np.log1p(user.counts.get(target, 0))

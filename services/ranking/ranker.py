@@ -14,6 +14,16 @@ from services.ranking.features import FEATURES
 
 log = logging.getLogger("crossrec.ranking")
 
+# Every key export/ranker.py writes into meta.json is read by serving (SERVED, in
+# OnnxRanker below) or is a record for people (INFORMATIONAL); tests/unit/test_model_meta.py
+# fails on a key that is neither, so nothing export decides is silently ignored here.
+SERVED = ("name", "version", "features", "candidates", "covisit_candidates", "covisit_file",
+          "history_events", "model_file", "input_names", "output_names", "retrieval_file")
+INFORMATIONAL = ("format", "opset", "inputs", "outputs", "n_features", "candidate_rule",
+                 "feature_function", "score", "dataset", "user_tower", "encoder", "popularity",
+                 "covisit", "split", "examples", "seed", "train_config", "n_params", "training",
+                 "history_window", "created_at", "exporter", "parity", "validation")
+
 
 class OnnxRanker:
     """Scores candidates from their features: float32 [N, F] -> float32 [N], higher better."""
@@ -27,9 +37,17 @@ class OnnxRanker:
             raise ValueError(f"ranker {self.model_dir} was trained on features "
                              f"{self.meta['features']}, serving computes {list(FEATURES)}; "
                              "export a new version: python -m export.ranker")
-        self.candidates = int(self.meta.get("candidates", 200))
-        self.covisit_candidates = int(self.meta.get("covisit_candidates", 0))
-        covisit_file = self.meta.get("covisit_file")
+        missing = [k for k in SERVED if k not in self.meta]
+        if missing:
+            raise ValueError(f"ranker {self.model_dir} meta.json lacks {missing}; export a new "
+                             "version: python -m export.ranker")
+        self.candidates = int(self.meta["candidates"])
+        self.covisit_candidates = int(self.meta["covisit_candidates"])
+        # The history window the ranker's features were computed over: the newest events.
+        self.history_events = int(self.meta["history_events"])
+        self.input_name, = self.meta["input_names"]
+        self.output_name, = self.meta["output_names"]
+        covisit_file = self.meta["covisit_file"]
         # The co-visit counts the ranker was trained with (features and candidates).
         self.covisit = CoVisits.load(self.model_dir / covisit_file) if covisit_file else None
         if self.covisit is None and any(f.startswith("covisit") for f in FEATURES):
@@ -38,12 +56,18 @@ class OnnxRanker:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.model_dir / "model.onnx"), options,
+        self.session = ort.InferenceSession(str(self.model_dir / self.meta["model_file"]),
+                                            options,
                                             providers=["CPUExecutionProvider"])
+        # The item vectors' principal directions (index kind pca), float32 [dim, r].
+        with np.load(self.model_dir / self.meta["retrieval_file"]) as z:
+            self.projection = np.ascontiguousarray(z["projection"], dtype=np.float32)
         log.info("ranker loaded", extra={"fields": {"model": self.name, "version": self.version}})
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        out = self.session.run(["scores"], {"features": features[None].astype(np.float32)})[0]
+        """float32 [N] scores of one candidate list's features float32 [N, F]."""
+        out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(
+            features[None], dtype=np.float32)})[0]
         return out[0]
 
 
@@ -51,7 +75,7 @@ class RetrievalOrder:
     """No trained ranker (--allow-no-ranker): keep the retrieval order."""
 
     name, version, candidates = "retrieval_order", 0, 200
-    covisit, covisit_candidates = None, 0
+    covisit, covisit_candidates, history_events, projection = None, 0, 50, None
 
     def score(self, features: np.ndarray) -> np.ndarray:
         return -np.arange(len(features), dtype=np.float32)

@@ -103,8 +103,9 @@ class RedisCatalog(MemoryCatalog):
                  *, prefix: str = "crossrec", require_fsync: bool = True,
                  connect_timeout_s: float = 2.0, socket_timeout_s: float = 5.0,
                  max_connections: int = 16, log_max_entries: int = 10_000,
-                 apply_wait_s: float = 5.0, tail_block_s: float = 0.5):
-        super().__init__(dim, index, hnsw_threshold)
+                 apply_wait_s: float = 5.0, tail_block_s: float = 0.5,
+                 projection: np.ndarray | None = None):
+        super().__init__(dim, index, hnsw_threshold, projection)
         base = f"{prefix}:{{catalog}}:"
         self._platforms_key, self._log_key = base + "platforms", base + "log"
         self._meta_prefix, self._vec_prefix = base + "meta:", base + "vec:"

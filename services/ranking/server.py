@@ -50,12 +50,15 @@ class Config:
     max_waiting_recommends: int
 
 
-def open_catalog(config: Config, dim: int) -> MemoryCatalog:
+def open_catalog(config: Config, dim: int, projection=None) -> MemoryCatalog:
+    """The catalogue backend; `projection` is the ranker's retrieval projection (index pca)."""
     if config.catalog_store == "sqlite":
-        return Catalog(config.catalog_path, dim, config.index, config.hnsw_threshold)
+        return Catalog(config.catalog_path, dim, config.index, config.hnsw_threshold,
+                       projection)
     if config.catalog_store == "redis":
         from services.ranking.redis_catalog import RedisCatalog
-        return RedisCatalog(config.catalog_redis_url, dim, config.index, config.hnsw_threshold)
+        return RedisCatalog(config.catalog_redis_url, dim, config.index, config.hnsw_threshold,
+                            projection=projection)
     raise ValueError(f"--catalog-store must be sqlite or redis, got {config.catalog_store!r}")
 
 
@@ -128,7 +131,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     add_flag(parser, "--model-version", 0, "ranker version; 0 = the highest")
     add_flag(parser, "--allow-no-ranker", False,
              "without a trained ranker, keep the retrieval order instead of refusing to start")
-    add_flag(parser, "--index", "auto", "auto (HNSW above --hnsw-threshold items), exact, hnsw")
+    add_flag(parser, "--index", "auto",
+             "auto (pca up to --hnsw-threshold items, hnsw above; see services/ranking/"
+             "index.py), exact, pca, fp16, sq8, ivf or hnsw")
     add_flag(parser, "--hnsw-threshold", 200_000, "items per platform above which auto is HNSW")
     add_flag(parser, "--max-k", 1000, "largest k a Recommend call may ask for")
     add_flag(parser, "--fusion-fallback", False,
@@ -176,7 +181,7 @@ def main(argv=None) -> int:
         name, version, dim = wait_for(embed.model, config.dependency_wait_s,
                                       f"embedding service at {config.embedding_address}")
         fusion = FusionRemote(config.fusion_address, security)
-        catalog = open_catalog(config, dim)
+        catalog = open_catalog(config, dim, ranker.projection)
         popularity = Popularity(fusion.item_stats, catalog, config.popularity_refresh_s)
         popularity.start()
         servicer.engine = RankingEngine(catalog, embed, fusion.profile, ranker, popularity,

@@ -1,8 +1,9 @@
-"""Co-visit counts: exact counts, leave-the-user-out, features, candidate merging, round trip."""
+"""Co-visit counts: exact counts, leave-the-user-out, features, round trip (candidates from them:
+tests/unit/test_pipeline.py)."""
 
 import numpy as np
 
-from services.ranking.covisit import CoVisits, merge_candidates
+from services.ranking.covisit import CoVisits
 
 ARTS, OFFICE = "arts_crafts", "office"
 KEYS = [(ARTS, f"a{i}") for i in range(6)] + [(OFFICE, f"o{i}") for i in range(6)]
@@ -93,41 +94,9 @@ def test_cosine_and_newest_item_sums_follow_their_definitions():
     assert np.array_equal(sums.last, dense[i])
 
 
-def test_top_keeps_the_platform_positive_scores_and_the_filter():
-    users = [np.array([0, 6, 7]), np.array([0, 6]), np.array([0, 8])]
-    cv = CoVisits.from_users(KEYS, users)
-    sums = cv.user_sums([(ARTS, "a0")], OFFICE)
-    assert cv.top(sums, OFFICE, 10) == [6, 7, 8]  # o0 twice; o1, o2 once each (tie by row)
-    assert cv.top(sums, OFFICE, 10, allowed=lambda r: r != 6) == [7, 8]
-    assert cv.top(sums, ARTS, 10) == []            # nothing co-visited on arts_crafts
-    assert cv.top(sums, OFFICE, 0) == []
-
-
-def test_merge_puts_covisit_items_in_place_of_the_last_dense_ones():
-    dense = ["d0", "d1", "d2", "d3", "d4", "d5"]
-    assert merge_candidates(dense, ["c0", "d0", "c1"], 5, 2) == ["d0", "d1", "d2", "c0", "c1"]
-    # Too few co-visit items: the dense list fills up; nothing appears twice.
-    assert merge_candidates(dense, ["d4"], 5, 2) == ["d0", "d1", "d2", "d4", "d3"]
-    assert merge_candidates(dense, [], 5, 2) == dense[:5]
-    assert merge_candidates(dense[:2], ["c0"], 5, 2) == ["d0", "d1", "c0"]
-
-
 def test_save_and_load_round_trip(tmp_path):
     cv = CoVisits.from_users(KEYS, _users(np.random.default_rng(4)))
     cv.save(tmp_path / "covisit.npz")
     back = CoVisits.load(tmp_path / "covisit.npz")
     assert back.keys == KEYS
     assert np.array_equal(_to_dense(back), _to_dense(cv)) and np.array_equal(back.deg, cv.deg)
-
-
-def test_top_gives_the_full_sort_order_when_it_sorts_only_the_best_few():
-    rng = np.random.default_rng(6)
-    users = [rng.choice(len(KEYS), size=6) for _ in range(300)]
-    cv = CoVisits.from_users(KEYS, users)
-    sums = cv.user_sums([(ARTS, "a0"), (OFFICE, "o1")], OFFICE)
-    full = cv._take(cv._platform_rows[OFFICE], (sums.same + sums.other)[cv._platform_rows[OFFICE]]
-                    / np.sqrt(sums.deg[cv._platform_rows[OFFICE]] + 1), 6, None)
-    assert cv.top(sums, OFFICE, 1) == full[:1]       # sorts 4 of 6, ties included
-    assert cv.top(sums, OFFICE, 6) == full
-    # A filter rejecting the best ones falls back to the whole list.
-    assert cv.top(sums, OFFICE, 1, allowed=lambda r: r == full[-1]) == full[-1:]

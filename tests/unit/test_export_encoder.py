@@ -1,17 +1,22 @@
-"""Encoder export: the published meta.json contract, the parity gates, never-overwrite versions."""
+"""Encoder export: the published meta.json contract, the parity gates (run on the serving engine),
+never-overwrite versions, and offline item vectors that are the served ones."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
-from export.encoder import (INT8_GATE_MEAN_COSINE, PARITY_MAX_ABS_DIFF, PARITY_MIN_COSINE,
-                            check_int8, check_parity, max_sequence_tokens)
+from export import item_vectors
+from export.encoder import (FP32_NAME, INT8_GATE_MEAN_COSINE, PARITY_MAX_ABS_DIFF,
+                            PARITY_MIN_COSINE, TorchReference, _files, _stage, batch_invariance,
+                            check_int8, check_parity, max_sequence_tokens, serving_vectors)
 from services.common import modelrepo
+from services.embedding.engine import EmbeddingEngine
 
 META_KEYS = {"name", "version", "format", "precision", "opset", "input_names", "output_names",
              "dim", "max_sequence_tokens", "pooling", "normalized", "source_model",
@@ -142,3 +147,68 @@ def test_max_sequence_tokens_prefers_sentence_bert_config_capped_by_positions(tm
     assert max_sequence_tokens(tmp_path) == 256
     (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 4096}))
     assert max_sequence_tokens(tmp_path) == 512
+
+
+@pytest.fixture(scope="module")
+def serving(encoder_dir):
+    return EmbeddingEngine(encoder_dir, device="cpu", max_texts_per_request=128)
+
+
+def test_parity_gate_passes_on_the_serving_engine_against_torch(encoder_dir, serving, titles):
+    # What export_encoder gates on: torch eager vs the vectors the server computes.
+    reference = TorchReference(modelrepo.read_meta(encoder_dir)["source_model"]["path"])
+    got = serving_vectors(serving, titles)
+    figures = check_parity(reference(titles), got)
+    assert figures["max_abs_diff"] <= PARITY_MAX_ABS_DIFF
+    assert batch_invariance(serving, titles[:16], got) == 0.0
+
+
+def test_a_staged_version_gives_the_published_vectors(tmp_path, encoder_dir, serving, titles):
+    meta = modelrepo.read_meta(encoder_dir)
+    base = {k: v for k, v in meta.items() if k not in ("name", "version", "parity")}
+    (tmp_path / "model.onnx").symlink_to((encoder_dir / "model.onnx").resolve())
+    source = Path(meta["source_model"]["path"])
+    _stage(source, tmp_path, FP32_NAME, base, meta["max_sequence_tokens"])
+    assert "meta.json" not in _files(tmp_path) and "tokenizer.json" in _files(tmp_path)
+    staged = EmbeddingEngine(tmp_path, device="cpu")
+    assert np.array_equal(serving_vectors(staged, titles), serving_vectors(serving, titles))
+
+
+def test_offline_item_vectors_are_the_served_vectors(encoder_dir, serving, titles):
+    texts = titles + [f"{t} ; {titles[-1 - i]}" for i, t in enumerate(titles[:40])] + ["x"]
+    served, _ = serving.embed(texts)
+    meta = modelrepo.read_meta(encoder_dir)
+    assert np.array_equal(item_vectors.embed_texts(encoder_dir, meta, texts), served)
+    assert np.array_equal(item_vectors.embed_texts(encoder_dir, meta, texts, batch_size=5),
+                          served)
+
+
+def test_embed_texts_refuses_the_meta_of_another_model(encoder_dir, model_repo):
+    other = modelrepo.read_meta(modelrepo.resolve(model_repo, "encoder_int8"))
+    with pytest.raises(ValueError, match="encoder_int8"):
+        item_vectors.embed_texts(encoder_dir, other, ["a title"])
+
+
+def test_item_vector_cache_is_rebuilt_when_the_embedding_function_changes(
+        tmp_path, monkeypatch, encoder_dir):
+    data = tmp_path / "data" / "tiny"
+    data.mkdir(parents=True)
+    (data / "items.csv").write_text("item_id,platform,title,category\n"
+                                    "1,office,red stapler,office supplies\n"
+                                    "2,arts,acrylic paint set 12 colours,paint\n"
+                                    "3,arts,sewing needles,\n")
+    monkeypatch.setenv("CROSSREC_DATA_DIR", str(tmp_path / "data"))
+    repo = tmp_path / "models"
+    (repo / "encoder").mkdir(parents=True)
+    (repo / "encoder" / encoder_dir.name).symlink_to(encoder_dir.resolve())
+    calls = []
+    embed = item_vectors.embed_texts
+    monkeypatch.setattr(item_vectors, "embed_texts",
+                        lambda *a, **k: calls.append(a[2]) or embed(*a, **k))
+
+    ids, first = item_vectors.item_vectors("tiny", repo)
+    again = item_vectors.item_vectors("tiny", repo)[1]
+    assert len(calls) == 1 and np.array_equal(first, again)
+    monkeypatch.setattr(item_vectors, "embedding_function_id", lambda: "another padding rule")
+    item_vectors.item_vectors("tiny", repo)
+    assert len(calls) == 2 and ids == [("office", "1"), ("arts", "2"), ("arts", "3")]

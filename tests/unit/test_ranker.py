@@ -8,7 +8,7 @@ import pytest
 from export import evaluate as ev
 from export import ranker as rk
 from export import user_data as ud
-from services.ranking.features import N_FEATURES
+from services.ranking.features import N_FEATURES, UserContext
 
 ARTS, OFFICE = "arts_crafts", "office"
 
@@ -164,7 +164,8 @@ def _tiny_ranker(seed=0):
 def test_ranker_export_matches_torch_for_any_batch_and_candidate_count(tmp_path):
     model, rng = _tiny_ranker()
     feats = rng.standard_normal((4, 23, N_FEATURES)).astype(np.float32)
-    path, meta = rk.write_version(tmp_path, model, {"seed": 0}, [feats, feats[:1, :5]])
+    path, meta = rk.write_version(tmp_path, model, {"seed": 0}, [feats, feats[:1, :5]],
+                                  np.eye(8, 4, dtype=np.float32))
     assert path == tmp_path / "ranker" / "1"
     on_disk = json.loads((path / "meta.json").read_text())
     assert on_disk["parity"]["max_abs_diff"] <= rk.PARITY_TOLERANCE
@@ -194,25 +195,20 @@ def test_ranker_export_writes_nothing_when_parity_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(rk, "PARITY_TOLERANCE", -1.0)
     with pytest.raises(RuntimeError, match="parity"):
         rk.write_version(tmp_path, model, {}, [rng.standard_normal((2, 3, N_FEATURES))
-                                              .astype(np.float32)])
+                                              .astype(np.float32)], np.eye(8, 4))
     assert not [p for p in (tmp_path / "ranker").iterdir()]
 
 
-def test_retrieve_forces_popular_items_in_and_ranks_the_rest_after_the_candidates():
+def test_batched_training_retrieval_equals_the_served_search_and_ranks_the_rest_after():
     data = _tiny_data()
-    data.counts[data.catalogue[ARTS][7]] = 50.0  # the most popular arts item, local index 7
-    data.__post_init__()
-    user = data.vecs[data.catalogue[ARTS][0]][None]
-    scores = (user @ data.vecs[data.catalogue[ARTS]].T)[0]
+    table = data.tables[ARTS]
+    users = data.vecs[data.catalogue[ARTS][[0, 3]]]
+    top = rk.batch_retrieve(data, users, [ARTS, ARTS], 3)
+    for user, rows in zip(users, top):
+        assert rows.tolist() == table.snapshot.search(user, 3).tolist()
+    scores = table.vectors @ users[0]
     by_dot = np.argsort(-scores, kind="stable")
-    plain, plain_ranks = rk.retrieve(data, user, [ARTS], 3, data.catalogue[ARTS][by_dot[[5]]])
-    assert plain[0].tolist() == data.catalogue[ARTS][by_dot[:3]].tolist()
-    assert plain_ranks.tolist() == [6]
-    target = by_dot[5] if by_dot[5] != 7 else by_dot[6]
-    cands, ranks = rk.retrieve(data, user, [ARTS], 3, data.catalogue[ARTS][[target]], popular=1)
-    local = [int(np.flatnonzero(data.catalogue[ARTS] == r)[0]) for r in cands[0]]
-    assert 7 in local and len(set(local)) == 3
-    assert list(scores[local]) == sorted(scores[local], reverse=True)
+    ctx = UserContext(ARTS, users[0], users[0])
     # Below the candidates the order is by dot product, skipping the candidates themselves.
-    rest = [i for i in by_dot if i not in local]
-    assert ranks.tolist() == [3 + rest.index(target) + 1]
+    assert rk.candidate_ranks(data, ctx, top[0], int(by_dot[5])) == 6
+    assert rk.candidate_ranks(data, ctx, top[0][::-1], int(top[0][0])) == 3

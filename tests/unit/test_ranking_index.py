@@ -58,7 +58,7 @@ def test_compaction_keeps_every_live_item(real_vectors):
     ids = [str(i) for i in range(1500)]
     index.upsert(ids, vectors)
     index.delete(ids[:1200])                      # past a quarter: rebuilt without tombstones
-    assert len(index) == 300 and len(index._ids) == 300
+    assert len(index) == 300 and len(index.snapshot().ids) == 300
     assert index.search(vectors[1300], 1)[0] == ["1300"]
 
 

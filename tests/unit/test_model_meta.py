@@ -1,0 +1,32 @@
+"""Every key export writes into a model's meta.json is used by serving or listed as
+informational in one place (services/ranking/ranker.py, services/fusion/model.py): a key
+export adds that serving neither reads nor lists fails here."""
+
+import pytest
+
+from services.common import modelrepo
+from services.fusion import model as user_model
+from services.ranking import ranker
+
+
+@pytest.mark.parametrize("name, module", [("ranker", ranker), ("user_tower", user_model)])
+def test_every_exported_meta_key_is_served_or_listed_as_informational(model_repo, name,
+                                                                       module):
+    if not modelrepo.versions(model_repo, name):
+        pytest.fail(f"no {name} in {model_repo}: run `make models` (`make test` does)")
+    meta = modelrepo.read_meta(modelrepo.resolve(model_repo, name))
+    served, info = set(module.SERVED), set(module.INFORMATIONAL)
+    assert not served & info, f"listed twice: {sorted(served & info)}"
+    assert not set(meta) - served - info, (
+        f"{name} meta.json keys neither served nor listed informational: "
+        f"{sorted(set(meta) - served - info)}")
+    assert not served - set(meta), f"serving reads keys export no longer writes: " \
+                                   f"{sorted(served - set(meta))}"
+
+
+def test_the_served_models_load_with_every_served_key(model_repo):
+    r = ranker.OnnxRanker(modelrepo.resolve(model_repo, "ranker"))
+    u = user_model.OnnxUserModel(modelrepo.resolve(model_repo, "user_tower"))
+    # The ranker's history window is the tower's, and its projection is of the item space.
+    assert r.history_events == u.max_events
+    assert r.projection.shape[0] == u.dim
