@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from crossrec.common.v1 import common_pb2  # noqa: E402
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc  # noqa: E402
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc  # noqa: E402
 from services.common import modelrepo  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
 
 RESULTS = REPO / "bench" / "results"
 
@@ -192,6 +192,66 @@ def sustained_run(rate: float, seconds: float, workload, **targets) -> dict:
             **{k: v for k, v in rpc.items() if k.startswith("ok_p")}}
 
 
+def profile_servers(pids: dict[str, int], seconds: float, out_dir: Path, workload,
+                    **targets) -> dict:
+    """py-spy (`pip install py-spy`) samples each server process for `seconds` while one
+    closed-loop caller drives Recommend; each profile is summarised into
+    out_dir/profile-<name>.txt (self and inclusive time by function, idle threads left out)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spies = {}
+    for name, pid in pids.items():
+        raw = out_dir / f"profile-{name}.raw"
+        spies[name] = (raw, subprocess.Popen(
+            ["py-spy", "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200", "-f",
+             "raw", "-o", str(raw), "--nonblocking"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL))
+    result = run_load(load_args(mode="closed", concurrency=1, duration_s=seconds, warmup_s=0,
+                                max_requests=10**6, **targets), workload)
+    load = (f"Recommend c=1: {result['throughput_rps']} req/s, "
+            f"p50 {next(iter(result['rpcs'].values()))['p50_ms']} ms")
+    for name, (raw, spy) in spies.items():
+        spy.wait(seconds + 30)
+        if raw.is_file():
+            header = (f"# {name} process, py-spy record -r 200 -d {int(seconds)} --nonblocking "
+                      f"at git {results_sha()}\n# load during the profile: {load}\n")
+            (out_dir / f"profile-{name}.txt").write_text(header + summarise(raw.read_text()))
+            raw.unlink()
+    return {"load": load, "files": sorted(str(p) for p in out_dir.glob("profile-*.txt"))}
+
+
+IDLE = ("Condition.wait", "_worker (concurrent", "select (selectors", "Event.wait",
+        "_poll", "channel_spin", "_wait_once", "_serve (grpc")
+
+
+def summarise(raw: str, top: int = 25) -> str:
+    """Self and inclusive sample shares per function of py-spy's raw (collapsed) stacks,
+    stacks whose innermost frame only waits left out."""
+    selfc, incl, total = {}, {}, 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")"
+                  if " (" in f else f for f in stack.split(";")]
+        if any(frames[-1].startswith(i) for i in IDLE):
+            continue
+        n = int(count)
+        total += n
+        selfc[frames[-1]] = selfc.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    def table(d):
+        rows = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        return "\n".join(f"  {100 * n / max(total, 1):6.1f}%  {f}" for f, n in rows)
+    return (f"\n## busy samples: {total} (threads waiting left out)\nself (top {top})\n"
+            f"{table(selfc)}\ninclusive (top {top})\n{table(incl)}\n")
+
+
+def results_sha() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                          capture_output=True, text=True).stdout.strip()
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -266,6 +326,10 @@ def main(argv=None) -> int:
                         "encoder's cached vectors (~10 minutes on 2 cores)")
     p.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
                                                           str(REPO / "models")))
+    p.add_argument("--profile-s", type=float, default=0,
+                   help="also profile ranking and fusion with py-spy for this long at one "
+                        "caller (0: skip); summaries in --profile-dir")
+    p.add_argument("--profile-dir", default=str(RESULTS / "profiles"))
     args = p.parse_args(argv)
     if args.serve_echo:
         return serve_echo(args.port_file)
@@ -277,7 +341,7 @@ def main(argv=None) -> int:
                "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                          capture_output=True, text=True).stdout.strip(),
                "git_dirty": bool(git), "cpus": os.cpu_count(),
-               "cpu": platform.processor() or platform.machine(),
+               "cpu": cpu_model(),
                "provider": "CPUExecutionProvider",
                "models": {m: modelrepo.resolve(args.model_repo, m).name
                           for m in ("encoder", "user_tower", "ranker")},
@@ -300,6 +364,11 @@ def main(argv=None) -> int:
             print("  Recommend, closed loop", flush=True)
             results["recommend_curve"] = curve(levels, args.level_s, workload, pids,
                                                **targets)
+            if args.profile_s > 0:
+                print("  profiling ranking and fusion at one caller", flush=True)
+                results["profile"] = profile_servers(
+                    {n: pids[n] for n in ("ranking", "fusion")}, args.profile_s,
+                    Path(args.profile_dir), workload, **targets)
             print("  echo ceiling, closed loop", flush=True)
             results["echo_curve"] = curve(levels, args.level_s, workload,
                                           {"echo": echo.pid}, echo=echo_address, mix="echo=1")

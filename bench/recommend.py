@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from services.ranking import pipeline  # noqa: E402
 from services.ranking.index import (EXACT, HNSW, IVF, IVF_NPROBE, KINDS, PCA,  # noqa: E402
                                     PCA_SHORTLIST, SQ_RESCORE, PlatformIndex)
 from services.ranking.ranker import OnnxRanker  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
 
 RESULTS = REPO / "bench" / "results"
 
@@ -286,19 +286,6 @@ def main(argv=None) -> int:
     plot(results, RESULTS / "recommend.png")
     print(f"wrote {RESULTS / 'recommend.json'} and recommend.png")
     return 0
-
-
-def cpu_model() -> str:
-    """The CPU model and its vector extensions (lscpu), recorded with every figure."""
-    try:
-        info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "amx_tile", "avx512_bf16")
-    return (fields.get("Model name", "?").strip() + " (" +
-            " ".join(f for f in wanted if f in flags) + ")")
 
 
 if __name__ == "__main__":
