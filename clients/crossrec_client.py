@@ -11,9 +11,12 @@ Every call has a deadline (`timeout_s` in the constructor, `timeout=` per call) 
 with a `CrossrecError` subclass whose str() is one line, `"<CODE>: <details>"`.
 
 Retries are gRPC's own, from the service config passed as a channel option: a call that gets
-UNAVAILABLE (server restarting, connection refused, service still loading) is re-sent with
-exponential backoff, within its deadline. Only UNAVAILABLE is retried: the request did not
-take effect. Ingest is safe to retry because events are deduplicated by `event_id`; for an
+UNAVAILABLE (server restarting, connection refused, service still loading) or CANCELLED by the
+server is re-sent with exponential backoff, within its deadline. A crossrec server never
+answers CANCELLED from a handler that ran: it comes from gRPC core cancelling a call that
+raced the server's shutdown (sent before the client saw the GOAWAY, never handed to a
+handler), or from an idle stream cancelled by the server; both are safe to re-send. Nothing
+else is retried. Ingest is safe to retry because events are deduplicated by `event_id`; for an
 event without one the server derives an id from its fields and time, so the client stamps an
 unset `event_time_ms` with its own clock before sending, and a re-sent batch derives the same
 ids. A client-streamed call is retried only while its messages fit the retry buffer.
@@ -58,6 +61,8 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 10.0
 # The servers accept and send at most 16 MiB per message (services/common/serve.py).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Longest wait between reconnection attempts to a service that went away (see channel_options).
+MAX_RECONNECT_BACKOFF_MS = 1_000
 # A call is retried only while everything it sent fits this buffer; 4 MiB holds a full
 # 1,000-event Ingest batch with long item texts (gRPC's default, 256 KiB, does not).
 RETRY_BUFFER_BYTES = 4 * 1024 * 1024
@@ -250,16 +255,20 @@ class IngestResult:
     """Counts over acknowledged (durable) events.
 
     accepted: newly stored; duplicates: already stored (by event_id); batches: request
-    messages processed; events: input events covered (counted by the client).
+    messages processed; events: input events covered (counted by the client); conflicts: the
+    duplicates whose content (platform, action, item, time as sent, weight) differs from the
+    stored event's, which was kept: a re-used event id, worth a look.
     """
     accepted: int = 0
     duplicates: int = 0
     batches: int = 0
     events: int = 0
+    conflicts: int = 0
 
     def __add__(self, other: IngestResult) -> IngestResult:
         return IngestResult(self.accepted + other.accepted, self.duplicates + other.duplicates,
-                            self.batches + other.batches, self.events + other.events)
+                            self.batches + other.batches, self.events + other.events,
+                            self.conflicts + other.conflicts)
 
 
 @dataclass(frozen=True)
@@ -359,13 +368,14 @@ class RetryPolicy:
 
     The defaults ride out a connection reset or a brief restart (about 3 s of retrying in
     all), well inside the default 10 s deadline, so a service that stays down still reports
-    UNAVAILABLE rather than DEADLINE_EXCEEDED. gRPC caps max_attempts at 5.
+    UNAVAILABLE rather than DEADLINE_EXCEEDED. gRPC caps max_attempts at 5. CANCELLED is
+    retried too: see the module docstring (a call that raced a server's shutdown).
     """
     max_attempts: int = 5
     initial_backoff_s: float = 0.2
     max_backoff_s: float = 2.0
     backoff_multiplier: float = 2.0
-    retryable_codes: tuple[str, ...] = ("UNAVAILABLE",)
+    retryable_codes: tuple[str, ...] = ("UNAVAILABLE", "CANCELLED")
 
     def service_config(self, services: Sequence[str]) -> str:
         return json.dumps({"methodConfig": [{
@@ -390,10 +400,12 @@ def channel_options(services: Sequence[str], retry: RetryPolicy | None) -> list[
         # Notice a dead peer (e.g. a node gone without FIN) within ~40 s on long calls.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
-        # Reconnect sooner than gRPC's 1 s x 1.6 up to 120 s, so a restarted service is
-        # found within seconds; the backoff is jittered, so clients do not arrive together.
+        # Reconnect sooner than gRPC's 1 s x 1.6 up to 120 s: calls to a channel in backoff
+        # fail at once, so the backoff is how long a restarted service stays unreachable. At
+        # most 1 s (+-20 % jitter, so clients do not arrive together) finds it within ~1.2 s
+        # of its port opening, for one TCP connect a second per channel while it is down.
         ("grpc.initial_reconnect_backoff_ms", 500),
-        ("grpc.max_reconnect_backoff_ms", 5_000),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ("grpc.primary_user_agent", "crossrec-python-client/1"),
     ]
     if retry is None:
@@ -565,7 +577,7 @@ class FusionClient(_ServiceClient):
         now = _now_ms()
         pbs = [Event.of(e).to_pb(now) for e in events]
         reply = self._invoke(self.stub.Ingest, fusion_pb2.IngestRequest(events=pbs), timeout)
-        return IngestResult(reply.accepted, reply.duplicates, 1, len(pbs))
+        return IngestResult(reply.accepted, reply.duplicates, 1, len(pbs), reply.conflicts)
 
     def ingest_stream(self, events: Iterable[Event | Mapping[str, Any]], *,
                       batch_size: int = 1000, checkpoint_batches: int = 10,
@@ -593,7 +605,8 @@ class FusionClient(_ServiceClient):
             if not batches:
                 return total
             reply = self._invoke(self.stub.IngestStream, iter(batches), timeout)
-            total += IngestResult(reply.accepted, reply.duplicates, reply.batches, count)
+            total += IngestResult(reply.accepted, reply.duplicates, reply.batches, count,
+                                  reply.conflicts)
             if progress is not None:
                 progress(total)
 

@@ -7,10 +7,10 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.errors import InvalidInput
-from services.common.text import normalize_text
+from services.common.text import has_visible_text, normalize_text
 
 PLATFORM_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_ID_BYTES = 128
@@ -29,11 +29,15 @@ ACTION_IDS = {name: number for number, name in ACTIONS.items()}
 # interaction of unknown kind (all of the Amazon training data) is the unit. For "rate" the
 # weight is the 1..5 rating itself; 3 is a neutral rating.
 DEFAULT_WEIGHT = {1: 0.5, 2: 1.0, 3: 2.0, 4: 2.0, 5: 3.0, 6: 3.0, 7: 1.0}
+RATE = ACTION_IDS["rate"]
+MIN_RATING, MAX_RATING = 1.0, 5.0
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A validated, normalised event. `action` is the Action enum number."""
+    """A validated, normalised event. `action` is the Action enum number. `digest` names its
+    content as the caller sent it (content_digest; empty: not computed), so that a re-sent
+    event id with other content is told apart from a plain re-send."""
     event_id: str
     user_id: str
     platform: str
@@ -42,17 +46,48 @@ class Event:
     item_text: str
     event_time_ms: int
     weight: float
+    digest: str = field(default="", compare=False)
 
 
 def check_id(value: str, field: str, required: bool = True) -> None:
-    """InvalidInput unless `value` is 1..MAX_ID_BYTES bytes (or empty when not required)."""
+    """The one id rule of every RPC (user, item and event ids): 1..MAX_ID_BYTES bytes of
+    UTF-8, every character printable (no control, format or separator characters but the
+    ASCII space: no NUL, newline, ANSI escape, zero-width or bidi character) and at least one
+    that is not a space. InvalidInput names `field` and never echoes the value: an id that
+    breaks the rule is exactly what should not reach a log or a terminal."""
     if not value:
         if required:
             raise InvalidInput(f"{field} is required, got an empty string")
         return
+    # Characters first: a 10 MB id is refused without encoding it (bytes >= characters).
+    if len(value) > MAX_ID_BYTES:
+        raise InvalidInput(f"{field} must be at most {MAX_ID_BYTES} bytes, got {len(value)} "
+                           "characters")
     size = len(value.encode("utf-8"))
     if size > MAX_ID_BYTES:
         raise InvalidInput(f"{field} must be at most {MAX_ID_BYTES} bytes, got {size}")
+    for position, ch in enumerate(value):
+        if not ch.isprintable():
+            raise InvalidInput(f"{field} must hold printable characters only (no control, "
+                               f"format or separator characters), got U+{ord(ch):04X} at "
+                               f"position {position}")
+    if not value.strip():
+        raise InvalidInput(f"{field} must hold a character other than spaces")
+
+
+def content_digest(platform: str, action: int, item_id: str, event_time_ms: int,
+                   weight: float) -> str:
+    """What an event says, as a short hash: platform, action, item, time as sent (0 stays 0,
+    so a re-sent event without a time matches itself) and weight. The item text is not part
+    of it: it describes the item, and an empty one means "the cached text"."""
+    key = f"{platform}\x1f{action}\x1f{item_id}\x1f{event_time_ms}\x1f{float(weight)!r}"
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+def event_digest(e: Event) -> str:
+    """`e.digest`, or the digest of its stored fields for an event built without one."""
+    return e.digest or content_digest(e.platform, e.action, e.item_id, e.event_time_ms,
+                                      e.weight)
 
 
 def check_platform(platform: str, field: str = "platform") -> None:
@@ -99,12 +134,19 @@ def validate_event(event_id: str, user_id: str, platform: str, action: int, item
         weight = DEFAULT_WEIGHT[action]
     elif not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
         raise InvalidInput(f"{field}.weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
+    elif action == RATE and not MIN_RATING <= weight <= MAX_RATING:
+        raise InvalidInput(f"{field}.weight is the rating of an ACTION_RATE event and must be "
+                           f"in {MIN_RATING:g}..{MAX_RATING:g}, got {weight}")
     if len(item_text) > MAX_RAW_TEXT_CHARS:
         raise InvalidInput(f"{field}.item_text must be at most {MAX_RAW_TEXT_CHARS} characters, "
                            f"got {len(item_text)}")
     text = normalize_text(item_text)
+    if text and not has_visible_text(text):
+        raise InvalidInput(f"{field}.item_text must be empty or hold a visible character, got "
+                           "only zero-width, format or control characters")
     event_id = event_id or derived_event_id(user_id, platform, item_id, action, event_time_ms)
-    return Event(event_id, user_id, platform, action, item_id, text, time_ms, float(weight))
+    return Event(event_id, user_id, platform, action, item_id, text, time_ms, float(weight),
+                 content_digest(platform, action, item_id, event_time_ms, weight))
 
 
 def raw_event(e) -> dict:

@@ -1,6 +1,7 @@
 """Prometheus metrics shared by every server: RPC counts by method and status code, RPC
 latency histograms (seconds), model info; each service adds its own from this registry.
-Served on a separate port (`--metrics-port`; 0 turns the endpoint off)."""
+Served on a separate port (`--metrics-port`; 0 turns the endpoint off), plaintext and without
+a token, bound to `--metrics-host` (default: the server's `--host`)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ FUSION_EVENTS = Counter("crossrec_fusion_events", "Events acknowledged", ["resul
 FUSION_STORE_SECONDS = Histogram("crossrec_fusion_store_duration_seconds",
                                  "Profile store latency", ["backend", "op"],
                                  buckets=LATENCY_BUCKETS)
+FUSION_EVENT_CONFLICTS = Counter(
+    "crossrec_fusion_event_conflicts", "Re-sent event ids whose content differs from the "
+    "stored event (acknowledged as duplicates; the stored event is kept)")
 FUSION_INGEST_LAG = Histogram("crossrec_fusion_ingest_lag_seconds",
                               "Acknowledgement time minus event time",
                               buckets=(0.01, 0.1, 1, 10, 60, 600, 3600, 86400, 864000))
@@ -51,8 +55,8 @@ RANKING_SOURCE = Counter("crossrec_ranking_recommendations", "Recommend answers 
 CATALOG_ITEMS = Gauge("crossrec_ranking_catalog_items", "Catalogue size", ["platform"])
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    """Start the /metrics endpoint in a daemon thread (port 0: do nothing)."""
+def serve_metrics(port: int, host: str) -> None:
+    """Start the /metrics endpoint on `host` in a daemon thread (port 0: do nothing)."""
     if port:
         start_http_server(port, addr=host)
 

@@ -3,6 +3,11 @@
 
 gRPC errors become engine errors here, so engines never see grpc: UNAVAILABLE -> NotReady,
 DEADLINE_EXCEEDED -> BudgetSpent, RESOURCE_EXHAUSTED -> Overloaded.
+
+Channels come from the client library's one builder (clients.crossrec_client.open_channel):
+the same message limits, keepalive, bounded reconnect backoff (at most ~1 s, so a restarted
+dependency is found about a second after its port opens, not after gRPC's default backoff of
+up to 120 s) and token handling as a backend's channels.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from clients.crossrec_client import RetryPolicy, open_channel
 from crossrec.common.v1 import common_pb2
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
@@ -22,12 +28,22 @@ DEFAULT_TIMEOUT_S = 30.0
 _ERRORS = {grpc.StatusCode.DEADLINE_EXCEEDED: BudgetSpent,
            grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
            grpc.StatusCode.INVALID_ARGUMENT: InvalidInput}
+# The client library's policy (same codes, same kind of backoff), one retry only: the caller
+# of this service retries too, and five attempts at each hop would multiply (25 against a
+# dependency that is down) and cost ~3 s, so that a dependency that is down would be
+# reported as DEADLINE_EXCEEDED instead of UNAVAILABLE naming it. One quick retry still
+# rides out a reset connection or a call that raced the dependency's shutdown.
+UPSTREAM_RETRY = RetryPolicy(max_attempts=2, initial_backoff_s=0.1, max_backoff_s=0.1)
 
 
-def channel_options() -> list[tuple[str, object]]:
-    return [("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000)]
+def upstream_channel(address: str, service: str, security: ClientSecurity,
+                     retry: RetryPolicy | None = UPSTREAM_RETRY
+                     ) -> tuple[grpc.Channel, grpc.Channel]:
+    """(channel for stubs, channel to close) to `service` at `address`, built by the client
+    library's open_channel; the token goes in as metadata on every call."""
+    return open_channel(address, [service], retry=retry, tls_ca=security.tls_ca or None,
+                        tls_cert=security.tls_cert or None, tls_key=security.tls_key or None,
+                        token=security.token or None)
 
 
 def rpc_error(err: grpc.RpcError, what: str) -> Exception:
@@ -43,15 +59,15 @@ class EmbeddingRemote:
                  max_texts_per_call: int = 256):
         self.address = address
         self.max_texts_per_call = max_texts_per_call
-        self._channel = security.channel(address, channel_options())
-        self._metadata = security.metadata()
-        self._stub = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
+        channel, self._channel = upstream_channel(
+            address, embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
+            security)
+        self._stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
 
     def model(self) -> tuple[str, int, int]:
         """(name, version, dim) of the remote model."""
         try:
-            info = self._stub.ModelInfo(embedding_pb2.ModelInfoRequest(), timeout=10,
-                                        metadata=self._metadata)
+            info = self._stub.ModelInfo(embedding_pb2.ModelInfoRequest(), timeout=10)
         except grpc.RpcError as err:
             raise rpc_error(err, f"embedding service at {self.address}") from None
         return info.model.name, info.model.version, info.dim
@@ -60,8 +76,8 @@ class EmbeddingRemote:
         futures = []
         for start in range(0, len(texts), self.max_texts_per_call):
             request = embedding_pb2.EmbedRequest(texts=texts[start:start + self.max_texts_per_call])
-            futures.append(self._stub.Embed.future(request, timeout=budget_s or DEFAULT_TIMEOUT_S,
-                                                   metadata=self._metadata))
+            futures.append(self._stub.Embed.future(request,
+                                                   timeout=budget_s or DEFAULT_TIMEOUT_S))
         rows = []
         try:
             for future in futures:
@@ -104,9 +120,9 @@ class FusionRemote:
 
     def __init__(self, address: str, security: ClientSecurity = ClientSecurity()):
         self.address = address
-        self._channel = security.channel(address, channel_options())
-        self._metadata = security.metadata()
-        self._stub = fusion_pb2_grpc.FusionServiceStub(self._channel)
+        channel, self._channel = upstream_channel(
+            address, fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name, security)
+        self._stub = fusion_pb2_grpc.FusionServiceStub(channel)
 
     def profile(self, user_id: str, for_platform: str, session_events: list[dict],
                 recent_limit: int, budget_s: float | None) -> RemoteProfile:
@@ -114,8 +130,7 @@ class FusionRemote:
             user_id=user_id, for_platform=for_platform, recent_events_limit=recent_limit,
             session_events=[_pb_event(e) for e in session_events])
         try:
-            reply = self._stub.GetProfile(request, timeout=budget_s or DEFAULT_TIMEOUT_S,
-                                          metadata=self._metadata)
+            reply = self._stub.GetProfile(request, timeout=budget_s or DEFAULT_TIMEOUT_S)
         except grpc.RpcError as err:
             raise rpc_error(err, f"fusion service at {self.address}") from None
         recent = [(r.event.platform, r.event.item_id, r.event.item_text)
@@ -134,8 +149,7 @@ class FusionRemote:
     def item_stats(self, platform: str, limit: int = 0) -> list[tuple[str, int, int]]:
         try:
             reply = self._stub.GetItemStats(
-                fusion_pb2.GetItemStatsRequest(platform=platform, limit=limit), timeout=30,
-                metadata=self._metadata)
+                fusion_pb2.GetItemStatsRequest(platform=platform, limit=limit), timeout=30)
         except grpc.RpcError as err:
             raise rpc_error(err, f"fusion service at {self.address}") from None
         return [(s.item_id, s.event_count, s.last_event_ms) for s in reply.items]

@@ -1,6 +1,6 @@
 """The serve loop every crossrec server shares: flags with env twins, JSON logs, health (also
-on an optional plaintext health-only port), reflection, bounded concurrency,
-undecodable-request handling and graceful shutdown."""
+on an optional plaintext health-only port), reflection, bounded concurrency (streams apart:
+services/common/streams.py), undecodable-request handling and graceful shutdown."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
 from services.common.errors import EngineError, status_name
-from services.common.security import (ClientSecurity, TokenAuthInterceptor, read_token,
-                                      server_credentials)
+from services.common.security import (ClientSecurity, ConfigError, TokenAuthInterceptor,
+                                      read_token, server_credentials)
+from services.common.streams import STREAM_METHODS, StreamGuard, streaming_methods
 from services.common.wire import find_bad_field
 
 log = logging.getLogger("crossrec")
@@ -65,6 +66,8 @@ def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None
     add_flag(parser, "--grace-s", 10.0, "seconds in-flight RPCs get to finish on SIGTERM")
     add_flag(parser, "--log-level", "INFO", "DEBUG, INFO, WARNING, ERROR")
     add_flag(parser, "--metrics-port", 0, "Prometheus /metrics port; 0 = off (9090 in k8s)")
+    add_flag(parser, "--metrics-host", "", "address the /metrics port binds (plaintext, no "
+             "token); empty: the same as --host")
     add_flag(parser, "--health-port", 0, "plaintext port serving only grpc.health.v1, without "
              "TLS or token, for probes that cannot do TLS (kubelet); 0 = off (8081 in k8s)")
     add_flag(parser, "--tls-cert", "", "server certificate (PEM); with --tls-key turns TLS on")
@@ -72,7 +75,15 @@ def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None
     add_flag(parser, "--tls-client-ca", "", "CA (PEM) that client certificates must chain to: "
              "mutual TLS")
     add_flag(parser, "--auth-token-file", "", "file holding the bearer token callers must send "
-             "(or env CROSSREC_AUTH_TOKEN); empty: no token check")
+             "(or env CROSSREC_AUTH_TOKEN); empty: no token check. A missing or empty file "
+             "refuses to start")
+    add_flag(parser, "--open-reflection", False, "with a token: serve reflection without it "
+             "(health never needs it)")
+    add_flag(parser, "--max-streams", 16, "open streams per streaming method (reflection, "
+             "health Watch, IngestStream) at most, on threads of their own; more: "
+             "RESOURCE_EXHAUSTED")
+    add_flag(parser, "--stream-idle-timeout-s", 60.0, "a stream whose client sent nothing "
+             "for this long (reflection, IngestStream) is cancelled; 0 = never")
     add_flag(parser, "--upstream-tls-ca", "", "CA (PEM) to verify the services this one calls; "
              "empty: plaintext")
     add_flag(parser, "--upstream-tls-cert", "", "client certificate for upstream mutual TLS")
@@ -214,17 +225,34 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     `register(server)` adds the servicers and returns their full service names; `load()` loads
     and warms the engine and returns it (it is closed on shutdown). Returns the exit code.
     """
-    token = read_token(args.auth_token_file)
-    auth = (TokenAuthInterceptor(token),) if token else ()
+    try:
+        token = read_token(args.auth_token_file)
+    except ConfigError as err:
+        log.error(str(err))
+        return 2
+    auth = (TokenAuthInterceptor(token, open_reflection=args.open_reflection),) if token else ()
+    streams = StreamGuard(args.max_streams, args.stream_idle_timeout_s, name=name)
+    # The stream guard comes first: its wrapper must be the outermost to run streams on their
+    # own pool. gRPC counts open streams against maximum_concurrent_rpcs like any call (a
+    # non-blocking health Watch excepted); the caps bound how many slots they can take.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix=name),
-        interceptors=(metrics.MetricsInterceptor(name), *auth, DecodeErrorInterceptor(),
+        interceptors=(streams, metrics.MetricsInterceptor(name), *auth, DecodeErrorInterceptor(),
                       *interceptors),
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)])
     services = register(server)
+    stream_names = streaming_methods([*services, health_pb2.DESCRIPTOR.services_by_name[
+        "Health"].full_name]) + [reflection.SERVICE_NAME]
+    if len(stream_names) > STREAM_METHODS:
+        raise RuntimeError(f"{len(stream_names)} streaming methods ({stream_names}): raise "
+                           "services.common.streams.STREAM_METHODS to match")
+    if args.max_concurrent_rpcs <= args.max_streams * len(stream_names):
+        log.warning("open streams could take every concurrency slot: --max-concurrent-rpcs "
+                    "%d <= --max-streams %d x %d streaming methods", args.max_concurrent_rpcs,
+                    args.max_streams, len(stream_names))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ["", *services]:
@@ -245,7 +273,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
         log.error(str(err))
         return 1
 
-    metrics.serve_metrics(args.metrics_port)
+    metrics.serve_metrics(args.metrics_port, args.metrics_host or args.host)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -255,7 +283,10 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     log.info("listening", extra={"fields": {
         "service": name, "host": args.host, "port": port, "tls": bool(credentials),
         "mutual_tls": bool(args.tls_client_ca), "token_auth": bool(token),
-        "health_port": args.health_port}})
+        "open_reflection": bool(args.open_reflection or not token),
+        "health_port": args.health_port, "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host or args.host, "max_streams": args.max_streams,
+        "stream_idle_timeout_s": args.stream_idle_timeout_s}})
 
     started = time.monotonic()
     try:
@@ -263,6 +294,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     except Exception:
         log.exception("loading failed")
         server.stop(0)
+        streams.close()
         if health_server is not None:
             health_server.stop(0)
         return 1
@@ -286,6 +318,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
         # a moment more, so that an open Watch stream is sent its NOT_SERVING before it is
         # cancelled (stop(0) could cancel it with the update still queued).
         health_server.stop(HEALTH_CLOSE_GRACE_S).wait()
+    streams.close()
     close = getattr(engine, "close", None)
     if close:
         close()

@@ -17,6 +17,13 @@ def normalize_text(text: str, max_chars: int = MAX_TEXT_CHARS) -> str:
     return text[:max_chars]
 
 
+def has_visible_text(text: str) -> bool:
+    """Whether `text` holds a character that shows: anything but whitespace, control (Cc),
+    format (Cf: zero-width space, joiners, BOM, bidi marks), unassigned, private-use and
+    surrogate code points. A text without one embeds to a vector of nothing."""
+    return any(not ch.isspace() and unicodedata.category(ch)[0] not in "CZ" for ch in text)
+
+
 def compose_item_text(title: str, attributes: dict[str, str] | None = None) -> str:
     """The text an item is embedded from: its title, then its attribute values in key order.
 

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from services.common.errors import InvalidInput
 from services.common.modelrepo import read_meta
+from services.common.text import has_visible_text
 
 log = logging.getLogger("crossrec.embedding")
 
@@ -136,8 +137,9 @@ class EmbeddingEngine:
             raise InvalidInput(f"texts must hold at most {self.max_texts_per_request} texts, "
                                f"got {len(texts)}")
         for i, text in enumerate(texts):
-            if not text.strip():
-                raise InvalidInput(f"texts[{i}] must be non-empty, got an empty or blank text")
+            if not has_visible_text(text):
+                raise InvalidInput(f"texts[{i}] must hold a visible character, got an empty "
+                                   "text or only whitespace, control or zero-width characters")
 
     def tokenize(self, texts: list[str]) -> list[Encoded]:
         """Token ids per text, truncated to max_sequence_tokens (special tokens included)."""

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,6 +22,10 @@ from services.fusion.store import ItemKey, ProfileStore
 log = logging.getLogger("crossrec.fusion")
 
 MAX_RECENT_EVENTS = 200
+# Distinct session items per GetProfile/Recommend whose text must be embedded during the call
+# (no stored or recently seen vector): each costs the embedding service up to ~27 ms (a 2 KB
+# text), and 100 of them once made one Recommend cost 2.7 s instead of ~14 ms.
+MAX_NEW_SESSION_TEXTS = 16
 
 # (texts, budget_s) -> float32 [n, dim] L2-normalised vectors
 EmbedFn = Callable[[list[str], "float | None"], np.ndarray]
@@ -132,16 +136,23 @@ class FusionEngine:
 
     `item_cache_items` > 0 keeps that many item vectors in memory (ItemCache); only for a
     store no other process writes, since another writer's changes would not reach the cache.
+    `session_cache_items` > 0 keeps that many vectors of session items the store does not
+    hold (texts embedded for a GetProfile, never stored), so that a repeated session costs
+    no embedding; `max_new_session_texts` bounds the texts one call may embed.
     """
 
     def __init__(self, store: ProfileStore, embed: EmbedFn, model, dim: int,
-                 item_cache_items: int = 0):
+                 item_cache_items: int = 0, session_cache_items: int = 0,
+                 max_new_session_texts: int = MAX_NEW_SESSION_TEXTS):
         self.store = store
         self.embed = embed
         self.model = model
         self.dim = dim
-        self.backend = type(store).__name__
+        self.backend = getattr(store, "backend", type(store).__name__)
         self.items = ItemCache(item_cache_items) if item_cache_items > 0 else None
+        self.session_items = (ItemCache(session_cache_items) if session_cache_items > 0
+                              else None)
+        self.max_new_session_texts = max_new_session_texts
 
     def _stored_items(self, keys: list[ItemKey], deadline: float | None
                       ) -> dict[ItemKey, tuple[str, np.ndarray]]:
@@ -196,23 +207,45 @@ class FusionEngine:
                 if key not in cached:
                     raise InvalidInput(f"{field_name}[{i}].item_text is required for an item "
                                        f"not seen before ({e.platform}/{e.item_id})")
-                e = Event(e.event_id, e.user_id, e.platform, e.action, e.item_id,
-                          cached[key][0], e.event_time_ms, e.weight)
+                e = replace(e, item_text=cached[key][0])
             filled.append(e)
             texts.setdefault(key, e.item_text)
         missing = [k for k, t in texts.items() if k not in cached or cached[k][0] != t]
         vectors = {k: v for k, (_, v) in cached.items()}
+        if missing and not cache_new:
+            missing = self._session_vectors(missing, texts, vectors, field_name)
         if missing:
             embedded = self.embed([texts[k] for k in missing],
                                   time_left(deadline, "new item texts were embedded"))
             fresh = {k: (texts[k], embedded[j]) for j, k in enumerate(missing)}
             if cache_new:
                 self._put_items(fresh, deadline)
+            elif self.session_items is not None:
+                self.session_items.write(fresh)
             vectors.update({k: v for k, (_, v) in fresh.items()})
         return filled, vectors
 
-    def ingest(self, raw: Sequence[dict], budget_s: float | None = None) -> tuple[int, int]:
-        """Validate, embed new item texts and store a batch durably: (accepted, duplicates).
+    def _session_vectors(self, missing: list[ItemKey], texts: dict[ItemKey, str],
+                         vectors: dict[ItemKey, np.ndarray], field_name: str) -> list[ItemKey]:
+        """Fill `vectors` from the session cache (same item, same text); the keys still to
+        embed. InvalidInput when more than max_new_session_texts are left."""
+        if self.session_items is not None:
+            held, _ = self.session_items.get(missing)
+            hits = {k: vec for k, (text, vec) in held.items() if text == texts[k]}
+            vectors.update(hits)
+            missing = [k for k in missing if k not in hits]
+        if len(missing) > self.max_new_session_texts:
+            raise InvalidInput(
+                f"{field_name} carry {len(missing)} items whose text this server has no vector "
+                f"for; at most {self.max_new_session_texts} may be embedded per call "
+                "(--max-new-session-texts): send fewer new items, or Ingest them first")
+        return missing
+
+    def ingest(self, raw: Sequence[dict], budget_s: float | None = None
+               ) -> tuple[int, int, int]:
+        """Validate, embed new item texts and store a batch durably: (accepted, duplicates,
+        conflicts), conflicts being the duplicates whose content differs from the stored
+        event's (kept; counted in crossrec_fusion_event_conflicts_total).
 
         All-or-nothing: an invalid event rejects the batch before anything is written.
         BudgetSpent when a store or embedding call outlasts its share of `budget_s`: nothing
@@ -223,15 +256,19 @@ class FusionEngine:
         events, _ = self._item_vectors(events, "events", deadline, cache_new=True)
         timeout_s = time_left(deadline, "the events were stored; none were")
         stored = time.perf_counter()
-        accepted, duplicates = self.store.append(events, timeout_s=timeout_s)
+        accepted, duplicates, conflicts = self.store.append(events, timeout_s=timeout_s)
         metrics.FUSION_STORE_SECONDS.labels(self.backend, "append").observe(
             time.perf_counter() - stored)
         metrics.FUSION_EVENTS.labels("accepted").inc(accepted)
         metrics.FUSION_EVENTS.labels("duplicate").inc(duplicates)
+        if conflicts:
+            metrics.FUSION_EVENT_CONFLICTS.inc(conflicts)
+            log.warning("re-sent event ids with other content kept their stored content",
+                        extra={"fields": {"conflicts": conflicts}})
         now_ms = time.time() * 1000
         for e in events[:: max(1, len(events) // 20)]:  # a sample keeps this off the hot path
             metrics.FUSION_INGEST_LAG.observe(max(0.0, now_ms - e.event_time_ms) / 1000)
-        return accepted, duplicates
+        return accepted, duplicates, conflicts
 
     def item_stats(self, platform: str, limit: int = 0,
                    budget_s: float | None = None) -> list[tuple[str, int, int]]:

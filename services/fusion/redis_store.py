@@ -12,10 +12,14 @@ Key layout (`<prefix>` defaults to "crossrec"; `<uh>` = blake2b-128 hex of the U
 so a user id holding `{` or `}` cannot change the hash tag; every key of one user lands in
 one cluster slot):
 
-    <prefix>:{u:<uh>}:ids              SET   event ids ever stored (dedupe)
+    <prefix>:{u:<uh>}:events           HASH  event id -> content digest, every event ever
+                                             stored (dedupe and conflicts)
+    <prefix>:{u:<uh>}:ids              SET   event ids stored before digests were kept
+                                             (read, never written: duplicates, no conflicts)
     <prefix>:{u:<uh>}:stats            HASH  n:<platform> all-time count,
                                              t:<platform> last-seen event_time_ms,
-                                             user the raw user id
+                                             user the user id as stored (the caller's, or
+                                             its keyed hash with --user-id-key-file)
     <prefix>:{u:<uh>}:platforms        SET   platforms with a recent key (no SCAN needed)
     <prefix>:{u:<uh>}:recent:<platform> ZSET newest RECENT_PER_PLATFORM events;
                                              score event_time_ms, member event_id NUL json
@@ -43,7 +47,7 @@ from redis.exceptions import NoScriptError
 
 from services.common import redisio
 from services.common.errors import BudgetSpent, NotReady
-from services.common.events import Event, check_platform
+from services.common.events import Event, check_platform, event_digest
 from services.fusion.store import RECENT_PER_PLATFORM, PlatformHistory, ProfileStore
 
 _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -52,9 +56,10 @@ _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 # and rarely new, so a handful of tries is plenty.
 _MAX_PLATFORM_RACES = 8
 
-# KEYS: ids, stats, platforms, recent:<p1>..recent:<pP>.
+# KEYS: ids, stats, platforms, events, recent:<p1>..recent:<pP>.
 # ARGV: keep, user_id, P, p1..pP, then per event: platform index (1..P), event_id, time_ms,
-# member. Returns the number of events accepted (not already in ids).
+# member, digest. Returns {positions (0-based) of the events accepted (in neither ids nor
+# events), number of duplicates whose digest differs from the stored one}.
 _APPEND_LUA = """
 local keep = tonumber(ARGV[1])
 local n_platforms = tonumber(ARGV[3])
@@ -62,12 +67,21 @@ local first = 4 + n_platforms
 local touched = {}
 local accepted = 0
 local new = {}
-for i = first, #ARGV, 4 do
+local conflicts = 0
+for i = first, #ARGV, 5 do
   local p = tonumber(ARGV[i])
-  if redis.call('SADD', KEYS[1], ARGV[i + 1]) == 1 then
+  local fresh = false
+  if redis.call('SISMEMBER', KEYS[1], ARGV[i + 1]) == 0 then
+    if redis.call('HSETNX', KEYS[4], ARGV[i + 1], ARGV[i + 4]) == 1 then
+      fresh = true
+    elseif redis.call('HGET', KEYS[4], ARGV[i + 1]) ~= ARGV[i + 4] then
+      conflicts = conflicts + 1
+    end
+  end
+  if fresh then
     local platform = ARGV[3 + p]
     local time_ms = ARGV[i + 2]
-    redis.call('ZADD', KEYS[3 + p], time_ms, ARGV[i + 3])
+    redis.call('ZADD', KEYS[4 + p], time_ms, ARGV[i + 3])
     redis.call('HINCRBY', KEYS[2], 'n:' .. platform, 1)
     local last = redis.call('HGET', KEYS[2], 't:' .. platform)
     if (not last) or tonumber(last) < tonumber(time_ms) then
@@ -75,7 +89,7 @@ for i = first, #ARGV, 4 do
     end
     touched[p] = true
     accepted = accepted + 1
-    new[accepted] = (i - first) / 4
+    new[accepted] = (i - first) / 5
   end
 end
 if accepted > 0 then
@@ -84,10 +98,10 @@ end
 for p = 1, n_platforms do
   if touched[p] then
     redis.call('SADD', KEYS[3], ARGV[3 + p])
-    redis.call('ZREMRANGEBYRANK', KEYS[3 + p], 0, -keep - 1)
+    redis.call('ZREMRANGEBYRANK', KEYS[4 + p], 0, -keep - 1)
   end
 end
-return new
+return {new, conflicts}
 """
 
 # Shared prologue of history and delete: KEYS as above with the platforms the caller read;
@@ -103,7 +117,7 @@ end
 # Returns {stats as HGETALL, members of recent:<p1>, ..., members of recent:<pP>}.
 _HISTORY_LUA = _CHECK_PLATFORMS_LUA + """
 local out = {redis.call('HGETALL', KEYS[2])}
-for i = 4, #KEYS do
+for i = 5, #KEYS do
   out[#out + 1] = redis.call('ZRANGE', KEYS[i], 0, -1)
 end
 return out
@@ -193,11 +207,12 @@ class RedisStore(ProfileStore):
             yield
 
     # --- keys -----------------------------------------------------------------------------
-    def _user_keys(self, user_id: str) -> tuple[str, str, str]:
-        """The user's (ids, stats, platforms) keys; _recent_key derives the per-platform ones."""
+    def _user_keys(self, user_id: str) -> tuple[str, str, str, str]:
+        """The user's (ids, stats, platforms, events) keys, KEYS[1..4] of every script;
+        _recent_key derives the per-platform ones."""
         tag = hashlib.blake2b(user_id.encode(), digest_size=16).hexdigest()
         base = f"{self.prefix}:{{u:{tag}}}:"
-        return base + "ids", base + "stats", base + "platforms"
+        return base + "ids", base + "stats", base + "platforms", base + "events"
 
     @staticmethod
     def _recent_key(stats_key: str, platform: str) -> str:
@@ -209,8 +224,9 @@ class RedisStore(ProfileStore):
         return f"{self.prefix}:item:{{{platform}:{item_id}}}"
 
     # --- writes ---------------------------------------------------------------------------
-    def append(self, events: list[Event], timeout_s: float | None = None) -> tuple[int, int]:
-        """Store `events`; (accepted, duplicates) once fsynced. Atomic per user.
+    def append(self, events: list[Event], timeout_s: float | None = None
+               ) -> tuple[int, int, int]:
+        """Store `events`; (accepted, duplicates, conflicts) once fsynced. Atomic per user.
 
         BudgetSpent after `timeout_s`: nothing is acknowledged, though Redis may still apply
         the write; re-sending the batch is safe (ids dedupe).
@@ -222,9 +238,11 @@ class RedisStore(ProfileStore):
         calls = [self._append_call(user, user_events) for user, user_events in users]
         with self._errors(timeout_s, writes=True):
             results = self._pipeline_scripts(self._append_script, calls)
-            new = [user_events[int(i)] for (_, user_events), r in zip(users, results) for i in r]
+            new = [user_events[int(i)] for (_, user_events), (positions, _) in
+                   zip(users, results) for i in positions]
             self._count_items(new)
-        return len(new), len(events) - len(new)
+        conflicts = sum(int(n) for _, n in results)
+        return len(new), len(events) - len(new), conflicts
 
     def _count_items(self, events: list[Event]) -> None:
         """Per-item popularity, one sorted set per platform. Written after the events, not
@@ -254,13 +272,14 @@ class RedisStore(ProfileStore):
         return [(_text(i), int(c), int(t or 0)) for (i, c), t in zip(top, last)]
 
     def _append_call(self, user_id: str, events: list[Event]) -> tuple[list, list]:
-        ids, stats, platforms = self._user_keys(user_id)
+        ids, stats, platforms, known = self._user_keys(user_id)
         names = list(dict.fromkeys(e.platform for e in events))
         index = {name: i for i, name in enumerate(names, start=1)}
-        keys = [ids, stats, platforms, *(self._recent_key(stats, p) for p in names)]
+        keys = [ids, stats, platforms, known, *(self._recent_key(stats, p) for p in names)]
         args: list = [RECENT_PER_PLATFORM, user_id, len(names), *names]
         for e in events:
-            args += [index[e.platform], e.event_id, int(e.event_time_ms), _encode_member(e)]
+            args += [index[e.platform], e.event_id, int(e.event_time_ms), _encode_member(e),
+                     event_digest(e)]
         return keys, args
 
     def _pipeline_scripts(self, script, calls: list[tuple[list, list]]) -> list:
@@ -318,10 +337,11 @@ class RedisStore(ProfileStore):
     def _per_user_script(self, script, user_id: str):
         """(platforms, answer) of a history/delete script run with every key of the user
         declared in KEYS, so that it stays within one cluster slot."""
-        ids, stats, platforms_key = self._user_keys(user_id)
+        ids, stats, platforms_key, known = self._user_keys(user_id)
         for _ in range(_MAX_PLATFORM_RACES):
             names = sorted(_text(p) for p in self._client.smembers(platforms_key))
-            keys = [ids, stats, platforms_key, *(self._recent_key(stats, p) for p in names)]
+            keys = [ids, stats, platforms_key, known,
+                    *(self._recent_key(stats, p) for p in names)]
             answer = script(keys=keys, args=names)
             if answer != -1:
                 return names, answer

@@ -18,12 +18,14 @@ from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from services.common import metrics, modelrepo
 from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote
+from services.common.security import ConfigError, read_secret
 from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
                                    serve, setup_logging, wait_for)
 from services.common.wire import packed_floats
 from services.common.events import RawEvents
-from services.fusion.engine import FusionEngine, Profile
+from services.fusion.engine import MAX_NEW_SESSION_TEXTS, FusionEngine, Profile
 from services.fusion.model import BaselineUserModel, OnnxUserModel
+from services.fusion.pseudonym import MIN_KEY_CHARS, PseudonymousStore
 from services.fusion.store import ProfileStore, SQLiteStore
 
 log = logging.getLogger("crossrec.fusion")
@@ -41,16 +43,30 @@ class Config:
     allow_baseline: bool
     max_queue_batches: int
     item_cache_items: int
+    session_cache_items: int
+    max_new_session_texts: int
     dependency_wait_s: float
+    user_id_key_file: str
 
 
-def open_store(config: Config) -> ProfileStore:
+def open_store(config: Config, user_id_key: bytes | None = None) -> ProfileStore:
+    """The configured backend; user ids stored as keyed hashes when `user_id_key` is given."""
     if config.store == "sqlite":
-        return SQLiteStore(config.sqlite_path, max_queue_batches=config.max_queue_batches)
-    if config.store == "redis":
+        store = SQLiteStore(config.sqlite_path, max_queue_batches=config.max_queue_batches)
+    elif config.store == "redis":
         from services.fusion.redis_store import RedisStore
-        return RedisStore(config.redis_url)
-    raise ValueError(f"--store must be sqlite or redis, got {config.store!r}")
+        store = RedisStore(config.redis_url)
+    else:
+        raise ValueError(f"--store must be sqlite or redis, got {config.store!r}")
+    return PseudonymousStore(store, user_id_key) if user_id_key else store
+
+
+def read_user_id_key(path: str) -> bytes | None:
+    """The key of --user-id-key-file (None: ids stored as sent); ConfigError when the file
+    is missing, unreadable, empty or too short."""
+    if not path:
+        return None
+    return read_secret(path, "--user-id-key-file", MIN_KEY_CHARS).encode()
 
 
 def load_user_model(config: Config):
@@ -107,18 +123,18 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
 
     def Ingest(self, request, context):
         raw = RawEvents(request.events)
-        accepted, dups = engine_call(
+        accepted, dups, conflicts = engine_call(
             context, lambda: self._ready().ingest(raw, context.time_remaining()))
-        return fusion_pb2.IngestResponse(accepted=accepted, duplicates=dups)
+        return fusion_pb2.IngestResponse(accepted=accepted, duplicates=dups, conflicts=conflicts)
 
     def IngestStream(self, request_iterator, context):
-        accepted = dups = batches = 0
+        accepted = dups = conflicts = batches = 0
         for request in request_iterator:
             raw = RawEvents(request.events)
-            a, d = engine_call(context, lambda: self._ready().ingest(raw, None))
-            accepted, dups, batches = accepted + a, dups + d, batches + 1
+            a, d, c = engine_call(context, lambda: self._ready().ingest(raw, None))
+            accepted, dups, conflicts, batches = accepted + a, dups + d, conflicts + c, batches + 1
         return fusion_pb2.IngestStreamResponse(accepted=accepted, duplicates=dups,
-                                               batches=batches)
+                                               conflicts=conflicts, batches=batches)
 
     def GetProfile(self, request, context):
         session = RawEvents(request.session_events)
@@ -156,8 +172,19 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     add_flag(parser, "--item-cache-items", 50_000,
              "item vectors kept in memory (about 2 KB each) so that profile reads skip the "
              "store; SQLite only (a Redis store may be written by other replicas); 0 = off")
+    add_flag(parser, "--session-cache-items", 10_000,
+             "vectors of session items the store does not hold, kept in memory (up to ~4 KB "
+             "each with their text) so that a repeated session embeds nothing; 0 = off")
+    add_flag(parser, "--max-new-session-texts", MAX_NEW_SESSION_TEXTS,
+             "distinct session items per GetProfile/Recommend whose text may be embedded "
+             "during the call; more: INVALID_ARGUMENT")
     add_flag(parser, "--dependency-wait-s", 120.0,
              "how long to wait at start for the embedding service (health stays NOT_SERVING)")
+    add_flag(parser, "--user-id-key-file", "",
+             "file holding a secret key (>= 16 characters; 32 random bytes, base64, "
+             "recommended): user ids are stored as their HMAC-SHA-256 under it, never as sent "
+             "(services/fusion/pseudonym.py); keep it for the life of the store. Empty: ids "
+             "stored as sent")
     args = parser.parse_args(argv)
     config = Config(store=args.store, sqlite_path=args.sqlite_path, redis_url=args.redis_url,
                     embedding_address=args.embedding_address, model_repo=args.model_repo,
@@ -165,7 +192,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
                     allow_baseline=args.allow_baseline,
                     max_queue_batches=args.max_queue_batches,
                     item_cache_items=args.item_cache_items,
-                    dependency_wait_s=args.dependency_wait_s)
+                    session_cache_items=args.session_cache_items,
+                    max_new_session_texts=args.max_new_session_texts,
+                    dependency_wait_s=args.dependency_wait_s,
+                    user_id_key_file=args.user_id_key_file)
     return args, config
 
 
@@ -173,6 +203,11 @@ def main(argv=None) -> int:
     args, config = parse_args(argv)
     setup_logging(args.log_level)
     log.info("config", extra={"fields": vars(config)})
+    try:
+        user_id_key = read_user_id_key(config.user_id_key_file)
+    except ConfigError as err:
+        log.error(str(err))
+        return 2
     model = load_user_model(config)
     servicer = FusionServicer()
 
@@ -185,11 +220,13 @@ def main(argv=None) -> int:
         dim = wait_for(lambda: embed.model()[2], config.dependency_wait_s,
                        f"embedding service at {config.embedding_address}")
         servicer.engine = FusionEngine(
-            open_store(config), embed, model, dim,
-            item_cache_items=config.item_cache_items if config.store == "sqlite" else 0)
+            open_store(config, user_id_key), embed, model, dim,
+            item_cache_items=config.item_cache_items if config.store == "sqlite" else 0,
+            session_cache_items=config.session_cache_items,
+            max_new_session_texts=config.max_new_session_texts)
         metrics.MODEL_INFO.labels("fusion", model.name).info({
             "version": str(model.version), "baseline": str(model.baseline).lower(),
-            "store": config.store})
+            "store": config.store, "pseudonymous_user_ids": str(bool(user_id_key)).lower()})
         return servicer.engine
 
     return serve("fusion", args, register, load)

@@ -2,12 +2,14 @@
 
 Per user and platform the store keeps the newest RECENT_PER_PLATFORM events (what the user
 model reads), the all-time event count and the last-seen time; per user, every event id ever
-stored (dedupe); per (platform, item_id), the item text and its vector (embedding cache).
+stored with a digest of its content (dedupe, conflicts); per (platform, item_id), the item
+text and its vector (embedding cache).
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 import queue
 import sqlite3
 import threading
@@ -19,9 +21,18 @@ from pathlib import Path
 import numpy as np
 
 from services.common.errors import BudgetSpent, NotReady, Overloaded
-from services.common.events import Event
+from services.common.events import Event, event_digest
+
+log = logging.getLogger("crossrec.fusion")
 
 RECENT_PER_PLATFORM = 50
+# After a commit that deleted a user, the WAL is checkpointed into the database and truncated
+# (the deleted rows' old page images live in it until then). The checkpoint waits at most
+# this long for readers still on an older snapshot; if they hold it off, it is retried every
+# DELETE_CHECKPOINT_RETRY_S until done. services/fusion/README.md states the bound.
+DELETE_CHECKPOINT_WAIT_MS = 1000
+DELETE_CHECKPOINT_RETRY_S = 1.0
+BUSY_TIMEOUT_MS = 30000
 
 ItemKey = tuple[str, str]  # (platform, item_id)
 
@@ -44,11 +55,15 @@ class ProfileStore(abc.ABC):
     """
 
     @abc.abstractmethod
-    def append(self, events: list[Event], timeout_s: float | None = None) -> tuple[int, int]:
-        """Store `events` atomically and durably; (accepted, duplicates) once durable.
+    def append(self, events: list[Event], timeout_s: float | None = None
+               ) -> tuple[int, int, int]:
+        """Store `events` atomically and durably; (accepted, duplicates, conflicts) once
+        durable.
 
         Duplicates are events whose (user_id, event_id) is already stored or repeated within
-        the batch. Raises Overloaded when the write queue is full.
+        the batch; conflicts are the duplicates whose content digest (events.event_digest)
+        differs from the stored (or first) one's, which is kept. Raises Overloaded when the
+        write queue is full.
         """
 
     @abc.abstractmethod
@@ -59,7 +74,8 @@ class ProfileStore(abc.ABC):
 
     @abc.abstractmethod
     def delete_user(self, user_id: str, timeout_s: float | None = None) -> int:
-        """Remove the user's events, ids and stats; number of events the user had (0: unknown)."""
+        """Remove the user's events, ids and stats; number of events the user had (0: unknown).
+        What stays on disk, and for how long, is the backend's to state (README)."""
 
     @abc.abstractmethod
     def get_items(self, keys: list[ItemKey], timeout_s: float | None = None
@@ -88,11 +104,18 @@ class SQLiteStore(ProfileStore):
     then acknowledges them; readers use their own connections and see every committed batch.
     Writes wait for their commit at most `timeout_s`; reads take it for interface parity only:
     in WAL mode they never wait on the writer, and a local file does not hang like a server.
+
+    Deleted data: every connection runs with secure_delete=ON, so SQLite overwrites deleted
+    rows and freed pages with zeros (whatever the build's default), and a commit that deleted
+    a user is followed by a checkpoint that copies the WAL into the database and truncates it
+    (bounded: DELETE_CHECKPOINT_WAIT_MS, retried); a delete is acknowledged after that
+    checkpoint (or its first try).
     """
 
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS event_ids (
-        user_id TEXT NOT NULL, event_id TEXT NOT NULL, PRIMARY KEY (user_id, event_id)
+        user_id TEXT NOT NULL, event_id TEXT NOT NULL, digest TEXT,
+        PRIMARY KEY (user_id, event_id)
     ) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS recent (
         user_id TEXT NOT NULL, platform TEXT NOT NULL, event_time_ms INTEGER NOT NULL,
@@ -121,6 +144,10 @@ class SQLiteStore(ProfileStore):
         self._local = threading.local()
         conn = self._conn()
         conn.executescript(self.SCHEMA)
+        # Stores made before conflicts were counted: their ids have no digest (NULL).
+        if "digest" not in {row[1] for row in conn.execute("PRAGMA table_info(event_ids)")}:
+            conn.execute("ALTER TABLE event_ids ADD COLUMN digest TEXT")
+        self._checkpoint_due = False
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue_batches)
         self._max_events_per_commit = max_events_per_commit
         self._closed = False
@@ -136,7 +163,10 @@ class SQLiteStore(ProfileStore):
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # Zero deleted content, also in freed pages, whatever SQLite was built with: a
+            # deleted user's rows must not linger in free space (README, "Deleting a user").
+            conn.execute("PRAGMA secure_delete=ON")
             self._local.conn = conn
         return conn
 
@@ -183,7 +213,12 @@ class SQLiteStore(ProfileStore):
         conn = self._conn()
         stopping = False
         while not stopping:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(
+                    timeout=DELETE_CHECKPOINT_RETRY_S if self._checkpoint_due else None)
+            except queue.Empty:
+                self._checkpoint(conn)
+                continue
             if first is None:
                 return
             jobs, size = [first], self._job_size(first)
@@ -215,8 +250,34 @@ class SQLiteStore(ProfileStore):
             for _, _, done in jobs:
                 done.set_exception(NotReady(f"profile store write failed: {err}"))
             return
-        for (_, _, done), result in zip(jobs, results):
-            done.set_result(result)
+        deletes = [(done, result) for (op, _, done), result in zip(jobs, results)
+                   if op == "delete"]
+        for (op, _, done), result in zip(jobs, results):
+            if op != "delete":
+                done.set_result(result)
+        if deletes:
+            # The deleted rows' older page images are in the WAL until it is checkpointed and
+            # truncated; acknowledge the delete once that is done (or retried from now on).
+            self._checkpoint_due = True
+            self._checkpoint(conn)
+            for done, result in deletes:
+                done.set_result(result)
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Checkpoint the WAL into the database and truncate it, waiting for readers on an
+        older snapshot at most DELETE_CHECKPOINT_WAIT_MS; still due if they held it off.
+        Never raises (a failure is retried by the write loop)."""
+        try:
+            conn.execute(f"PRAGMA busy_timeout={DELETE_CHECKPOINT_WAIT_MS}")
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as err:
+            log.warning("checkpoint after a delete failed; retrying",
+                        extra={"fields": {"error": str(err)}})
+            return
+        self._checkpoint_due = bool(busy)
 
     def _apply(self, conn, op, payload):
         if op == "append":
@@ -229,25 +290,31 @@ class SQLiteStore(ProfileStore):
              for (p, i), (text, vec) in payload.items()])
         return None
 
-    def _append(self, conn, events: list[Event]) -> tuple[int, int]:
+    def _append(self, conn, events: list[Event]) -> tuple[int, int, int]:
         by_user: dict[str, list[Event]] = defaultdict(list)
         for e in events:
             by_user[e.user_id].append(e)
         new: list[Event] = []
+        digests: list[str] = []
+        conflicts = 0
         for user, user_events in by_user.items():
             ids = list({e.event_id for e in user_events})
-            known = set()
+            known: dict[str, str | None] = {}  # event id -> digest (None: stored without one)
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
-                known.update(r[0] for r in conn.execute(
-                    f"SELECT event_id FROM event_ids WHERE user_id=? AND event_id IN "
+                known.update((r[0], r[1]) for r in conn.execute(
+                    f"SELECT event_id, digest FROM event_ids WHERE user_id=? AND event_id IN "
                     f"({','.join('?' * len(chunk))})", [user, *chunk]))
             for e in user_events:
+                digest = event_digest(e)
                 if e.event_id not in known:
-                    known.add(e.event_id)
+                    known[e.event_id] = digest
                     new.append(e)
-        conn.executemany("INSERT INTO event_ids (user_id, event_id) VALUES (?, ?)",
-                         [(e.user_id, e.event_id) for e in new])
+                    digests.append(digest)
+                elif known[e.event_id] not in (None, digest):
+                    conflicts += 1
+        conn.executemany("INSERT INTO event_ids (user_id, event_id, digest) VALUES (?, ?, ?)",
+                         [(e.user_id, e.event_id, d) for e, d in zip(new, digests)])
         conn.executemany(
             "INSERT OR REPLACE INTO recent (user_id, platform, event_time_ms, event_id, action, "
             "item_id, weight) VALUES (?,?,?,?,?,?,?)",
@@ -276,7 +343,7 @@ class SQLiteStore(ProfileStore):
             "(SELECT event_time_ms, event_id FROM recent WHERE user_id=? AND platform=? "
             "ORDER BY event_time_ms DESC, event_id DESC LIMIT 1 OFFSET ?)",
             [(u, p, u, p, RECENT_PER_PLATFORM - 1) for (u, p) in touched])
-        return len(new), len(events) - len(new)
+        return len(new), len(events) - len(new), conflicts
 
     @staticmethod
     def _delete(conn, user_id: str) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 from services.common import metrics
 from services.common.errors import DOWNSTREAM_BUDGET_SHARE, BudgetSpent, InvalidInput, NotReady
 from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
-from services.common.text import compose_item_text
+from services.common.text import compose_item_text, has_visible_text
 from services.ranking.catalog import Catalog, CatalogItem
 from services.ranking import pipeline
 from services.ranking.features import UserContext
@@ -126,7 +126,9 @@ class RankingEngine:
 
     # --- catalogue ------------------------------------------------------------------------
     def upsert_items(self, raw: list[dict], budget_s: float | None = None) -> int:
-        """Validate, embed (only new or changed texts) and store items; all-or-nothing."""
+        """Validate, embed (only new or changed texts) and store items; all-or-nothing.
+        A (platform, item_id) repeated in the batch: the last one wins, stored once. Returns
+        the number of distinct items stored."""
         started = time.monotonic()
         if not raw:
             raise InvalidInput("items must hold at least 1 item, got 0")
@@ -150,10 +152,16 @@ class RankingEngine:
                     raise InvalidInput(f"{f}.attributes[{key[:40]!r}] must be at most "
                                        f"{MAX_ATTRIBUTE_CHARS} characters")
             text = compose_item_text(title, attrs)
-            if not compose_item_text(title):
-                raise InvalidInput(f"{f}.title must hold visible text, got only whitespace or "
-                                   "control characters")
+            if not has_visible_text(compose_item_text(title)):
+                raise InvalidInput(f"{f}.title must hold visible text, got only whitespace, "
+                                   "control or zero-width characters")
             items.append(CatalogItem(r["item_id"], r["platform"], title, attrs, text))
+        # One rule for a repeated id, the same as PlatformIndex.upsert's and the catalogues'
+        # (SQLite INSERT OR REPLACE, Redis HSET in order): the last one wins. Applied here so
+        # that the catalogue, its index and the count returned see each item once.
+        last = {(it.platform, it.item_id): n for n, it in enumerate(items)}
+        if len(last) < len(items):
+            items = [items[n] for n in sorted(last.values())]
         vectors = np.zeros((len(items), self.catalog.dim), np.float32)
         todo = []
         for n, it in enumerate(items):
@@ -178,6 +186,8 @@ class RankingEngine:
         check_platform(platform)
         if not item_ids or len(item_ids) > MAX_BATCH_ITEMS:
             raise InvalidInput(f"item_ids must hold 1..{MAX_BATCH_ITEMS} ids, got {len(item_ids)}")
+        for n, item_id in enumerate(item_ids):
+            check_id(item_id, f"item_ids[{n}]")
         return self.catalog.delete(platform, item_ids, budget_s)
 
     # --- recommend ------------------------------------------------------------------------

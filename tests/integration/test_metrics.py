@@ -59,3 +59,54 @@ def test_ranking_and_fusion_expose_their_own_metrics(stack):
     fusion = scrape(ports["fusion"])
     assert 'method="GetProfile",service="fusion"' in fusion
     assert "crossrec_fusion_store_duration_seconds" in fusion
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on `port` (from /proc/net/tcp{,6})."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:
+                continue
+            if width == 8:
+                found.add(".".join(str(b) for b in bytes.fromhex(address)[::-1]))
+            else:
+                found.add("::" if int(address, 16) == 0 else address)
+    return found
+
+
+def test_metrics_listen_on_the_servers_host_not_on_every_interface(stack):
+    _, ports = stack
+    bound = {name: listening_addresses(port) for name, port in ports.items()}
+    print(f"\n/metrics bound to: {bound}")
+    assert bound == {name: {"127.0.0.1"} for name in ports}, bound
+
+
+def test_an_event_id_resent_with_other_content_is_reported_as_a_conflict(stack):
+    from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
+    procs, ports = stack
+
+    def batch(item_id: str, weight: float = 1.0):
+        return fusion_pb2.IngestRequest(events=[dict(
+            event_id="conflict-1", user_id="conflict-user", platform="office", action=2,
+            item_id=item_id, item_text="conflict test stapler", event_time_ms=1_700_000_000_000,
+            weight=weight)])
+
+    with grpc.insecure_channel(procs["fusion"].address) as channel:
+        stub = fusion_pb2_grpc.FusionServiceStub(channel)
+        first = stub.Ingest(batch("c-item"), timeout=30)
+        resent = stub.Ingest(batch("c-item"), timeout=30)
+        changed = stub.Ingest(batch("other-item"), timeout=30)
+        streamed = stub.IngestStream(iter([batch("c-item", 2.0), batch("c-item")]), timeout=30)
+    assert (first.accepted, first.conflicts) == (1, 0)
+    assert (resent.duplicates, resent.conflicts) == (1, 0), "a plain re-send is no conflict"
+    assert (changed.accepted, changed.duplicates, changed.conflicts) == (0, 1, 1)
+    assert (streamed.duplicates, streamed.conflicts) == (2, 1)
+    assert "crossrec_fusion_event_conflicts_total 2.0" in scrape(ports["fusion"])

@@ -2,6 +2,7 @@
 
 import datetime
 import ipaddress
+import time
 
 import grpc
 import pytest
@@ -10,6 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from clients.stack import ServiceProcess, _free_port
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
@@ -191,3 +193,69 @@ def test_the_health_port_reports_not_serving_on_sigterm_before_it_closes(secure_
             watch.close()
     finally:
         assert fusion.stop() == 0
+
+
+# --- auth never fails open -------------------------------------------------------------------
+START_LIMIT_S = 60.0
+
+
+def start_refused(model_repo, run_dir, *args) -> tuple[int, str]:
+    """Start embedding with `args`; (exit code, its output) once it exits. Fails the test if
+    it serves instead (a port file appears) or is still running after START_LIMIT_S."""
+    proc = ServiceProcess("embedding", ["--model-repo", str(model_repo), *args], run_dir)
+    proc.start()
+    deadline = time.monotonic() + START_LIMIT_S
+    try:
+        while proc.proc.poll() is None and time.monotonic() < deadline:
+            assert not proc.port_file.exists(), f"started serving with {args}: fails open"
+            time.sleep(0.05)
+        assert proc.proc.poll() is not None, f"still running after {START_LIMIT_S:.0f} s"
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    return proc.proc.returncode, proc.log_path.read_text()
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n", None], ids=["empty", "whitespace",
+                                                                  "missing"])
+def test_an_empty_or_missing_token_file_refuses_to_start_with_a_one_line_error(
+        model_repo, tmp_path, content):
+    token = tmp_path / "token"
+    if content is not None:
+        token.write_text(content)
+    code, output = start_refused(model_repo, tmp_path / "run", "--auth-token-file", str(token))
+    errors = [line for line in output.splitlines() if '"level": "ERROR"' in line]
+    print(f"\n{content!r}: exit {code}: {errors}")
+    assert code != 0
+    assert "Traceback" not in output
+    assert len(errors) == 1 and "--auth-token-file" in errors[0] and str(token) in errors[0]
+
+
+@pytest.mark.parametrize("metadata", [
+    (("authorization", "Bearer wrong"), ("authorization", f"Bearer {TOKEN}")),
+    (("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer wrong")),
+    (("authorization", f"Bearer {TOKEN}"), ("authorization", f"Bearer {TOKEN}"))],
+    ids=["wrong-then-right", "right-then-wrong", "right-twice"])
+def test_two_authorization_headers_are_unauthenticated(secure_embedding, metadata):
+    proc, security = secure_embedding
+    with security.channel(proc.address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            embed(channel, metadata)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def reflection_list(channel, metadata=()):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")]), timeout=10, metadata=metadata)
+    return [s.name for r in replies for s in r.list_services_response.service]
+
+
+def test_reflection_needs_the_token_when_auth_is_on(secure_embedding):
+    proc, security = secure_embedding
+    with security.channel(proc.address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            reflection_list(channel)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        names = reflection_list(channel, security.metadata())
+    assert "crossrec.embedding.v1.EmbeddingService" in names

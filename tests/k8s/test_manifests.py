@@ -430,3 +430,21 @@ def test_every_service_configured_for_redis_may_reach_it(objects, overlay):
         labels = _service_workload(objects, svc)["spec"]["template"]["metadata"]["labels"]
         reaches = any(_matches(selector, labels) for selector in admitted)
         assert reaches == (svc in users), f"{svc}: admitted {reaches}, uses Redis {svc in users}"
+
+
+def test_fusion_stores_user_ids_keyed_with_a_key_from_a_secret_in_every_overlay(objects):
+    fusion = _service_workload(objects, "fusion")
+    key_file = _config(objects, fusion).get("CROSSREC_USER_ID_KEY_FILE")
+    assert key_file, "fusion keeps raw user ids at rest"
+    pod = fusion["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (container,) = pod["containers"]
+    mounts = [m for m in container.get("volumeMounts", [])
+              if key_file.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert len(mounts) == 1 and mounts[0].get("readOnly") is True, mounts
+    secret = volumes[mounts[0]["name"]].get("secret")
+    assert secret and secret["secretName"] == "crossrec-fusion-user-id-key"
+    assert secret.get("optional") is not True, "fusion must not start without its key"
+    assert key_file == f"{mounts[0]['mountPath'].rstrip('/')}/{secret['items'][0]['path']}"
+    # The key is created in the cluster, never rendered from the repository.
+    assert "crossrec-fusion-user-id-key" not in _of_kind(objects, "Secret")

@@ -273,3 +273,59 @@ def test_ranking_names_redis_behind_fusion_before_the_callers_deadline(
             assert len(reply.items) == 5
     finally:
         assert ranking.stop() == 0
+
+
+# --- reconnecting: a restarted dependency is found within seconds ---------------------------
+# Long enough for gRPC's default reconnect backoff (1 s x 1.6 per attempt, up to 120 s) to
+# have grown past 10 s: calls then kept failing for 15-22 s after the dependency was back.
+DOWN_S = 30.0
+RECONNECTED_WITHIN_S = 2.0
+PROBE_EVERY_S = 0.25
+
+
+def first_ok_after(call, since: float) -> float:
+    """Seconds from `since` to the first call that succeeds (probing every 50 ms)."""
+    while True:
+        code, details, _, _ = rpc_outcome(call)
+        if code == OK:
+            return time.monotonic() - since
+        if time.monotonic() - since > RECOVERY_LIMIT_S:
+            raise AssertionError(f"no success {RECOVERY_LIMIT_S:.0f} s after the dependency "
+                                 f"was SERVING: {code.name}: {details}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("dependency", ["fusion", "embedding"])
+def test_calls_succeed_within_two_seconds_of_a_restarted_dependency_serving(deps, dependency):
+    if dependency == "fusion":
+        caller = grpc.insecure_channel(deps["ranking"].address)
+        request = ranking_pb2.RecommendRequest(user_id=deps["user"], platform="office", k=5)
+        stub = ranking_pb2_grpc.RankingServiceStub(caller)
+
+        def call():
+            return stub.Recommend(request, timeout=DEADLINE_S)
+    else:
+        caller = grpc.insecure_channel(deps["fusion"].address)
+        stub = fusion_pb2_grpc.FusionServiceStub(caller)
+        tags = iter(range(10**6))
+
+        def call():  # an item never seen before: storing it needs the embedding service
+            return stub.Ingest(new_item_event(f"reconnect-{next(tags)}"), timeout=DEADLINE_S)
+    try:
+        until_ok(call)
+        victim = deps[dependency]
+        victim.kill()
+        down_until = time.monotonic() + DOWN_S
+        codes = set()
+        while time.monotonic() < down_until:  # the caller's channel keeps trying
+            codes.add(rpc_outcome(call)[0])
+            time.sleep(PROBE_EVERY_S)
+        deps[dependency] = restarted_on_its_port(victim)
+        serving_at = time.monotonic()
+        seconds = first_ok_after(call, serving_at)
+        print(f"\n{dependency} down {DOWN_S:.0f} s ({sorted(c.name for c in codes)}): first "
+              f"success {seconds:.2f} s after it was SERVING again")
+        assert codes == {UNAVAILABLE}
+        assert seconds <= RECONNECTED_WITHIN_S
+    finally:
+        caller.close()

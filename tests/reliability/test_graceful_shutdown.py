@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import statistics
+import threading
 import time
 
 import grpc
@@ -183,3 +184,63 @@ def test_fusion_drains_ingests_blocked_on_a_frozen_embedding_and_keeps_them_dura
         assert again.stop() == 0
     print(f"fusion: {len(acked)} acknowledged events (drain included), {lost} lost")
     assert lost == 0
+
+
+# --- calls racing the drain -----------------------------------------------------------------
+RACE_TRIALS = 3
+RACE_CALLERS = 32
+RACE_CLIENTS = 4
+
+
+def race_one_drain(model_repo, run_dir) -> dict[str, int]:
+    """Start an embedding server, call ModelInfo from RACE_CALLERS threads over RACE_CLIENTS
+    client-library channels, SIGTERM it mid-stream: {status name: calls} of every call."""
+    from clients.crossrec_client import CrossrecError, EmbeddingClient
+    victim = ServiceProcess("embedding", ["--model-repo", str(model_repo), "--grace-s", "3"],
+                            run_dir).start().wait_ready()
+    clients = [EmbeddingClient(victim.address) for _ in range(RACE_CLIENTS)]
+    codes: dict[str, int] = {}
+    stop, lock = threading.Event(), threading.Lock()
+
+    def caller(client):
+        while not stop.is_set():
+            try:
+                client.call("ModelInfo", embedding_pb2.ModelInfoRequest(), timeout=5)
+                code = "OK"
+            except CrossrecError as err:
+                code = err.code
+                time.sleep(0.01)
+            with lock:
+                codes[code] = codes.get(code, 0) + 1
+
+    threads = [threading.Thread(target=caller, args=(clients[i % RACE_CLIENTS],))
+               for i in range(RACE_CALLERS)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        victim.proc.send_signal(signal.SIGTERM)
+        assert victim.proc.wait(20) == 0
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        for client in clients:
+            client.close()
+        victim.stop()
+    return codes
+
+
+def test_calls_racing_the_drain_get_unavailable_never_cancelled(model_repo, tmp_path):
+    """A call sent just before the client sees the server's GOAWAY is cancelled by gRPC core
+    without reaching a handler: the client library retries it (it never ran), so a backend
+    sees UNAVAILABLE once the server is gone, never CANCELLED. Cheap calls from 32 callers on
+    4 channels, SIGTERM mid-stream, three times (the race does not hit every run)."""
+    totals: dict[str, int] = {}
+    for trial in range(RACE_TRIALS):
+        for code, n in race_one_drain(model_repo, tmp_path / f"race-{trial}").items():
+            totals[code] = totals.get(code, 0) + n
+    print(f"\n{RACE_TRIALS} drains under {RACE_CALLERS} callers: {totals}")
+    assert "CANCELLED" not in totals
+    assert totals.get("UNAVAILABLE") and totals.get("OK")

@@ -533,3 +533,95 @@ def test_recommend_refuses_too_many_session_events_without_calling_fusion(stubs)
     code, details, _, _ = rpc_outcome(HUGE_REQUESTS["Recommend"][1], stubs)
     assert code == INVALID and "session_events" in details
     assert "fusion service" not in details, details
+
+
+# --- one id rule for every RPC, visible texts, ratings ----------------------------------------
+BAD_IDS = {"NUL": "a\x00b", "newline": "line\nbreak", "ANSI escape": "\x1b[31mred\x1b[0m",
+           "lone zero-width space": "\u200b", "bidi override": "abc\u202edef"}
+
+
+def id_calls(stubs, bad: str, nonce: int) -> dict:
+    """RPC.field -> a call sending `bad` in that field and nothing else wrong."""
+    event = dict(_EVENT, user_id=f"id-user-{nonce}", event_id=f"id-{nonce}")
+    item = dict(item_id=f"id-item-{nonce}", platform="office", title="red stapler")
+    fusion, ranking = stubs["fusion"], stubs["ranking"]
+
+    def ingest(**changed):
+        return lambda: fusion.Ingest(fusion_pb2.IngestRequest(events=[pb_event(
+            dict(event, **changed))]), timeout=CALL_TIMEOUT_S)
+    return {
+        "Ingest.events[0].user_id": ingest(user_id=bad),
+        "Ingest.events[0].item_id": ingest(item_id=bad),
+        "Ingest.events[0].event_id": ingest(event_id=bad),
+        "GetProfile.user_id": lambda: fusion.GetProfile(
+            fusion_pb2.GetProfileRequest(user_id=bad), timeout=CALL_TIMEOUT_S),
+        "DeleteUser.user_id": lambda: fusion.DeleteUser(
+            fusion_pb2.DeleteUserRequest(user_id=bad), timeout=CALL_TIMEOUT_S),
+        "Recommend.user_id": lambda: ranking.Recommend(ranking_pb2.RecommendRequest(
+            user_id=bad, platform="office", k=3), timeout=CALL_TIMEOUT_S),
+        "UpsertItems.items[0].item_id": lambda: ranking.UpsertItems(
+            ranking_pb2.UpsertItemsRequest(items=[pb_item(dict(item, item_id=bad))]),
+            timeout=CALL_TIMEOUT_S),
+        "DeleteItems.item_ids[0]": lambda: ranking.DeleteItems(ranking_pb2.DeleteItemsRequest(
+            platform="office", item_ids=[bad]), timeout=CALL_TIMEOUT_S),
+    }
+
+
+@pytest.mark.parametrize("bad", BAD_IDS.values(), ids=BAD_IDS.keys())
+def test_one_id_rule_for_every_rpc_invalid_argument_naming_the_field(stubs, bad):
+    answers = {}
+    for rpc_field, call in id_calls(stubs, bad, next(NONCE)).items():
+        code, details, _, _ = rpc_outcome(call)
+        answers[rpc_field] = code.name
+        field = rpc_field.split(".", 1)[1]
+        assert code == INVALID and field in details, f"{rpc_field}: {code.name}: {details}"
+        assert bad not in details, f"{rpc_field} echoed the id back: {details!r}"
+    print(f"\nid {bad!r}: {answers}")
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 129, "x" * 10_000_000], ids=["empty", "129-bytes",
+                                                                       "10-megabytes"])
+def test_delete_items_refuses_an_empty_or_oversized_id_naming_it(stubs, bad):
+    code, details, _, _ = rpc_outcome(stubs["ranking"].DeleteItems, ranking_pb2.DeleteItemsRequest(
+        platform="office", item_ids=["fine-id", bad]), timeout=CALL_TIMEOUT_S)
+    assert code == INVALID and "item_ids[1]" in details, f"{code.name}: {details[:200]}"
+
+
+def test_a_title_of_zero_width_characters_only_is_rejected_naming_the_title(stubs):
+    nonce = next(NONCE)
+    code, details, _, _ = rpc_outcome(stubs["ranking"].UpsertItems, ranking_pb2.UpsertItemsRequest(
+        items=[ranking_pb2.Item(item_id=f"zw-{nonce}", platform="office",
+                                title="\u200b\u200b\ufeff")]), timeout=CALL_TIMEOUT_S)
+    assert code == INVALID and "items[0].title" in details, f"{code.name}: {details}"
+
+
+@pytest.mark.parametrize("weight", [0.5, 6.0, 100.0])
+def test_an_action_rate_weight_outside_1_to_5_is_invalid_argument(stubs, weight):
+    nonce = next(NONCE)
+    code, details, _, _ = rpc_outcome(stubs["fusion"].Ingest, fusion_pb2.IngestRequest(
+        events=[pb_event(dict(_EVENT, user_id=f"rate-{nonce}", action=6, weight=weight))]),
+        timeout=CALL_TIMEOUT_S)
+    assert code == INVALID and "events[0].weight" in details, f"{code.name}: {details}"
+    assert not profile_of(stubs, f"rate-{nonce}").known
+
+
+@pytest.mark.parametrize("text", ["\x00", "\u200b", "\x01\u200d\ufeff"],
+                         ids=["NUL", "zero-width", "control-and-format"])
+def test_embed_refuses_a_text_that_is_empty_after_normalisation(stubs, text):
+    code, details, _, _ = rpc_outcome(stubs["embedding"].Embed, embedding_pb2.EmbedRequest(
+        texts=["red stapler", text]), timeout=CALL_TIMEOUT_S)
+    assert code == INVALID and "texts[1]" in details, f"{code.name}: {details}"
+
+
+# --- expensive requests: new texts per call are bounded ---------------------------------------
+def test_recommend_with_100_session_events_of_new_2kb_texts_is_invalid_argument_at_once(stubs):
+    nonce = next(NONCE)
+    session = [pb_event(dict(_EVENT, user_id="", event_id=f"s-{nonce}-{i}",
+                             item_id=f"s-{nonce}-{i}",
+                             item_text=f"item {nonce} {i} " + "handmade paper " * 135))
+               for i in range(100)]
+    code, details, seconds, _ = rpc_outcome(stubs["ranking"].Recommend,
+                                            ranking_pb2.RecommendRequest(
+        platform="office", k=10, session_events=session), timeout=CALL_TIMEOUT_S)
+    print(f"\nRecommend, 100 new 2 KB session texts: {code.name} in {seconds:.3f} s: {details}")
+    assert code == INVALID and "session_events" in details and "at most 16" in details

@@ -1,7 +1,6 @@
 """FusionEngine in-process: real encoder, real Amazon events, both store backends."""
 
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -57,8 +56,8 @@ def engine(store, embedder, model_repo):
 
 
 def test_ingest_then_profile_reflects_every_platform(engine, amazon_user):
-    accepted, dups = engine.ingest(amazon_user)
-    assert (accepted, dups) == (len(amazon_user), 0)
+    accepted, dups, conflicts = engine.ingest(amazon_user)
+    assert (accepted, dups, conflicts) == (len(amazon_user), 0, 0)
     profile = engine.profile(amazon_user[0]["user_id"], for_platform="office")
     assert profile.known and {p.platform for p in profile.platforms} == {"arts_crafts", "office"}
     for vec in [profile.fused, profile.for_platform_vector] + [p.vector for p in profile.platforms]:
@@ -69,7 +68,7 @@ def test_ingest_then_profile_reflects_every_platform(engine, amazon_user):
 
 def test_resent_events_are_duplicates_not_stored_twice(engine, amazon_user):
     engine.ingest(amazon_user)
-    assert engine.ingest(amazon_user) == (0, len(amazon_user))
+    assert engine.ingest(amazon_user) == (0, len(amazon_user), 0)
     assert engine.profile(amazon_user[0]["user_id"]).total_events == len(amazon_user)
 
 
@@ -142,3 +141,44 @@ def test_a_batch_over_the_limit_is_rejected(engine):
 def test_profile_of_an_unknown_user_is_empty_not_an_error(engine):
     profile = engine.profile("nobody", for_platform="office")
     assert not profile.known and profile.fused is None and profile.platforms == []
+
+
+def test_a_resent_event_id_with_other_content_is_counted_as_a_conflict(engine):
+    from services.common import metrics
+    before = metrics.FUSION_EVENT_CONFLICTS._value.get()
+    engine.ingest([ev(event_id="c1", item="x1", text="glitter glue pens")])
+    assert engine.ingest([ev(event_id="c1", item="x2", text="glitter glue pens")]) == (0, 1, 1)
+    assert engine.ingest([ev(event_id="c1", item="x1", text="")]) == (0, 1, 0)
+    assert metrics.FUSION_EVENT_CONFLICTS._value.get() == before + 1
+
+
+def long_texts(n, tag):
+    return [ev(user="", item=f"{tag}-{i}", text=f"{tag} item {i} " + "handmade paper " * 120)
+            for i in range(n)]
+
+
+def test_a_session_with_more_new_texts_than_the_limit_is_refused_before_embedding(
+        store, embedder, model_repo):
+    engine = FusionEngine(store, embedder, user_model(model_repo), dim=384,
+                          max_new_session_texts=16)
+    embedder.calls.clear()
+    with pytest.raises(InvalidInput, match="session_events carry 17 items .* at most 16"):
+        engine.profile("", session=long_texts(17, "limit"))
+    assert embedder.calls == [], "nothing was embedded"
+    assert engine.profile("", session=long_texts(16, "limit")).known
+
+
+def test_a_repeated_session_is_answered_from_the_session_cache_without_embedding(
+        store, embedder, model_repo):
+    engine = FusionEngine(store, embedder, user_model(model_repo), dim=384,
+                          session_cache_items=100)
+    session = long_texts(10, "repeat")
+    first = engine.profile("", session=session, for_platform="office")
+    embedder.calls.clear()
+    again = engine.profile("", session=session, for_platform="office")
+    assert embedder.calls == [], "a repeat embeds nothing"
+    np.testing.assert_array_equal(first.for_platform_vector, again.for_platform_vector)
+    changed = session[:9] + [dict(session[9], item_text="another text for the last item")]
+    engine.profile("", session=changed)
+    assert embedder.calls == [["another text for the last item"]], "only the changed text"
+    assert engine.store.get_items([("office", "repeat-0")]) == {}, "never stored"

@@ -62,21 +62,22 @@ def store(open_store):
 
 def test_append_counts_accepted_and_a_resend_is_all_duplicates(store):
     batch = [event("a"), event("b", platform="steam"), event("c")]
-    assert store.append(batch) == (3, 0)
-    assert store.append(batch) == (0, 3)
+    assert store.append(batch) == (3, 0, 0)
+    assert store.append(batch) == (0, 3, 0)
     history = store.history("u1")
     assert ids(history) == ["a", "c"] and ids(history, "steam") == ["b"]
     assert history["amazon"].count == 2 and history["steam"].count == 1
 
 
 def test_duplicates_within_one_batch_are_stored_once(store):
-    assert store.append([event("a"), event("a"), event("b"), event("a")]) == (2, 2)
+    assert store.append([event("a"), event("a"), event("b"), event("a")]) == (2, 2, 0)
     assert ids(store.history("u1")) == ["a", "b"]
 
 
 def test_an_event_id_is_deduplicated_per_user_not_globally(store):
-    assert store.append([event("a", user="u1"), event("a", user="u2")]) == (2, 0)
-    assert store.append([event("a", user="u2", platform="steam")]) == (0, 1)
+    assert store.append([event("a", user="u1"), event("a", user="u2")]) == (2, 0, 0)
+    # The same id on another platform: a duplicate, and a conflict (other content).
+    assert store.append([event("a", user="u2", platform="steam")]) == (0, 1, 1)
 
 
 def test_history_returns_the_stored_fields_with_empty_texts(store):
@@ -129,7 +130,7 @@ def test_delete_user_removes_everything_and_a_second_delete_returns_zero(store):
     assert store.delete_user("u1") == 0
     assert ids(store.history("other")) == ["x"]
     # The ids are gone too: the same events are new again.
-    assert store.append([event("a0"), event("s", platform="steam")]) == (2, 0)
+    assert store.append([event("a0"), event("s", platform="steam")]) == (2, 0, 0)
 
 
 def test_delete_of_an_unknown_user_returns_zero(store):
@@ -175,7 +176,7 @@ def test_events_and_items_survive_closing_and_reopening_the_store(open_store):
     assert history["amazon"].last_seen_ms == T0 + 1
     assert second.get_items([("amazon", "B1")])[("amazon", "B1")][1].tobytes() == \
         vector.tobytes()
-    assert second.append([event("a")]) == (0, 1)
+    assert second.append([event("a", time_ms=T0 + 1)]) == (0, 1, 0)
 
 
 def test_concurrent_appends_from_8_threads_lose_nothing(store):
@@ -203,14 +204,14 @@ def test_concurrent_appends_from_8_threads_lose_nothing(store):
         w.join()
     assert not errors
     unique = threads * batches * per_batch
-    assert sum(a for a, _ in results) == unique + len(shared)
-    assert sum(d for _, d in results) == (threads * batches - 1) * len(shared)
+    assert sum(a for a, _, _ in results) == unique + len(shared)
+    assert sum(d for _, d, _ in results) == (threads * batches - 1) * len(shared)
     stored = sum(h.count for u in ("u0", "u1", "u2") for h in store.history(u).values())
     assert stored == unique + len(shared)
 
 
 def test_an_empty_append_stores_nothing(store):
-    assert store.append([]) == (0, 0)
+    assert store.append([]) == (0, 0, 0)
     assert store.put_items({}) is None
     assert store.get_items([]) == {}
 
@@ -250,7 +251,7 @@ def test_sqlite_append_is_refused_with_overloaded_when_the_queue_is_full(tmp_pat
         filler.join(30)
         waiter.join(30)
         store.close()
-    assert queued == [(1, 0)]
+    assert queued == [(1, 0, 0)]
 
 
 # --- Redis only ---------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def test_redis_acknowledged_events_survive_a_server_crash_and_restart(start_redi
     # Same client, same pooled (now dead) connections: they reconnect, and the script cache,
     # empty after the restart, is reloaded by the write path.
     assert ids(store.history("u1")) == [f"e{i}" for i in range(5)]
-    assert store.append([event("e0"), event("new", time_ms=T0 + 9)]) == (1, 1)
+    assert store.append([event("e0"), event("new", time_ms=T0 + 9)]) == (1, 1, 0)
     assert store.delete_user("u1") == 6
     assert ids(store.history("u2"), "steam") == ["s"]
     store.close()
@@ -360,9 +361,9 @@ def test_a_write_cut_short_by_its_budget_is_not_acknowledged_and_a_resend_dedupe
     with frozen(server.proc.pid):
         message, _ = timed_out(store.append, batch)
     assert "re-sending it is safe" in message
-    accepted, duplicates = store.append(batch)  # whether or not Redis applied the first
+    accepted, duplicates, _ = store.append(batch)  # whether or not Redis applied the first
     assert accepted + duplicates == 2
-    assert store.append(batch) == (0, 2)
+    assert store.append(batch) == (0, 2, 0)
     history = store.history("u1")
     assert ids(history) == ["x", "y"] and history["amazon"].count == 2
     store.close()
@@ -382,7 +383,7 @@ def test_redis_keys_of_one_user_share_one_cluster_slot_even_with_braces_in_the_i
         store.append([event("e", user=user), event("f", user=user, platform="steam")])
         keys = list(store._client.scan_iter(match=f"{store.prefix}:{{u:*"))
         store.close()
-        assert len(keys) == 5, keys  # ids, stats, platforms, recent:amazon, recent:steam
+        assert len(keys) == 5, keys  # events, stats, platforms, recent:amazon, recent:steam
         assert len({key_slot(k) for k in keys}) == 1
 
 
@@ -394,7 +395,7 @@ def test_redis_store_is_overloaded_when_every_connection_is_busy(redis_url):
             store.append([event("a")])
     finally:
         store._client.connection_pool.release(held)
-    assert store.append([event("a")]) == (1, 0)
+    assert store.append([event("a")]) == (1, 0, 0)
     store.close()
 
 
@@ -405,3 +406,109 @@ def test_item_stats_count_new_events_per_item_most_first(store):
     assert store.item_stats("amazon", 10) == [("pen", 3, T0 + 5), ("ink", 1, T0)]
     assert store.item_stats("amazon", 1) == [("pen", 3, T0 + 5)]
     assert store.item_stats("other", 10) == []
+
+
+# --- conflicts: a re-sent event id with other content ----------------------------------------
+
+def test_a_resent_event_id_with_other_content_is_a_duplicate_and_a_conflict(open_store):
+    store = open_store()
+    assert store.append([event("a"), event("b")]) == (2, 0, 0)
+    changed = [event("a", time_ms=T0 + 1), event("b", weight=2.0), event("a", item="other")]
+    assert store.append(changed) == (0, 3, 3)
+    assert store.append([event("a"), event("b")]) == (0, 2, 0), "a plain re-send"
+    assert [e.event_time_ms for e in store.history("u1")["amazon"].events] == [T0, T0]
+    store.close()
+    assert open_store().append([event("a", weight=5.0)]) == (0, 1, 1), "after a restart"
+
+
+def test_a_repeated_event_id_within_one_batch_with_other_content_is_a_conflict(store):
+    assert store.append([event("a"), event("a", weight=3.0), event("a")]) == (1, 2, 1)
+
+
+def test_event_ids_stored_before_digests_were_kept_dedupe_without_conflicts(tmp_path,
+                                                                             redis_url):
+    import sqlite3
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE event_ids (user_id TEXT NOT NULL, event_id TEXT NOT NULL, "
+                   "PRIMARY KEY (user_id, event_id)) WITHOUT ROWID")
+        db.execute("INSERT INTO event_ids VALUES ('u1', 'old')")
+    store = SQLiteStore(path)
+    assert store.append([event("old", weight=9.0), event("new")]) == (1, 1, 0)
+    store.close()
+    redis_store = RedisStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
+    redis_store._client.sadd(redis_store._user_keys("u1")[0], "old")  # the former SET of ids
+    assert redis_store.append([event("old", weight=9.0), event("new")]) == (1, 1, 0)
+    redis_store.close()
+
+
+# --- deleted users leave the SQLite files (secure_delete, checkpoint) -------------------------
+
+def test_a_deleted_user_leaves_no_bytes_in_the_sqlite_files(tmp_path):
+    store = SQLiteStore(tmp_path / "p.db")
+    secret = "user-0f5e2d-to-forget"
+    store.append([event(f"e{i}", user=secret, time_ms=T0 + i) for i in range(80)])
+    store.append([event("keep", user="someone-else")])
+    store.history(secret)
+    assert any(secret.encode() in f.read_bytes() for f in tmp_path.iterdir() if f.is_file())
+    assert store.delete_user(secret) == 80
+    left = {f.name for f in tmp_path.iterdir() if f.is_file() and secret.encode() in
+            f.read_bytes()}
+    assert not left, f"the deleted user id is still in {left}"
+    assert store.history("someone-else")["amazon"].count == 1
+    store.close()
+
+
+# --- pseudonymous user ids at rest ------------------------------------------------------------
+
+KEY = b"0123456789abcdef0123456789abcdef"
+
+
+def redis_contents(client, prefix: str) -> bytes:
+    """Every key under `prefix` and every member, field and value in it, as raw bytes."""
+    out = []
+    for key in client.scan_iter(match=f"{prefix}:*"):
+        kind = client.type(key)
+        out.append(key)
+        if kind == b"hash":
+            out += [b for kv in client.hgetall(key).items() for b in kv]
+        elif kind == b"zset":
+            out += client.zrange(key, 0, -1)
+        elif kind == b"set":
+            out += list(client.smembers(key))
+        elif kind == b"string":
+            out.append(client.get(key))
+    return b"\x1f".join(out)
+
+
+def test_pseudonymous_store_keeps_only_keyed_hashes_of_user_ids(open_store, tmp_path):
+    from services.common.events import validate_event
+    from services.fusion.pseudonym import PseudonymousStore
+    inner = open_store()
+    store = PseudonymousStore(inner, KEY)
+    user = "alice@example.org"
+    derived = validate_event("", user, "amazon", 2, "i1", "", T0, None, field="e")
+    assert store.append([event("a", user=user), derived]) == (2, 0, 0)
+    assert store.append([derived]) == (0, 1, 0), "a derived id still dedupes"
+    history = store.history(user)
+    assert {e.user_id for e in history["amazon"].events} == {user}
+    assert inner.history(user) == {}, "stored under the keyed hash only"
+    stored = inner.history(store.pseudonym(user))["amazon"].events
+    assert derived.event_id not in {e.event_id for e in stored}, "derived ids are keyed too"
+    if isinstance(inner, SQLiteStore):
+        inner.close()
+        blobs = b"".join(f.read_bytes() for f in tmp_path.iterdir() if f.is_file())
+        assert user.encode() not in blobs and store.pseudonym(user).encode() in blobs
+        inner = open_store()
+        store = PseudonymousStore(inner, KEY)
+    else:
+        assert user.encode() not in redis_contents(inner._client, inner.prefix)
+    assert PseudonymousStore(inner, b"another key of 32 bytes, or so!!").history(user) == {}
+    assert store.delete_user(user) == 2
+    assert store.history(user) == {} and inner.history(store.pseudonym(user)) == {}
+
+
+def test_a_user_id_key_shorter_than_16_characters_is_refused(store):
+    from services.fusion.pseudonym import PseudonymousStore
+    with pytest.raises(ValueError, match="at least 16"):
+        PseudonymousStore(store, b"short")
