@@ -67,7 +67,7 @@ def percentiles(ms: list[float]) -> dict:
 
 def as_remote(fusion: FusionEngine):
     """FusionEngine.profile shaped like FusionRemote.profile (what ranking calls over gRPC)."""
-    def profile(user_id, platform, session, recent_limit, budget_s):
+    def profile(user_id, platform, session, recent_limit, budget_s, item_vectors=True):
         p = fusion.profile(user_id, platform, session, recent_limit, budget_s)
         recent = [(e.platform, e.item_id, e.item_text) for e, _, _ in p.recent]
         return RemoteProfile(
@@ -193,13 +193,27 @@ def index_comparison(repo: str, n_items: int, cases_per_setting: int, big_cases:
     contexts = [rk.user_context(tower, data, c.query) for c in cases]
     targets = [data.local[c.query.target_row] for c in cases]
     out = {"real": {"items": len(data.ids), "cases": len(cases), "kinds": {}}}
+    all_tables = {}
     for kind in KINDS:
         started = time.perf_counter()
-        tables = index_tables(data, kind)
+        all_tables[kind] = tables = index_tables(data, kind)
         build_s = time.perf_counter() - started
         out["real"]["kinds"][kind] = {"build_s": round(build_s, 1),
+                                      "searched_as": searched_as(tables),
                                       **end_quality(tables, contexts, targets, ranker)}
         print(f"  {kind:6s} real catalogue: {out['real']['kinds'][kind]}", flush=True)
+    # Latency again with the kinds interleaved query by query, so every kind sees the same
+    # machine load (the 2 cores are shared): the figures to compare kinds by.
+    interleaved = {kind: [] for kind in KINDS}
+    for ctx in contexts:
+        for kind in KINDS:
+            snap = all_tables[kind][ctx.target_platform].snapshot
+            t = time.perf_counter()
+            snap.search(ctx.for_platform, ranker.candidates)
+            interleaved[kind].append((time.perf_counter() - t) * 1000)
+    for kind in KINDS:
+        out["real"]["kinds"][kind]["search_interleaved"] = percentiles(interleaved[kind])
+    del all_tables
     relative(out["real"]["kinds"])
     if not n_items:
         return out
@@ -213,13 +227,21 @@ def index_comparison(repo: str, n_items: int, cases_per_setting: int, big_cases:
         started = time.perf_counter()
         tables = index_tables(data, kind, {"office": synthetic})
         build_s = time.perf_counter() - started
-        big["kinds"][kind] = {"build_s": round(build_s, 1), **end_quality(
+        big["kinds"][kind] = {"build_s": round(build_s, 1), "searched_as": searched_as(tables),
+                              **end_quality(
             tables, [contexts[i] for i in office], [targets[i] for i in office], ranker)}
         print(f"  {kind:6s} {n_items:,} items: {big['kinds'][kind]}", flush=True)
         del tables
     relative(big["kinds"])
     out["synthetic"] = big
     return out
+
+
+def searched_as(tables: dict) -> str:
+    """The kind the tables' snapshots search with (ivf below IVF_MIN_ROWS rows is exact)."""
+    kinds = {t.snapshot.kind if t.snapshot.faiss is not None or t.snapshot.kind in (EXACT, PCA)
+             else EXACT for t in tables.values()}
+    return ",".join(sorted(kinds))
 
 
 def relative(kinds: dict) -> None:

@@ -125,10 +125,14 @@ class FusionRemote:
         self._stub = fusion_pb2_grpc.FusionServiceStub(channel)
 
     def profile(self, user_id: str, for_platform: str, session_events: list[dict],
-                recent_limit: int, budget_s: float | None) -> RemoteProfile:
+                recent_limit: int, budget_s: float | None,
+                item_vectors: bool = True) -> RemoteProfile:
+        """The profile; `item_vectors` False: recent_vectors is None (the caller looks the
+        recent items' vectors up itself, GetProfileRequest.omit_item_vectors)."""
         request = fusion_pb2.GetProfileRequest(
             user_id=user_id, for_platform=for_platform, recent_events_limit=recent_limit,
-            session_events=[_pb_event(e) for e in session_events])
+            session_events=[_pb_event(e) for e in session_events],
+            omit_item_vectors=not item_vectors)
         try:
             reply = self._stub.GetProfile(request, timeout=budget_s or DEFAULT_TIMEOUT_S)
         except grpc.RpcError as err:
@@ -143,7 +147,7 @@ class FusionRemote:
             weights={p.platform: p.fusion_weight for p in reply.platforms},
             recent=recent,
             recent_vectors=(np.asarray([r.item_vector for r in reply.recent_events], np.float32)
-                            if recent else None),
+                            if recent and item_vectors else None),
             model=(reply.model.name, reply.model.version))
 
     def item_stats(self, platform: str, limit: int = 0) -> list[tuple[str, int, int]]:

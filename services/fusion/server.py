@@ -95,11 +95,13 @@ def _profile_event(e, vec) -> fusion_pb2.ProfileEvent:
         event_id=e.event_id, user_id=e.user_id, platform=e.platform, action=e.action,
         item_id=e.item_id, item_text=e.item_text, event_time_ms=e.event_time_ms,
         weight=e.weight))
-    pb.MergeFromString(packed_floats(_ITEM_VECTOR, vec))
+    if vec is not None:
+        pb.MergeFromString(packed_floats(_ITEM_VECTOR, vec))
     return pb
 
 
-def profile_to_pb(p: Profile, model) -> fusion_pb2.GetProfileResponse:
+def profile_to_pb(p: Profile, model, item_vectors: bool = True
+                  ) -> fusion_pb2.GetProfileResponse:
     return fusion_pb2.GetProfileResponse(
         user_id=p.user_id, known=p.known, dim=p.dim, total_events=p.total_events,
         platforms=[fusion_pb2.PlatformProfile(
@@ -109,7 +111,8 @@ def profile_to_pb(p: Profile, model) -> fusion_pb2.GetProfileResponse:
         for_platform_vector=_vec(p.for_platform_vector),
         model=common_pb2.ModelRef(name=model.name, version=model.version),
         baseline=model.baseline,
-        recent_events=[_profile_event(e, vec) for e, vec, _ in p.recent])
+        recent_events=[_profile_event(e, vec if item_vectors else None)
+                       for e, vec, _ in p.recent])
 
 
 class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
@@ -142,7 +145,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         profile = engine_call(context, lambda: engine.profile(
             request.user_id, request.for_platform, session, request.recent_events_limit,
             context.time_remaining()))
-        return profile_to_pb(profile, engine.model)
+        return profile_to_pb(profile, engine.model, not request.omit_item_vectors)
 
     def GetItemStats(self, request, context):
         stats = engine_call(context, lambda: self._ready().item_stats(

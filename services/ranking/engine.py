@@ -213,10 +213,7 @@ class RankingEngine:
         models = [self.embedder, (self.ranker.name, self.ranker.version)]
         try:
             with metrics.RANKING_STAGE_SECONDS.labels("profile").time():
-                profile = self.profile_fn(user_id, platform, session_events[:],
-                                          self.history_events,
-                                          None if budget_s is None
-                                          else budget_s * DOWNSTREAM_BUDGET_SHARE)
+                profile = self._profile(user_id, platform, session_events, budget_s)
         except NotReady as err:
             if not self.fusion_fallback:
                 raise
@@ -250,6 +247,39 @@ class RankingEngine:
         items = [self._explain(ids[r], platform, float(s), table.vectors[r], source, profile)
                  for r, s in zip(rows[:k].tolist(), scores[:k].tolist())]
         return RecommendResult(items, source, profile.weights, models)
+
+    def _profile(self, user_id: str, platform: str, session_events, budget_s: float | None):
+        """The user's profile from fusion, asked without the recent items' vectors: they are
+        looked up in this catalogue (the vectors the pipeline's training and evaluation use
+        for history items too), so the answer is a tenth of the size. Only when the catalogue
+        lacks a recent item (a session item it does not list, one deleted since) is fusion
+        asked again, with the vectors."""
+        share = None if budget_s is None else budget_s * DOWNSTREAM_BUDGET_SHARE
+        profile = self.profile_fn(user_id, platform, session_events[:], self.history_events,
+                                  share, item_vectors=False)
+        if profile.recent and profile.recent_vectors is None:
+            profile.recent_vectors = self._catalogue_vectors(
+                [(p, i) for p, i, _ in profile.recent])
+            if profile.recent_vectors is None:
+                profile = self.profile_fn(user_id, platform, session_events[:],
+                                          self.history_events, share, item_vectors=True)
+        return profile
+
+    def _catalogue_vectors(self, keys: list[tuple[str, str]]) -> np.ndarray | None:
+        """float32 [n, dim] catalogue vectors of (platform, item_id) keys; None if any is
+        not in the catalogue."""
+        out = np.empty((len(keys), self.catalog.dim), np.float32)
+        snapshots = {}
+        for n, (p, i) in enumerate(keys):
+            if p not in snapshots:
+                index = self.catalog.index(p)
+                snapshots[p] = index.snapshot() if index is not None else None
+            snap = snapshots[p]
+            row = None if snap is None else snap.row_of.get(i)
+            if row is None:
+                return None
+            out[n] = snap.vectors[row]
+        return out
 
     def item_table(self, platform: str) -> pipeline.ItemTable:
         """The platform's catalogue as pipeline arrays, rebuilt only when the index or the

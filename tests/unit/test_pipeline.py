@@ -196,7 +196,7 @@ def test_the_serving_engine_and_the_offline_evaluation_give_identical_lists(sett
     popularity.refresh()
     cases = ev.build_cases("A", setting, sorted(data.val_ids), data)
 
-    def profile(user_id, platform, session, recent_limit, budget_s):
+    def profile(user_id, platform, session, recent_limit, budget_s, item_vectors=True):
         case = next(c for c in cases if c.case_id == user_id)
         ctx = rk.user_context(model, data, case.query)
         from services.common.remote import RemoteProfile
@@ -224,3 +224,26 @@ def test_encode_user_is_the_layout_fusion_serves():
     assert user.for_platform is not None and user.for_platform_weights is not None
     alone, _ = BaselineUserModel().encode([Window(events[1::2], vecs[1::2])], [OFFICE])
     assert np.array_equal(user.per_platform[OFFICE], alone[0])
+
+
+def test_recommend_reads_history_vectors_from_the_catalogue_and_asks_fusion_only_for_others():
+    data = _tiny_data()
+    ranker = _LinearRanker(data.covisit)
+    catalog = MemoryCatalog(DIM, index=EXACT)
+    catalog._apply_upsert([CatalogItem(i, p, f"t{i}") for p, i in data.ids], data.vecs)
+    popularity = Popularity(lambda platform: [], catalog, 3600)
+    from services.common.remote import RemoteProfile
+    calls = []
+
+    def profile(user_id, platform, session, recent_limit, budget_s, item_vectors=True):
+        calls.append(item_vectors)
+        recent = [(ARTS, "a1", ""), (OFFICE, user_id, "")]  # user_id names the 2nd item
+        vectors = _unit(2, seed=11) if item_vectors else None
+        return RemoteProfile(True, data.vecs[0], data.vecs[1], {ARTS: data.vecs[2]}, {ARTS: 1},
+                             {}, recent, vectors)
+
+    engine = RankingEngine(catalog, None, profile, ranker, popularity)
+    engine.recommend("o3", OFFICE, k=3)           # both items listed: one call, no vectors
+    assert calls == [False]
+    engine.recommend("not-listed", OFFICE, k=3)   # one item unknown here: asked again
+    assert calls == [False, False, True]
