@@ -196,7 +196,7 @@ def test_a_spent_deadline_raises_deadline_exceeded(client, titles):
     ("fusion", lambda c: c.item_stats("Bad Platform"), "platform must match"),
     ("fusion", lambda c: c.ingest([Event("u", "office", "1", "click", weight=500.0,
                                          item_text="pen")]), "weight must be in (0, 100]"),
-    ("embedding", lambda c: c.embed([""]), "texts[0] must be non-empty"),
+    ("embedding", lambda c: c.embed([""]), "texts[0] must hold a visible character"),
 ])
 def test_a_bad_request_raises_invalid_argument_with_the_servers_message(
         client, loaded, service, call, message):

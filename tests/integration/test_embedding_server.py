@@ -83,7 +83,7 @@ def test_concurrent_callers_get_their_own_vectors(stub, titles):
 
 @pytest.mark.parametrize("texts, fragment", [
     ([], "texts must hold at least 1 text, got 0"),
-    (["fine", ""], "texts[1] must be non-empty"),
+    (["fine", ""], "texts[1] must hold a visible character"),
     (["t"] * 257, "texts must hold at most 256 texts, got 257"),
 ])
 def test_bad_input_is_invalid_argument_naming_the_field(stub, texts, fragment):

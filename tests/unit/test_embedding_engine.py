@@ -75,7 +75,7 @@ def test_a_megabyte_of_text_is_cut_before_tokenising(engine):
 
 @pytest.mark.parametrize("texts, message", [
     ([], "texts must hold at least 1 text, got 0"),
-    (["ok", "  "], "texts[1] must be non-empty"),
+    (["ok", "  "], "texts[1] must hold a visible character"),
     (["t"] * 17, "texts must hold at most 16 texts, got 17"),
 ])
 def test_bad_input_is_rejected_naming_field_and_limit(engine, texts, message):
