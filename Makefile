@@ -19,7 +19,7 @@ export CROSSREC_MODEL_REPO ?= $(CURDIR)/$(MODEL_REPO)
 
 
 .PHONY: setup system-deps protos models encoder user_tower ranker evaluate up down demo test \
-        test-unit test-gpu bench loadtest k8s-check clean
+        test-unit test-gpu bench loadtest k8s-check lint clean
 
 setup: system-deps $(VENV)/.installed-$(ORT_EXTRA)
 
@@ -76,6 +76,10 @@ demo: protos models
 
 test: protos models
 	$(PY) -m pytest
+
+# ruff, configured in pyproject.toml (pinned in the dev extra); .ci/run runs it first.
+lint: setup
+	$(BIN)/ruff check .
 
 test-unit: protos
 	$(PY) -m pytest tests/unit

@@ -1,6 +1,7 @@
 """Export a BERT-family sentence encoder to ONNX (fp32 + dynamic int8), gated on parity with torch.
 
-    python -m export.encoder [--model-dir DIR] [--model-repo models] [--opset 17] [--parity-texts 512]
+    python -m export.encoder [--model-dir DIR] [--model-repo models] [--opset 17]
+        [--parity-texts 512]
 
 Writes models/encoder/<N>/ and models/encoder_int8/<N>/, each holding model.onnx, the tokenizer
 files and meta.json (written last). Mean pooling over attention_mask and L2 normalisation are part
@@ -51,7 +52,8 @@ PARITY_BATCH_SIZE = 32
 # EmbeddingEngine), so the offline vectors are the served ones.
 BATCH_INVARIANCE_MAX_ABS_DIFF = 0.0
 # Copied beside model.onnx when the source has them; tokenizer.json is the one serving reads.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt")
 QUANTIZATION = {"method": "dynamic", "per_channel": True, "weight_type": "QInt8"}
 
 
@@ -216,7 +218,8 @@ class TorchReference:
 
 
 def torch_reference(model_dir: str | os.PathLike | None = None) -> TorchReference:
-    """Callable texts -> float32 [n, dim] numpy array computed by torch eager (see TorchReference)."""
+    """Callable texts -> float32 [n, dim] numpy array computed by torch eager (see
+    TorchReference)."""
     return TorchReference(model_dir)
 
 

@@ -500,9 +500,9 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
+    counts = [results[systems[0]].get(k, {}).get("pooled", {}).get("n") for k, _ in panels]
     fig.suptitle("Full-catalogue ranking, pooled over arts_crafts + office "
-                 f"(validation users, n per panel: "
-                 f"{[results[systems[0]].get(k, {}).get('pooled', {}).get('n') for k, _ in panels]})",
+                 f"(validation users, n per panel: {counts})",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

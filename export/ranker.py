@@ -3,10 +3,11 @@
 Candidates, features and scores come from services/ranking/pipeline.py, the code serving runs:
 per (user, target platform) query, the platform's top CANDIDATES items by dot(for_platform user
 vector, item vector), the last COVISIT_CANDIDATES replaced by co-visit items, scored by the
-ranker from candidate_features and re-ordered. Training examples come from training users only (export.user_data's seeded
-user split, the user tower's): next-item positions on each platform, half of them with the
-target platform's events removed from the input (cold platform); listwise softmax
-cross-entropy over the candidates of the examples whose target was retrieved.
+ranker from candidate_features and re-ordered. Training examples come from training users
+only (export.user_data's seeded user split, the user tower's): next-item positions on each
+platform, half of them with the target platform's events removed from the input (cold
+platform); listwise softmax cross-entropy over the candidates of the examples whose target
+was retrieved.
 
     python -m export.ranker --model-repo models [--seed 0]
 
@@ -344,8 +345,9 @@ class TrainConfig:
 def training_queries(data: RankData, users: list[ud.UserSeq], cfg: TrainConfig,
                      rng: np.random.Generator) -> list[Query]:
     """Sampled next-item positions of `users` (every position t >= 1 of the whole sequence is
-    a candidate, and with last_per_platform each platform's last event is added); each becomes a cold-platform example with probability cold_fraction (when
-    the user has earlier events on another platform), else a warm one."""
+    a candidate, and with last_per_platform each platform's last event is added); each
+    becomes a cold-platform example with probability cold_fraction (when the user has
+    earlier events on another platform), else a warm one."""
     out = []
     for s in users:
         positions = np.arange(1, len(s.items))

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import math
 import os
@@ -258,8 +257,10 @@ def batch_views(a: TrainArrays, users: np.ndarray, n_platforms: int, max_events:
     query_ok = real[None] & ((view[:, None, None] == 0) | (plats[None] == view[:, None, None]))
     query_ok = query_ok & allowed.any(-1)                              # [V, U, Tq]
     earlier_or_self = idx[None, :] <= idx[:, None]
-    sa_allowed = (earlier_or_self[None, None] & present[:, :, None, :]) | torch.eye(t, dtype=torch.bool)
-    flat = lambda x: x.reshape(v * u, *x.shape[2:])
+    sa_allowed = ((earlier_or_self[None, None] & present[:, :, None, :])
+                  | torch.eye(t, dtype=torch.bool))
+    def flat(x):
+        return x.reshape(v * u, *x.shape[2:])
     return {
         "items": items, "plats": plats, "acts": acts, "wts": wts,
         "sa_allowed": flat(sa_allowed), "allowed": flat(allowed), "ages": flat(ages),
@@ -283,7 +284,8 @@ def training_loss(model: UserTower, b: dict, item_table: torch.Tensor,
     else:
         plats_in = plats
     x = item_table[b["items"]]                                          # [U, T, D]
-    rep = lambda z: z.repeat(v, *([1] * (z.dim() - 1)))
+    def rep(z):
+        return z.repeat(v, *([1] * (z.dim() - 1)))
     xv, pv = rep(x), rep(plats_in)
     h = model.encode(xv, pv, rep(b["acts"]), b["sa_allowed"])
     target_true = rep(plats)                                            # [N, T]

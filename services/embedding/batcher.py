@@ -82,7 +82,8 @@ class DynamicBatcher:
 
     def wait(self, pending: Pending) -> np.ndarray:
         """Block until `pending` ran or its deadline passed; float32 [n, dim]."""
-        timeout = None if pending.deadline is None else max(0.0, pending.deadline - time.monotonic())
+        timeout = (None if pending.deadline is None
+                   else max(0.0, pending.deadline - time.monotonic()))
         if not pending.done.wait(timeout):
             pending.abandoned = True
             raise BudgetSpent("deadline passed while waiting for the embedding batch")

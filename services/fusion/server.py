@@ -134,7 +134,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         accepted = dups = conflicts = batches = 0
         for request in request_iterator:
             raw = RawEvents(request.events)
-            a, d, c = engine_call(context, lambda: self._ready().ingest(raw, None))
+            a, d, c = engine_call(context, lambda raw=raw: self._ready().ingest(raw, None))
             accepted, dups, conflicts, batches = accepted + a, dups + d, conflicts + c, batches + 1
         return fusion_pb2.IngestStreamResponse(accepted=accepted, duplicates=dups,
                                                conflicts=conflicts, batches=batches)

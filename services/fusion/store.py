@@ -93,7 +93,7 @@ class ProfileStore(abc.ABC):
         """(item_id, event count, last event ms) of the `limit` items of `platform` with the
         most stored events, most first."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: nothing to release by default
         """Flush and release; later calls fail."""
 
 

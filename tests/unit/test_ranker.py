@@ -1,4 +1,5 @@
-"""Ranker export and offline evaluation: metrics on hand-made ranks, leak-free cases, ONNX parity."""
+"""Ranker export and offline evaluation: metrics on hand-made ranks, leak-free cases, ONNX
+parity."""
 
 import json
 
