@@ -8,7 +8,7 @@ one platform's catalogue in, candidates, features, scores and the final order ou
 Everything is arrays indexed by catalogue row (an IndexSnapshot's rows): popularity,
 co-visit rows, seen and exclude masks, item vectors. Per-item Python is left to the callers,
 for the k items they return. Retrieval is a function (`table.snapshot.search` by default:
-exact or faiss, see services/ranking/index.py); training passes its batched exact search.
+exact, pca or faiss, see services/ranking/index.py); training passes its batched one.
 Ties are broken by catalogue row everywhere, and a candidate's final order by its position
 in the candidate list, so the same inputs give the same list on every path.
 """
