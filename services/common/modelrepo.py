@@ -42,6 +42,18 @@ def read_meta(model_dir: str | os.PathLike) -> dict:
     return json.loads((Path(model_dir) / "meta.json").read_text())
 
 
+def read_served_meta(model_dir: str | os.PathLike, served: tuple[str, ...],
+                     export_command: str) -> dict:
+    """meta.json of a model serving loads; ValueError naming the keys of `served` it lacks
+    (an export older than the serving code) and the command that exports a new version."""
+    meta = read_meta(model_dir)
+    missing = [k for k in served if k not in meta]
+    if missing:
+        raise ValueError(f"{model_dir} meta.json lacks {missing}; export a new version: "
+                         f"{export_command}")
+    return meta
+
+
 @contextlib.contextmanager
 def new_version(repo: str | os.PathLike, name: str):
     """Yield (temp_dir, version) to write a new version into; renamed into place on success.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.events import Event
-from services.common.modelrepo import read_meta
+from services.common.modelrepo import read_served_meta
 from services.fusion.pooling import (ACTION_NAMES, DEFAULT_ACTION_WEIGHT, HALF_LIFE_EVENTS,
                                      baseline_user_vec, rank_ages)
 
@@ -104,13 +104,9 @@ class OnnxUserModel:
     def __init__(self, model_dir: str | os.PathLike, intra_op_threads: int = 1):
         import onnxruntime as ort
         self.model_dir = Path(model_dir)
-        self.meta = read_meta(self.model_dir)
+        self.meta = read_served_meta(self.model_dir, SERVED, "python -m export.user_tower")
         self.name = self.meta["name"]
         self.version = int(self.meta["version"])
-        missing = [k for k in SERVED if k not in self.meta]
-        if missing:
-            raise ValueError(f"user tower {self.model_dir} meta.json lacks {missing}; export a "
-                             "new version: python -m export.user_tower")
         self.max_events = int(self.meta["max_events"])
         self.dim = int(self.meta["dim"])
         self.platform_ids: dict[str, int] = self.meta["platform_vocab"]

@@ -50,13 +50,11 @@ class CoVisits:
         self.indptr, self.indices = indptr, indices
         self.counts, self.deg = counts, deg.astype(np.float32)
         self.row_of = {key: r for r, key in enumerate(self.keys)}
-        platforms = np.array([p for p, _ in self.keys])
-        self._platform_rows = {p: np.flatnonzero(platforms == p) for p in set(platforms.tolist())}
         # Per row, a small code of its platform (platform_code(p)), for masks over rows.
-        self._codes = {p: c for c, p in enumerate(sorted(self._platform_rows))}
-        self.codes = np.zeros(len(self.keys), np.int16)
-        for p, rows in self._platform_rows.items():
-            self.codes[rows] = self._codes[p]
+        names, codes = np.unique(np.array([p for p, _ in self.keys], dtype=str),
+                                 return_inverse=True)
+        self._codes = {p: c for c, p in enumerate(names.tolist())}
+        self.codes = codes.astype(np.int16)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -65,10 +63,6 @@ class CoVisits:
         """The `codes` value of `platform`'s rows; -1 for a platform the counts do not know."""
         return self._codes.get(platform, -1)
 
-    def platform_rows(self, platform: str) -> np.ndarray:
-        """int64 rows of `platform`'s items, ascending."""
-        rows = self._platform_rows.get(platform)
-        return np.zeros(0, np.int64) if rows is None else rows
 
     @classmethod
     def from_users(cls, keys: list[tuple[str, str]], user_rows: list[np.ndarray]) -> "CoVisits":

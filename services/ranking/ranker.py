@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.modelrepo import read_meta
+from services.common.modelrepo import read_served_meta
 from services.ranking.covisit import CoVisits
 from services.ranking.features import FEATURES
 
@@ -31,16 +31,12 @@ class OnnxRanker:
     def __init__(self, model_dir: str | os.PathLike, intra_op_threads: int = 1):
         import onnxruntime as ort
         self.model_dir = Path(model_dir)
-        self.meta = read_meta(self.model_dir)
+        self.meta = read_served_meta(self.model_dir, SERVED, "python -m export.ranker")
         self.name, self.version = self.meta["name"], int(self.meta["version"])
         if tuple(self.meta["features"]) != FEATURES:
             raise ValueError(f"ranker {self.model_dir} was trained on features "
                              f"{self.meta['features']}, serving computes {list(FEATURES)}; "
                              "export a new version: python -m export.ranker")
-        missing = [k for k in SERVED if k not in self.meta]
-        if missing:
-            raise ValueError(f"ranker {self.model_dir} meta.json lacks {missing}; export a new "
-                             "version: python -m export.ranker")
         self.candidates = int(self.meta["candidates"])
         self.covisit_candidates = int(self.meta["covisit_candidates"])
         # The history window the ranker's features were computed over: the newest events.

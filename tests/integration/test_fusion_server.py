@@ -54,6 +54,13 @@ def test_ingested_real_events_come_back_in_profiles(fusion, amazon_users):
         assert len(profile.recent_events) == 5 and len(profile.recent_events[0].item_vector) == 384
         assert profile.recent_events[0].event.event_time_ms == max(e["event_time_ms"]
                                                                    for e in events)
+        # What ranking asks: the same answer, only without the recent items' vectors.
+        lean = fusion.GetProfile(fusion_pb2.GetProfileRequest(
+            user_id=user, for_platform="office", recent_events_limit=5,
+            omit_item_vectors=True), timeout=10)
+        assert [r.event for r in lean.recent_events] == [r.event for r in profile.recent_events]
+        assert all(len(r.item_vector) == 0 for r in lean.recent_events)
+        assert lean.for_platform_vector == profile.for_platform_vector
 
 
 def test_bulk_stream_ingest_counts_every_batch(fusion, amazon_users):

@@ -73,7 +73,7 @@ def test_covisit_top_equals_a_full_sort_when_it_sorts_only_the_best_few():
     cv = CoVisits.from_users(KEYS, [rng.choice(len(KEYS), size=6) for _ in range(300)])
     sums = cv.user_sums([(ARTS, "a0"), (OFFICE, "o1")], OFFICE)
     office = _table(OFFICE, KEYS, cv)
-    rows = cv.platform_rows(OFFICE)
+    rows = np.flatnonzero(cv.codes == cv.platform_code(OFFICE))
     score = (sums.same + sums.other)[rows] / np.sqrt(sums.deg[rows] + 1)
     full = [int(office.row_of_covisit[r]) for r in rows[np.lexsort((rows, -score))]
             if score[rows.tolist().index(r)] > 0]
