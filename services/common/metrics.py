@@ -45,6 +45,9 @@ FUSION_EVENT_CONFLICTS = Counter(
 FUSION_INGEST_LAG = Histogram("crossrec_fusion_ingest_lag_seconds",
                               "Acknowledgement time minus event time",
                               buckets=(0.01, 0.1, 1, 10, 60, 600, 3600, 86400, 864000))
+FUSION_USER_VECTOR_CACHE = Counter(
+    "crossrec_fusion_user_vector_cache", "Profiles whose user vectors came from the cache "
+    "(hit) or a model call (miss)", ["result"])
 
 # ranking
 RANKING_STAGE_SECONDS = Histogram("crossrec_ranking_stage_duration_seconds",

@@ -45,6 +45,7 @@ class Config:
     item_cache_items: int
     session_cache_items: int
     max_new_session_texts: int
+    user_vector_cache_items: int
     dependency_wait_s: float
     user_id_key_file: str
 
@@ -181,6 +182,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     add_flag(parser, "--max-new-session-texts", MAX_NEW_SESSION_TEXTS,
              "distinct session items per GetProfile/Recommend whose text may be embedded "
              "during the call; more: INVALID_ARGUMENT")
+    add_flag(parser, "--user-vector-cache-items", 10_000,
+             "user-model answers kept in memory (about 7 KB each), keyed by a digest of the "
+             "model's whole input, so a profile whose window is unchanged costs no model "
+             "call; any store (no invalidation needed); 0 = off")
     add_flag(parser, "--dependency-wait-s", 120.0,
              "how long to wait at start for the embedding service (health stays NOT_SERVING)")
     add_flag(parser, "--user-id-key-file", "",
@@ -197,6 +202,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
                     item_cache_items=args.item_cache_items,
                     session_cache_items=args.session_cache_items,
                     max_new_session_texts=args.max_new_session_texts,
+                    user_vector_cache_items=args.user_vector_cache_items,
                     dependency_wait_s=args.dependency_wait_s,
                     user_id_key_file=args.user_id_key_file)
     return args, config
@@ -226,7 +232,8 @@ def main(argv=None) -> int:
             open_store(config, user_id_key), embed, model, dim,
             item_cache_items=config.item_cache_items if config.store == "sqlite" else 0,
             session_cache_items=config.session_cache_items,
-            max_new_session_texts=config.max_new_session_texts)
+            max_new_session_texts=config.max_new_session_texts,
+            user_vector_cache_items=config.user_vector_cache_items)
         metrics.MODEL_INFO.labels("fusion", model.name).info({
             "version": str(model.version), "baseline": str(model.baseline).lower(),
             "store": config.store, "pseudonymous_user_ids": str(bool(user_id_key)).lower()})

@@ -182,3 +182,46 @@ def test_a_repeated_session_is_answered_from_the_session_cache_without_embedding
     engine.profile("", session=changed)
     assert embedder.calls == [["another text for the last item"]], "only the changed text"
     assert engine.store.get_items([("office", "repeat-0")]) == {}, "never stored"
+
+
+def _profile_arrays(p):
+    return ([p.fused, p.for_platform_vector] + [v.vector for v in p.platforms]
+            + [np.float32(w) for _, _, w in p.recent])
+
+
+def test_the_user_vector_cache_answers_bit_for_bit_and_follows_every_change(
+        store, embedder, model_repo, amazon_user):
+    """Cached answers equal the model's own; a new event, a changed item text and a session
+    event each change the key (nothing to invalidate), on either store."""
+    from services.common import metrics
+    cached = FusionEngine(store, embedder, user_model(model_repo), dim=384,
+                          user_vector_cache_items=100)
+    plain = FusionEngine(store, embedder, cached.model, dim=384)
+    cached.ingest(amazon_user)
+    hits = metrics.FUSION_USER_VECTOR_CACHE.labels("hit")
+    user = amazon_user[0]["user_id"]
+
+    def same(**kw):
+        a, b = cached.profile(user, **kw), plain.profile(user, **kw)
+        for x, y in zip(_profile_arrays(a), _profile_arrays(b), strict=True):
+            assert np.array_equal(x, y)
+        return a
+
+    first = same(for_platform="office", recent_limit=10)
+    before = hits._value.get()
+    again = same(for_platform="office", recent_limit=10)
+    assert hits._value.get() == before + 1
+    assert np.array_equal(again.fused, first.fused)
+    with pytest.raises(ValueError):  # shared answers cannot be changed in place
+        again.fused[0] = 1.0
+    same(for_platform="arts_crafts", recent_limit=10)
+    cached.ingest([ev(user=user, item="new-item", text="a pack of fine drawing pencils")])
+    moved = same(for_platform="office", recent_limit=10)
+    assert not np.array_equal(moved.fused, first.fused)
+    cached.ingest([ev(user=user, item="new-item", text="a large steel office stapler",
+                      event_id="other-id")])
+    changed = same(for_platform="office", recent_limit=10)
+    assert not np.array_equal(changed.fused, moved.fused)
+    session = same(for_platform="office", recent_limit=10,
+                   session=[ev(user="", item="s1", text="watercolour paper pad A4")])
+    assert not np.array_equal(session.fused, changed.fused)
