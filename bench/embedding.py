@@ -24,9 +24,14 @@ kFLOP x S. Peak = cores x clock x FLOPs/cycle, FLOPs/cycle = 2 FMA units x SIMD 
 (AVX-512: 64, AVX2: 32); the clock is /proc/cpuinfo's "cpu MHz" unless --clock-ghz is given.
 Both padded (executed) and real-token figures are reported.
 
-Served part: starts `python -m services.embedding.server` twice on 127.0.0.1 (max batch 64 and
-2 ms delay; max batch 1 = batching off), waits for health SERVING, then 64 concurrent callers
-each send one title per Embed call, alternating between the two servers round by round.
+Served part: starts `python -m services.embedding.server` once per SERVED_CONFIGS entry on
+127.0.0.1 (fp32 and int8 with the default batcher, fp32 with one model worker, fp32 without
+batching), waits for health SERVING, then 64 concurrent callers each send one title per Embed
+call, the servers taking turns round by round; each round also measures the offline ceiling
+of the same engine (EmbeddingEngine.run_sorted over the same titles, length-sorted calls of
+32), and each served figure is reported as a share of it. Then the fairness round: one caller
+sends 256 texts of ~4 KB per call back to back while another sends single titles with a 1 s
+deadline.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ TARGETS = {
     "ort_fp32_vs_torch_batch32": 2.0,
     "ort_int8_vs_torch_batch32": 4.0,
     "int8_vs_fp32_mean_cosine": 0.985,
-    "served_batching_on_vs_off": 5.0,
+    "served_fp32_vs_offline_ceiling": 0.85,
+    "served_int8_vs_offline_ceiling": 0.85,
 }
 
 
@@ -367,38 +373,116 @@ def _served_vectors(address: str, titles: list[str]) -> np.ndarray:
     return np.array([list(e.values) for e in reply.embeddings], dtype=np.float32)
 
 
+SERVED_CONFIGS = {
+    # name: (model, extra server flags)
+    "dynamic_fp32": (enc.FP32_NAME, []),
+    "dynamic_int8": (enc.INT8_NAME, []),
+    "dynamic_fp32_one_worker": (enc.FP32_NAME, ["--model-workers", "1"]),
+    "batch1_fp32": (enc.FP32_NAME, ["--max-batch-size", "1"]),
+}
+# The fairness round: one caller sends LONG_TEXTS texts of ~4 KB per call back to back while
+# another sends single titles with a SMALL_DEADLINE_S deadline.
+LONG_TEXTS, SMALL_DEADLINE_S = 256, 1.0
+
+
+def engine_ceiling(model_dir: Path, titles: list[str], seconds: float) -> dict:
+    """The serving engine's offline throughput on `titles`: EmbeddingEngine.run_sorted over
+    all of them (length-sorted model calls of up to 32 texts), one thread per core, tokenised
+    beforehand. What a perfect batcher of the same engine could serve."""
+    from services.embedding.engine import EmbeddingEngine
+
+    engine = EmbeddingEngine(model_dir, device="cpu")
+    encoded = engine.tokenize(titles)
+    engine.run_sorted(encoded[:64], 32)
+    n, cpu0, start = 0, time.process_time(), time.perf_counter()
+    while n == 0 or time.perf_counter() - start < seconds:
+        engine.run_sorted(encoded, 32)
+        n += len(encoded)
+    wall = time.perf_counter() - start
+    return {"titles_per_s": round(n / wall, 1),
+            "cpu_s_per_1000_titles": round((time.process_time() - cpu0) / n * 1000, 3)}
+
+
+def fairness_round(address: str, titles: list[str], small_calls: int) -> dict:
+    """While one caller sends LONG_TEXTS ~4 KB texts per call back to back, another sends
+    `small_calls` single titles one after another, each with a SMALL_DEADLINE_S deadline."""
+    import threading
+
+    import grpc
+
+    from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+
+    long_texts = [f"{n} " + "a long catalogue description of a product " * 100
+                  for n in range(LONG_TEXTS)]
+    stop, long_done, long_s = threading.Event(), [], []
+    with grpc.insecure_channel(address) as channel:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+
+        def big():
+            while not stop.is_set():
+                t = time.perf_counter()
+                stub.Embed(embedding_pb2.EmbedRequest(texts=long_texts), timeout=300)
+                long_s.append(time.perf_counter() - t)
+                long_done.append(1)
+        thread = threading.Thread(target=big, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        latencies, errors = [], {}
+        for n in range(small_calls):
+            t = time.perf_counter()
+            try:
+                stub.Embed(embedding_pb2.EmbedRequest(texts=[titles[n % len(titles)]]),
+                           timeout=SMALL_DEADLINE_S)
+                latencies.append(time.perf_counter() - t)
+            except grpc.RpcError as err:
+                errors[err.code().name] = errors.get(err.code().name, 0) + 1
+        stop.set()
+        thread.join(300)
+    return {"long_texts_per_call": LONG_TEXTS, "long_calls_done": len(long_done),
+            "long_call_s_p50": round(float(np.median(long_s)), 2) if long_s else None,
+            "small_deadline_s": SMALL_DEADLINE_S, "small_calls": small_calls,
+            "small_ok": len(latencies), "small_errors": errors,
+            **({f"small_{k}": v for k, v in percentiles_ms(latencies).items()}
+               if latencies else {})}
+
+
 def run_served(args, titles: list[str], offline_fp32, cores: int) -> dict:
+    """Each SERVED_CONFIGS server on loopback, 64 single-title callers, rounds interleaved
+    with the offline ceiling of the same engine (engine_ceiling), then the fairness round."""
     from clients.stack import ServiceProcess
 
-    configs = {
-        "batching_on": ["--max-batch-size", "64", "--max-delay-ms", "2"],
-        "batching_off": ["--max-batch-size", "1"],
-    }
-    common = ["--model-repo", str(args.model_repo), "--model-name", "encoder"]
     run_dir = Path(tempfile.mkdtemp(prefix="crossrec-bench-embedding-"))
     procs = {}
     result = {"concurrency": args.concurrency, "titles_per_call": 1,
               "requests_per_round": args.served_requests, "round_max_s": args.served_seconds,
-              "configs": {name: {"server_args": common + flags} for name, flags in configs.items()}}
+              "configs": {name: {"model": model, "server_args": flags}
+                          for name, (model, flags) in SERVED_CONFIGS.items()}}
+    ceilings = {m: [] for m in (enc.FP32_NAME, enc.INT8_NAME)}
     try:
         t0 = time.perf_counter()
-        for name, flags in configs.items():
-            procs[name] = ServiceProcess("embedding", common + flags, run_dir / name).start()
+        for name, (model, flags) in SERVED_CONFIGS.items():
+            procs[name] = ServiceProcess("embedding", ["--model-repo", str(args.model_repo),
+                                                       "--model-name", model, *flags],
+                                         run_dir / name).start()
         for name, proc in procs.items():
             proc.wait_ready(args.startup_timeout_s)
             print(f"served: {name} SERVING on {proc.address} "
                   f"({time.perf_counter() - t0:.1f}s after start)", flush=True)
         check = titles[:16]
         for name, proc in procs.items():
-            served = _served_vectors(proc.address, check)
-            result["configs"][name]["vs_offline_max_abs_diff"] = float(
-                np.max(np.abs(served - offline_fp32(check))))
+            if SERVED_CONFIGS[name][0] == enc.FP32_NAME:
+                served = _served_vectors(proc.address, check)
+                result["configs"][name]["vs_offline_max_abs_diff"] = float(
+                    np.max(np.abs(served - offline_fp32(check))))
             asyncio.run(_drive(proc.address, titles, 0, 4 * args.concurrency, 30,
                                args.concurrency))  # warm-up: threads, channels, shapes
-        runs = {name: [] for name in configs}
+        runs = {name: [] for name in procs}
         share = CpuShare(cores, [p.proc.pid for p in procs.values()])
         for r in range(args.served_rounds):
-            order = list(configs) if r % 2 == 0 else list(reversed(configs))
+            for model in ceilings:
+                ceilings[model].append(engine_ceiling(
+                    modelrepo.resolve(args.model_repo, model), titles, args.ceiling_s))
+            order = list(procs) if r % 2 == 0 else list(reversed(procs))
             for name in order:
                 run = asyncio.run(_drive(procs[name].address, titles, r * args.served_requests,
                                          args.served_requests, args.served_seconds,
@@ -407,7 +491,12 @@ def run_served(args, titles: list[str], offline_fp32, cores: int) -> dict:
                 print(f"served round {r} {name}: {len(run['latencies'])} calls in "
                       f"{run['wall_s']:.1f}s = {len(run['latencies']) / run['wall_s']:.0f}/s "
                       f"errors {run['errors']}", flush=True)
+            print(f"offline ceiling round {r}: " + ", ".join(
+                f"{m} {c[-1]['titles_per_s']:.0f}/s" for m, c in ceilings.items()), flush=True)
         result["cpu_share"] = share.result()
+        result["fairness"] = fairness_round(procs["dynamic_fp32"].address, titles,
+                                            args.fairness_calls)
+        print(f"fairness: {result['fairness']}", flush=True)
         for name, rs in runs.items():
             lat = [x for run in rs for x in run["latencies"]]
             wall = sum(run["wall_s"] for run in rs)
@@ -428,8 +517,15 @@ def run_served(args, titles: list[str], offline_fp32, cores: int) -> dict:
                 print(f"served: {name} exited {code}:\n{proc.log_tail()}", flush=True)
         if all(result["configs"][n].get("exit_code") == 0 for n in procs):
             shutil.rmtree(run_dir, ignore_errors=True)  # server logs: kept only on failure
-    on, off = result["configs"]["batching_on"], result["configs"]["batching_off"]
-    result["ratio_on_vs_off"] = round(on["titles_per_s"] / off["titles_per_s"], 2)
+    result["offline_ceiling"] = {
+        m: {"titles_per_s": round(float(np.mean([c["titles_per_s"] for c in cs])), 1),
+            "rounds": cs} for m, cs in ceilings.items()}
+    for c in result["configs"].values():
+        ceiling = result["offline_ceiling"][c["model"]]["titles_per_s"]
+        c["vs_offline_ceiling"] = round(c["titles_per_s"] / ceiling, 3)
+    configs = result["configs"]
+    result["ratio_on_vs_off"] = round(configs["dynamic_fp32"]["titles_per_s"]
+                                      / configs["batch1_fp32"]["titles_per_s"], 2)
     return result
 
 
@@ -468,18 +564,24 @@ def plot(results: dict, path: Path) -> None:
     left.legend(fontsize=8, ncol=2, loc="upper center")
     served = results.get("served")
     if served and "configs" in served:
-        names = ["batching_off", "batching_on"]
+        names = list(served["configs"])
         tput = [served["configs"][n]["titles_per_s"] for n in names]
-        bars = right.bar(["batch 1", "dynamic (64, 2 ms)"], tput, color=["#999", "#3a7"])
+        bars = right.bar(range(len(names)), tput, color=["#3a7", "#38c", "#9b6", "#999"])
+        for m, color in ((enc.FP32_NAME, "#3a7"), (enc.INT8_NAME, "#38c")):
+            right.axhline(served["offline_ceiling"][m]["titles_per_s"], color=color, ls="--",
+                          lw=1, label=f"offline ceiling {m}")
         for bar, n in zip(bars, names):
             c = served["configs"][n]
-            right.annotate(f"p50 {c['p50_ms']:.0f} ms\np99 {c['p99_ms']:.0f} ms",
+            right.annotate(f"{c['vs_offline_ceiling']:.0%} of ceiling\n"
+                           f"p99 {c['p99_ms']:.0f} ms",
                            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                           ha="center", va="bottom", fontsize=8)
+                           ha="center", va="bottom", fontsize=7)
+        right.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names],
+                         fontsize=7)
         right.set_ylabel("titles / s")
-        right.set_title(f"Served fp32, {served['concurrency']} callers x 1 title "
-                        f"(x{served['ratio_on_vs_off']})", fontsize=10)
-        right.margins(y=0.25)
+        right.set_title(f"Served, {served['concurrency']} callers x 1 title", fontsize=10)
+        right.legend(fontsize=7, loc="upper right")
+        right.margins(y=0.3)
     else:
         right.text(0.5, 0.5, "served part not run", ha="center", va="center")
         right.set_axis_off()
@@ -522,6 +624,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--served-rounds", type=int, default=2)
     parser.add_argument("--served-seconds", type=float, default=20.0,
                         help="time cap per server per round")
+    parser.add_argument("--ceiling-s", type=float, default=8.0,
+                        help="seconds of the offline engine ceiling per model per round")
+    parser.add_argument("--fairness-calls", type=int, default=60,
+                        help="single-title calls during the fairness round")
     parser.add_argument("--startup-timeout-s", type=float, default=120.0)
     parser.add_argument("--max-foreign-share", type=float, default=0.1,
                         help="warn when others used more than this share of the cores")
@@ -687,14 +793,17 @@ def main(argv=None) -> dict:
         print(f"WARNING: other processes used the cores while measuring {contended}; "
               f"speed targets are left undecided (met: null), re-run on a quiet machine",
               flush=True)
-    served_ratio = served.get("ratio_on_vs_off") if served else None
+    configs = (served or {}).get("configs", {})
+    served_fp32 = configs.get("dynamic_fp32", {}).get("vs_offline_ceiling")
+    served_int8 = configs.get("dynamic_int8", {}).get("vs_offline_ceiling")
     values = {"ort_fp32_vs_torch_batch32": (ratios["ort_fp32_vs_torch_batch32"],
                                             "offline_batch32"),
               "ort_int8_vs_torch_batch32": (ratios["ort_int8_vs_torch_batch32"],
                                             "offline_batch32"),
               "int8_vs_fp32_mean_cosine": (round(cosine["int8_vs_ort_fp32"]["mean_cosine"], 5),
                                            None),
-              "served_batching_on_vs_off": (served_ratio, "served")}
+              "served_fp32_vs_offline_ceiling": (served_fp32, "served"),
+              "served_int8_vs_offline_ceiling": (served_int8, "served")}
     targets = {}
     for name, goal in TARGETS.items():
         value, part = values[name]
@@ -755,7 +864,9 @@ def main(argv=None) -> dict:
     plot(results, args.plot)
     print(json.dumps({"ratios": {k: v for k, v in ratios.items() if k != "per_batch_size"},
                       "int8_cosine": cosine["int8_vs_ort_fp32"],
-                      "served_ratio": (served or {}).get("ratio_on_vs_off"),
+                      "served_vs_offline_ceiling": {n: c.get("vs_offline_ceiling")
+                                                    for n, c in configs.items()},
+                      "fairness": (served or {}).get("fairness"),
                       "targets": targets, "wall_s": results["wall_s"]}, indent=2))
     print(f"wrote {args.out} and {args.plot}")
     return results

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import fields, is_dataclass
 from datetime import datetime, timezone
@@ -163,24 +164,46 @@ def cmd_health(client: CrossrecClient, args) -> int:
 
 
 def cmd_items_load(client: CrossrecClient, args) -> int:
+    """Upserts batches with `--concurrency` calls in flight, so the embedding model works on
+    one batch while ranking stores the previous one. A batch sharing an item with one still
+    in flight waits for it first: the file's last row of an item is the one kept."""
     path, timeout = Path(args.path), args.timeout or LOAD_TIMEOUT_S
+    if not 1 <= args.concurrency <= 8:
+        raise InvalidArgument("INVALID_ARGUMENT", "--concurrency must be in 1..8, "
+                              f"got {args.concurrency}")
     progress, upserted, platforms = Progress("items"), 0, {}
     batch: list[Item] = []
+    in_flight: deque = deque()  # (future, {(platform, item_id)}), oldest first
 
-    def flush():
+    def settle(future) -> None:
         nonlocal upserted
-        upserted += client.ranking.upsert_items(batch, timeout=timeout)
-        for item in batch:
-            platforms[item.platform] = platforms.get(item.platform, 0) + 1
-        batch.clear()
+        upserted += future.result()
         progress.update(f"{upserted:,} upserted", upserted)
 
-    for item in read_items_csv(path):
-        batch.append(item)
-        if len(batch) >= args.batch_size:
-            flush()
-    if batch:
-        flush()
+    def send(pool) -> None:
+        keys = {(item.platform, item.item_id) for item in batch}
+        while in_flight and (len(in_flight) >= args.concurrency
+                             or any(keys & ids for _, ids in in_flight)):
+            settle(in_flight.popleft()[0])
+        for item in batch:
+            platforms[item.platform] = platforms.get(item.platform, 0) + 1
+        in_flight.append((pool.submit(client.ranking.upsert_items, list(batch),
+                                      timeout=timeout), keys))
+        batch.clear()
+
+    with ThreadPoolExecutor(args.concurrency, thread_name_prefix="upsert") as pool:
+        try:
+            for item in read_items_csv(path):
+                batch.append(item)
+                if len(batch) >= args.batch_size:
+                    send(pool)
+            if batch:
+                send(pool)
+            while in_flight:
+                settle(in_flight.popleft()[0])
+        finally:
+            for future, _ in in_flight:
+                future.cancel()
     progress.end()
     if args.json:
         print_json({"file": str(path), "upserted": upserted, "platforms": platforms})
@@ -418,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("path", help="items.csv or items.csv.gz")
     load.add_argument("--batch-size", type=int, default=500, help="items per UpsertItems call "
                       "(1..1000) [default: %(default)s]")
+    load.add_argument("--concurrency", type=int, default=2, help="UpsertItems calls in flight "
+                      "(1..8) [default: %(default)s]")
 
     events = commands.add_parser("events", help="behaviour events: events load")
     events_sub = events.add_subparsers(dest="events_command", required=True, metavar="COMMAND")

@@ -44,7 +44,7 @@ def padded_length(n_tokens: int, max_tokens: int) -> int:
     return max(n_tokens, min(-(-n_tokens // PAD_MULTIPLE) * PAD_MULTIPLE, max_tokens))
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -90,7 +90,8 @@ class EmbeddingEngine:
     """
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "auto",
-                 intra_op_threads: int = 0, max_texts_per_request: int = 256):
+                 intra_op_threads: int = 0, max_texts_per_request: int = 256,
+                 max_request_tokens: int = 65_536):
         """`intra_op_threads` 0: one per CPU this process may run on (set explicitly, as run's
         row minimum depends on it)."""
         self.model_dir = Path(model_dir)
@@ -100,6 +101,7 @@ class EmbeddingEngine:
         self.dim = int(self.meta["dim"])
         self.max_tokens = int(self.meta["max_sequence_tokens"])
         self.max_texts_per_request = max_texts_per_request
+        self.max_request_tokens = max_request_tokens
         self.pad_id = int(self.meta.get("pad_token_id", 0))
         self.tokenizer = Tokenizer.from_file(str(self.model_dir / self.meta.get(
             "tokenizer_file", "tokenizer.json")))
@@ -108,7 +110,7 @@ class EmbeddingEngine:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.intra_op_threads = intra_op_threads or _usable_cpus()
+        self.intra_op_threads = intra_op_threads or usable_cpus()
         options.intra_op_num_threads = self.intra_op_threads
         # ORT's ReduceSum (the mean pooling over the sequence) takes its batched fast path only
         # for at least max(2, intra-op threads) rows; below that it sums in another order and
@@ -148,6 +150,17 @@ class EmbeddingEngine:
         encodings = self.tokenizer.encode_batch([t[:cap] for t in texts])
         return [Encoded(np.asarray(e.ids, dtype=np.int64), c or bool(e.overflowing))
                 for e, c in zip(encodings, cut)]
+
+    def request_tokens(self, encoded: list[Encoded]) -> list[int]:
+        """Each text's padded token count (what it costs a model call); InvalidInput when
+        their sum passes max_request_tokens."""
+        costs = [self.padded_length(e) for e in encoded]
+        if sum(costs) > self.max_request_tokens:
+            raise InvalidInput(
+                f"texts hold {sum(costs)} padded tokens after tokenisation; at most "
+                f"{self.max_request_tokens} per request (--max-request-tokens): send them "
+                "in several requests")
+        return costs
 
     def padded_length(self, encoded: Encoded) -> int:
         """The sequence length `encoded` runs at (module padded_length at max_sequence_tokens)."""

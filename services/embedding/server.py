@@ -14,7 +14,7 @@ from services.common import metrics, modelrepo
 from services.common.errors import NotReady
 from services.common.serve import add_flag, add_server_flags, engine_call, serve, setup_logging
 from services.embedding.batcher import DynamicBatcher
-from services.embedding.engine import EmbeddingEngine
+from services.embedding.engine import CUDA, EmbeddingEngine, choose_providers, usable_cpus
 
 log = logging.getLogger("crossrec.embedding")
 DEFAULT_PORT = 50051
@@ -32,6 +32,21 @@ class Config:
     max_batch_tokens: int
     max_delay_ms: float
     max_queue_texts: int
+    model_workers: int = 0
+    max_request_tokens: int = 65_536
+
+
+def model_workers(config: Config, provider: str) -> tuple[int, int]:
+    """(batcher workers, ORT intra-op threads per model call). On the CPU the default is one
+    worker per core, each call on one thread: calls run side by side, none waits at a
+    multi-thread barrier for a thread the gRPC threads have descheduled, and a long request's
+    chunk holds one core, not all. On CUDA, two workers (one prepares a batch while the other
+    runs) on `--intra-op-threads` threads."""
+    cores = usable_cpus()
+    if provider == CUDA:
+        return config.model_workers or 2, config.intra_op_threads or cores
+    workers = config.model_workers or cores
+    return workers, config.intra_op_threads or max(1, cores // workers)
 
 
 class EmbeddingService:
@@ -39,16 +54,23 @@ class EmbeddingService:
 
     def __init__(self, config: Config):
         model_dir = modelrepo.resolve(config.model_repo, config.model_name, config.model_version)
-        self.engine = EmbeddingEngine(model_dir, device=config.device,
-                                      intra_op_threads=config.intra_op_threads,
-                                      max_texts_per_request=config.max_texts_per_request)
+        workers, threads = model_workers(config, choose_providers(config.device)[0])
+        self.engine = EmbeddingEngine(model_dir, device=config.device, intra_op_threads=threads,
+                                      max_texts_per_request=config.max_texts_per_request,
+                                      max_request_tokens=config.max_request_tokens)
         self.engine.warmup()
         batch_size = config.max_batch_size
+        max_tokens = config.max_batch_tokens or (
+            16384 if self.engine.provider == CUDA else 2048)
         self.batcher = DynamicBatcher(lambda items: self.engine.run_sorted(items, batch_size),
                                       max_batch_size=batch_size,
-                                      max_batch_tokens=config.max_batch_tokens,
+                                      max_batch_tokens=max_tokens,
                                       max_delay_ms=config.max_delay_ms,
-                                      max_queue_texts=config.max_queue_texts)
+                                      max_queue_texts=config.max_queue_texts,
+                                      workers=workers)
+        log.info("batcher", extra={"fields": {"model_workers": workers,
+                                               "intra_op_threads": threads,
+                                               "max_batch_tokens": max_tokens}})
         metrics.EMBED_QUEUE_TEXTS.set_function(lambda: self.batcher.queued_texts)
         metrics.MODEL_INFO.labels("embedding", self.engine.name).info({
             "version": str(self.engine.version), "provider": self.engine.provider,
@@ -59,7 +81,8 @@ class EmbeddingService:
         deadline = None if budget_s is None else time.monotonic() + budget_s
         self.engine.validate(texts)
         encoded = self.engine.tokenize(texts)
-        return self.batcher(encoded, [len(e.ids) for e in encoded], deadline), encoded
+        costs = self.engine.request_tokens(encoded)
+        return self.batcher(encoded, costs, deadline), encoded
 
     def close(self) -> None:
         self.batcher.close()
@@ -106,10 +129,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     add_flag(parser, "--model-name", "encoder", "model to serve: encoder (fp32) or encoder_int8")
     add_flag(parser, "--model-version", 0, "version to serve; 0 = the highest")
     add_flag(parser, "--device", "auto", "auto (CUDA when available), cpu or cuda")
-    add_flag(parser, "--intra-op-threads", 0, "ONNX Runtime threads per call; 0 = one per core")
+    add_flag(parser, "--intra-op-threads", 0,
+             "ONNX Runtime threads per model call; 0 = cores / --model-workers on the CPU, "
+             "one per core on CUDA")
+    add_flag(parser, "--model-workers", 0,
+             "model calls run side by side (batcher threads); 0 = one per core on the CPU, "
+             "2 on CUDA")
     add_flag(parser, "--max-texts-per-request", 256, "most texts one Embed call may carry")
+    add_flag(parser, "--max-request-tokens", 65_536,
+             "most padded tokens one Embed call may carry after tokenisation (texts are cut "
+             "at the model's max_sequence_tokens); more: INVALID_ARGUMENT")
     add_flag(parser, "--max-batch-size", 64, "most texts in one model call; 1 disables batching")
-    add_flag(parser, "--max-batch-tokens", 16384, "most padded tokens (texts x longest) per call")
+    add_flag(parser, "--max-batch-tokens", 0,
+             "most padded tokens (sum over the texts) per model call, so a long request's "
+             "chunk holds a worker for a bounded time; 0 = 2048 on the CPU (~0.3 s on one "
+             "core), 16384 on CUDA")
     add_flag(parser, "--max-delay-ms", 2.0, "longest a request waits for others to join its batch")
     add_flag(parser, "--max-queue-texts", 4096, "texts queued at most; beyond: RESOURCE_EXHAUSTED")
     args = parser.parse_args(argv)
@@ -120,7 +154,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
                     intra_op_threads=args.intra_op_threads,
                     max_texts_per_request=args.max_texts_per_request,
                     max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                    max_delay_ms=args.max_delay_ms, max_queue_texts=args.max_queue_texts)
+                    max_delay_ms=args.max_delay_ms, max_queue_texts=args.max_queue_texts,
+                    model_workers=args.model_workers,
+                    max_request_tokens=args.max_request_tokens)
     return args, config
 
 

@@ -259,3 +259,24 @@ def test_delete_user_removes_the_user(env, loaded, rows_by_user):
     assert not json.loads(crossrec(env, "profile", "--user", user, "--json").stdout)["known"]
     again = json.loads(crossrec(env, "delete-user", user, "--json").stdout)
     assert again == {"user_id": user, "deleted_events": 0}
+
+
+def test_items_load_in_flight_batches_keep_the_files_last_row_of_an_item(env, stack, loaded,
+                                                                        tmp_path):
+    """Batches go concurrently; one sharing an item with a batch in flight waits for it."""
+    import sqlite3
+    items = tmp_path / "items.csv"
+    with open(items, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item_id", "platform", "title"])
+        for n in range(12):
+            writer.writerow([f"cli-dup-{n % 3}", "office", f"stapler model {n}"])
+    load = crossrec(env, "items", "load", items, "--batch-size", 2, "--concurrency", 4)
+    assert load.returncode == 0, load.stderr
+    assert "upserted 12 items" in load.stdout
+    args = stack["ranking"].args
+    path = args[args.index("--catalog-path") + 1]
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        titles = dict(db.execute("SELECT item_id, title FROM items WHERE item_id LIKE "
+                                 "'cli-dup-%'"))
+    assert titles == {f"cli-dup-{k}": f"stapler model {9 + k}" for k in range(3)}

@@ -159,3 +159,53 @@ def test_sigterm_lets_in_flight_calls_finish_then_exits_zero(model_repo, tmp_pat
         proc.proc.send_signal(signal.SIGTERM)
         assert len(future.result().embeddings) == len(slow)
     assert proc.proc.wait(30) == 0
+
+
+def test_a_long_request_over_the_token_budget_is_invalid_argument(model_repo, tmp_path):
+    from clients.stack import ServiceProcess
+    proc = ServiceProcess("embedding", ["--model-repo", str(model_repo),
+                                        "--max-request-tokens", "512"], tmp_path).start()
+    try:
+        proc.wait_ready()
+        with grpc.insecure_channel(proc.address) as channel:
+            stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+            assert embed(stub, ["pens"] * 8)[0].shape == (8, 384)
+            with pytest.raises(grpc.RpcError) as err:
+                embed(stub, ["word " * 300] * 3)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "max-request-tokens" in err.value.details()
+    finally:
+        assert proc.stop() == 0, proc.log_tail()
+
+
+def test_small_calls_keep_a_1s_deadline_while_another_caller_sends_256_long_texts(
+        stub, titles):
+    """Fairness: the long requests' chunks interleave with the small calls (batcher.py)."""
+    long_texts = [f"{n} " + "a long catalogue description of a product " * 100
+                  for n in range(256)]  # ~4 KB each, cut at 256 tokens
+    stop = threading.Event()
+    big_done = []
+
+    def big_caller():
+        while not stop.is_set():
+            embed(stub, long_texts)
+            big_done.append(1)
+
+    thread = threading.Thread(target=big_caller)
+    thread.start()
+    time.sleep(1.0)  # the first long request is running
+    latencies = []
+    try:
+        for n in range(40):
+            started = time.perf_counter()
+            reply = stub.Embed(embedding_pb2.EmbedRequest(texts=[titles[n]]), timeout=1.0)
+            latencies.append(time.perf_counter() - started)
+            assert len(reply.embeddings) == 1
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(120)
+    print(f"single-title p50 {np.percentile(latencies, 50) * 1e3:.0f} ms, "
+          f"p99 {np.percentile(latencies, 99) * 1e3:.0f} ms, max {max(latencies) * 1e3:.0f} ms, "
+          f"with {len(big_done)} long requests done meanwhile")
+    assert big_done, "the long requests must finish too"

@@ -120,3 +120,63 @@ def test_close_finishes_queued_work_then_refuses_new():
     assert [batcher.wait(p)[0, 0] for p in pendings] == [0, 1, 2]
     with pytest.raises(NotReady):
         batcher.submit([9], [1])
+
+
+def test_a_big_request_is_cut_into_chunks_and_answered_in_order():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=4, max_batch_tokens=1000, max_delay_ms=0)
+    items = list(range(10))
+    costs = [10 * (10 - i) for i in items]  # the longest first: chunks are length-sorted
+    out = batcher(items, costs)
+    batcher.close()
+    assert out[:, 0].tolist() == items
+    assert max(len(b) for b in run.batches) <= 4
+    assert run.batches[0] == [9, 8, 7, 6]  # shortest texts together
+
+
+def test_a_small_request_is_not_held_behind_a_big_ones_chunks():
+    """Round robin: a request of many chunks gives up the next batch to one queued later."""
+    gate = threading.Event()
+    run = Recorder(gate)
+    batcher = DynamicBatcher(run, max_batch_size=2, max_delay_ms=0)
+    big = batcher.submit(list(range(100, 120)), [1] * 20)   # 10 chunks of 2
+    time.sleep(0.05)                                       # its first chunk is running
+    small = batcher.submit([7], [1])
+    gate.set()
+    assert batcher.wait(small)[0, 0] == 7
+    assert batcher.wait(big).shape == (20, 1)
+    batcher.close()
+    taken = [b for b in run.batches]
+    at = next(n for n, b in enumerate(taken) if 7 in b)
+    assert at <= 1, taken  # the batch right after the chunk that was running
+
+
+def test_several_workers_run_model_calls_side_by_side():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def slow(items):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return np.asarray(items, dtype=np.float32)[:, None]
+    batcher = DynamicBatcher(slow, max_batch_size=1, max_delay_ms=0, workers=2)
+    results, errors = submit_concurrently(batcher, [[i] for i in range(6)])
+    batcher.close()
+    assert not errors and sorted(results) == list(range(6))
+    assert peak[0] == 2
+
+
+def test_a_failing_chunk_fails_its_request_once_and_drops_the_rest():
+    calls = []
+
+    def broken(items):
+        calls.append(list(items))
+        raise RuntimeError("boom")
+    batcher = DynamicBatcher(broken, max_batch_size=2, max_delay_ms=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        batcher(list(range(10)), [1] * 10)
+    batcher.close()
+    assert len(calls) == 1 and batcher.queued_texts == 0
