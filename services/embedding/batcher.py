@@ -34,8 +34,8 @@ class Pending:
     """A queued request: its items, chunks not yet taken, deadline (monotonic s, or None)
     and outcome. `costs` are the items' padded token counts."""
 
-    __slots__ = ("items", "chunks", "left", "taken", "deadline", "queued_at", "done", "result", "error",
-                 "abandoned")
+    __slots__ = ("items", "chunks", "left", "taken", "deadline", "queued_at", "done", "result",
+                 "error", "abandoned")
 
     def __init__(self, items: Sequence, costs: Sequence[int], deadline: float | None,
                  max_texts: int, max_tokens: int):
