@@ -42,7 +42,6 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import numpy as np
-import redis
 from redis.exceptions import NoScriptError
 
 from services.common import redisio
@@ -171,17 +170,21 @@ class RedisStore(ProfileStore):
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "crossrec",
                  require_fsync: bool = True, connect_timeout_s: float = 2.0,
-                 socket_timeout_s: float = 5.0, max_connections: int = 64):
+                 socket_timeout_s: float = 5.0, max_connections: int = 64,
+                 replica_acks: int = 0, replica_ack_timeout_ms: int = 1000):
         if not _PREFIX_PATTERN.match(prefix):
             raise ValueError(f"prefix must match {_PREFIX_PATTERN.pattern}, got {prefix!r}")
+        if replica_acks < 0 or replica_ack_timeout_ms <= 0:
+            raise ValueError(f"replica_acks must be >= 0 and replica_ack_timeout_ms > 0, got "
+                             f"{replica_acks} and {replica_ack_timeout_ms}")
         self.prefix = prefix
+        self.replica_acks, self.replica_ack_timeout_ms = replica_acks, replica_ack_timeout_ms
         self._max_connections = max_connections
         self._closed = False
-        pool = redisio.connection_pool(url, connect_timeout_s=connect_timeout_s,
-                                       socket_timeout_s=socket_timeout_s,
-                                       max_connections=max_connections)
-        self.where = redisio.address(pool)
-        self._client = redis.Redis(connection_pool=pool)
+        self._client = redisio.client(url, connect_timeout_s=connect_timeout_s,
+                                      socket_timeout_s=socket_timeout_s,
+                                      max_connections=max_connections)
+        self.where = redisio.address(self._client)
         self._append_script = self._client.register_script(_APPEND_LUA)
         self._history_script = self._client.register_script(_HISTORY_LUA)
         self._delete_script = self._client.register_script(_DELETE_LUA)
@@ -191,7 +194,7 @@ class RedisStore(ProfileStore):
                 if require_fsync:
                     redisio.check_fsync(self._client, self.where, "events")
         except BaseException:
-            pool.disconnect()
+            self._client.close()
             raise
 
     @contextmanager
@@ -241,6 +244,12 @@ class RedisStore(ProfileStore):
             new = [user_events[int(i)] for (_, user_events), (positions, _) in
                    zip(users, results) for i in positions]
             self._count_items(new)
+            if self.replica_acks:
+                # Duplicates too: the earlier write that stored them may not have replicated.
+                redisio.wait_for_replicas(
+                    self._client, self.where,
+                    [(self._user_keys(user)[1], "user", user) for user, _ in users],
+                    self.replica_acks, self.replica_ack_timeout_ms)
         conflicts = sum(int(n) for _, n in results)
         return len(new), len(events) - len(new), conflicts
 
@@ -286,8 +295,11 @@ class RedisStore(ProfileStore):
         """Run `script` once per (keys, args) in one non-transactional round trip.
 
         EVALSHA straight into the pipeline: redis-py's pipeline script support would add a
-        SCRIPT EXISTS round trip per call. After a server restart or SCRIPT FLUSH the calls
-        answer NOSCRIPT without running; those (only) are re-sent after a SCRIPT LOAD.
+        SCRIPT EXISTS round trip per call. After a server restart, a SCRIPT FLUSH or a
+        failover to a replica the calls answer NOSCRIPT without running; those (only) are
+        re-sent after a SCRIPT LOAD (on every primary of a cluster). A cluster pipeline
+        refuses the `evalsha` method but routes the EVALSHA command by its keys like any keyed
+        command: one round trip per node, each call's keys in one slot.
         """
         results: list = [None] * len(calls)
         pending = list(range(len(calls)))
@@ -295,7 +307,7 @@ class RedisStore(ProfileStore):
             with self._client.pipeline(transaction=False) as pipe:
                 for i in pending:
                     keys, args = calls[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 answers = pipe.execute(raise_on_error=False)
             retry = []
             for i, answer in zip(pending, answers):
@@ -390,7 +402,7 @@ class RedisStore(ProfileStore):
         if self._closed:
             return
         self._closed = True
-        self._client.connection_pool.disconnect()
+        self._client.close()
 
 
 def _text(value) -> str:

@@ -112,16 +112,15 @@ class RedisCatalog(MemoryCatalog):
         self._max_connections = max_connections
         self.log_max_entries, self.apply_wait_s = log_max_entries, apply_wait_s
         self._tail_block_ms = int(tail_block_s * 1000)
-        pool = redisio.connection_pool(url, connect_timeout_s=connect_timeout_s,
-                                       socket_timeout_s=socket_timeout_s,
-                                       max_connections=max_connections)
-        self.where = redisio.address(pool)
-        self._client = redis.Redis(connection_pool=pool)
+        self._client = redisio.client(url, connect_timeout_s=connect_timeout_s,
+                                      socket_timeout_s=socket_timeout_s,
+                                      max_connections=max_connections)
+        self.where = redisio.address(self._client)
         # The tail blocks in XREAD for up to tail_block_s: a connection of its own, whose
         # socket timeout outlasts the block.
-        self._tail_client = redis.Redis(connection_pool=redisio.connection_pool(
-            url, connect_timeout_s=connect_timeout_s,
-            socket_timeout_s=tail_block_s + socket_timeout_s, max_connections=1))
+        self._tail_client = redisio.client(url, connect_timeout_s=connect_timeout_s,
+                                           socket_timeout_s=tail_block_s + socket_timeout_s,
+                                           max_connections=1)
         self._upsert_script = self._client.register_script(_UPSERT_LUA)
         self._delete_script = self._client.register_script(_DELETE_LUA)
         self._applied = _NO_ENTRY  # last log entry reflected in memory
@@ -326,8 +325,8 @@ class RedisCatalog(MemoryCatalog):
             yield
 
     def _disconnect(self) -> None:
-        self._client.connection_pool.disconnect()
-        self._tail_client.connection_pool.disconnect()
+        self._client.close()
+        self._tail_client.close()
 
     def close(self) -> None:
         """Stop the tail and release the connections. Nothing to flush: every acknowledged
