@@ -32,14 +32,15 @@ def ids(history, platform: str = "amazon") -> list[str]:
     return [e.event_id for e in history[platform].events]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def open_store(request, tmp_path):
     """Opens a store on this test's database; a second call is a restart on the same data."""
     if request.param == "sqlite":
         def make():
             return SQLiteStore(tmp_path / "profiles.db")
     else:
-        url = request.getfixturevalue("redis_url")
+        url = request.getfixturevalue(
+            "redis_cluster_url" if request.param == "redis-cluster" else "redis_url")
         prefix = f"test-{uuid.uuid4().hex[:12]}"
 
         def make():
