@@ -319,6 +319,12 @@ class RedisClusterServers:
                         if int(r[0]) <= slot <= int(r[1]))
         return next(node for node in self.nodes if node.port == port)
 
+    def replica_of(self, primary: RedisServer) -> RedisServer:
+        """The (first) replica attached to `primary` now."""
+        with self._client(primary) as client:
+            port = int(client.info("replication")["slave0"]["port"])
+        return next(node for node in self.nodes if node.port == port)
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()

@@ -238,6 +238,15 @@ def check_fsync(client: Client, where: str, losing: str) -> None:
                                f"{losing}")
 
 
+def load_scripts(client: Client, *scripts) -> None:
+    """SCRIPT LOAD each registered script (on every primary of a cluster) ahead of its first
+    call: a call that meets NOSCRIPT reloads it everywhere, so on a cluster it would wait on
+    every primary, not only its own. After a restart or a failover NOSCRIPT still happens,
+    once per script, and the callers reload."""
+    for script in scripts:
+        script.sha = client.script_load(script.script)
+
+
 def wait_for_replicas(client: Client, where: str, touches: list[tuple[str, str, str]],
                       replicas: int, timeout_ms: int) -> None:
     """Returns once every write made so far on each server holding a key in `touches` has

@@ -193,6 +193,8 @@ class RedisStore(ProfileStore):
                 self._client.ping()
                 if require_fsync:
                     redisio.check_fsync(self._client, self.where, "events")
+                redisio.load_scripts(self._client, self._append_script, self._history_script,
+                                     self._delete_script)
         except BaseException:
             self._client.close()
             raise

@@ -133,6 +133,7 @@ class RedisCatalog(MemoryCatalog):
                 self._client.ping()
                 if require_fsync:
                     redisio.check_fsync(self._client, self.where, "items")
+                redisio.load_scripts(self._client, self._upsert_script, self._delete_script)
                 self._reload()
         except BaseException:
             self._disconnect()
