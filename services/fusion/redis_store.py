@@ -260,10 +260,19 @@ class RedisStore(ProfileStore):
         atomically with them: a crash in between undercounts popularity, never loses events."""
         if not events:
             return
+        # Summed per item first: a command per distinct item (and one ZADD per platform),
+        # not two per event; a cluster pipeline routes each command in Python.
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        last: dict[str, dict[str, int]] = defaultdict(dict)
+        for e in events:
+            counts[e.platform, e.item_id] += 1
+            seen = last[e.platform]
+            seen[e.item_id] = max(seen.get(e.item_id, e.event_time_ms), e.event_time_ms)
         with self._client.pipeline(transaction=False) as pipe:
-            for e in events:
-                pipe.zincrby(self._pop_key(e.platform), 1, e.item_id)
-                pipe.zadd(self._last_key(e.platform), {e.item_id: e.event_time_ms}, gt=True)
+            for (platform, item_id), count in counts.items():
+                pipe.zincrby(self._pop_key(platform), count, item_id)
+            for platform, times in last.items():
+                pipe.zadd(self._last_key(platform), times, gt=True)
             pipe.execute()
 
     def _pop_key(self, platform: str) -> str:
