@@ -1,16 +1,21 @@
-"""Redis backend of the profile store: one Lua script per user write, cluster-compatible keys.
+"""Redis backend of the profile store: one Lua script per user write, on one server or a Redis
+Cluster (`redis+cluster://` URL, see services/common/redisio.py).
 
-Durability: the store relies on the server running with `appendonly yes` and
+Durability: the store relies on every server running with `appendonly yes` and
 `appendfsync always`. Redis then writes and fsyncs the append-only file before it sends the
 reply of a write (the reply waits in the client's output buffer until the fsync is done), so
 a write is on disk when its call returns. The constructor checks both settings with
-CONFIG GET and refuses to start otherwise unless `require_fsync=False` (for servers where
-CONFIG is disabled but known to fsync every write). Acknowledged writes can still be lost on
-a failover to an asynchronous replica; run a single primary, or accept that.
+CONFIG GET (on every node the cluster client knows) and refuses to start otherwise unless
+`require_fsync=False` (for servers where CONFIG is disabled but known to fsync every write).
+Replication is asynchronous: a failover to a replica that had not yet received a write loses
+it, acknowledged or not. With `replica_acks` = N an append returns only once its writes
+reached N replicas of every primary holding them (WAIT, see redisio.wait_for_replicas), so a
+failover to one of those replicas keeps them; otherwise NotReady (the write is on the primary
+and may still replicate; re-sending is safe).
 
 Key layout (`<prefix>` defaults to "crossrec"; `<uh>` = blake2b-128 hex of the UTF-8 user id,
 so a user id holding `{` or `}` cannot change the hash tag; every key of one user lands in
-one cluster slot):
+one cluster slot, so every script and each user's part of a pipeline runs on one node):
 
     <prefix>:{u:<uh>}:events           HASH  event id -> content digest, every event ever
                                              stored (dedupe and conflicts)
@@ -149,7 +154,10 @@ def _decode_member(member: bytes, user_id: str, platform: str) -> Event:
 
 
 class RedisStore(ProfileStore):
-    """Profile store on one Redis primary (see the module docstring for durability and keys).
+    """Profile store on one Redis primary or a Redis Cluster (see the module docstring for
+    durability and keys). On a cluster, a batch's users spread over the primaries, one round
+    trip per node; while one primary is down, the calls that touch its users answer NotReady
+    (the other users' events of such a batch are stored: re-send it).
 
     Per-user writes run as one Lua script, so each user's part of a batch is atomic; a batch
     spanning users is one script call per user, pipelined in one round trip but not one
@@ -165,7 +173,8 @@ class RedisStore(ProfileStore):
     Errors: NotReady when Redis is unreachable, times out, is loading, read-only or cannot
     write its AOF (message "redis at HOST:PORT ..."), or when the store is closed; BudgetSpent
     when Redis does not answer within `timeout_s` ("redis at HOST:PORT did not answer ...");
-    Overloaded when all `max_connections` connections are busy.
+    Overloaded when all `max_connections` connections are busy (per node on a cluster);
+    NotReady when `replica_acks` replicas did not confirm within `replica_ack_timeout_ms`.
     """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "crossrec",

@@ -2,7 +2,11 @@
 and a change log each replica tails to keep its in-memory indexes in step.
 
 Keys (`<prefix>` defaults to "crossrec"; one hash tag puts them in one cluster slot, so one
-Lua script can write them all):
+Lua script can write them all, and the log is one stream read in order). On a Redis Cluster
+(`redis+cluster://`) the whole catalogue therefore lives on one primary (and its replicas):
+the cluster gives it failover, not more room or write throughput than one node. That fits
+its size (a million 384-d items is about 1.6 GB); spreading it would need a log per slot
+and an order across logs.
 
     <prefix>:{catalog}:platforms         SET     platforms that ever held an item
     <prefix>:{catalog}:meta:<platform>   HASH    item_id -> JSON [title, attributes, text]
@@ -90,7 +94,8 @@ def _text(value) -> str:
 
 
 class RedisCatalog(MemoryCatalog):
-    """Catalogue on one Redis primary shared by every replica (see the module docstring).
+    """Catalogue on one Redis primary (or one slot of a Redis Cluster) shared by every replica
+    (see the module docstring).
 
     Same methods as the SQLite `Catalog`. Errors: NotReady when Redis is unreachable, refuses
     the write, lacks fsync on every write (at start), or when this replica has not applied a
