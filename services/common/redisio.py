@@ -238,6 +238,17 @@ def check_fsync(client: Client, where: str, losing: str) -> None:
                                f"{losing}")
 
 
+def route(client: Client, key: str) -> dict:
+    """Options for a pipelined EVALSHA with `key` among its keys: on a cluster, the node the
+    client's slot map gives the key (redis-py's cluster pipeline would otherwise ask a server
+    for the command's keys, COMMAND GETKEYS, one blocking round trip per call, before it
+    routes it). A stale map is the library's to mend: the node answers MOVED, the pipeline
+    re-sends that call routed by its keys."""
+    if isinstance(client, redis.RedisCluster):
+        return {"target_nodes": client.get_node_from_key(key)}
+    return {}
+
+
 def load_scripts(client: Client, *scripts) -> None:
     """SCRIPT LOAD each registered script (on every primary of a cluster) ahead of its first
     call: a call that meets NOSCRIPT reloads it everywhere, so on a cluster it would wait on

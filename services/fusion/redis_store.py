@@ -318,8 +318,8 @@ class RedisStore(ProfileStore):
         SCRIPT EXISTS round trip per call. After a server restart, a SCRIPT FLUSH or a
         failover to a replica the calls answer NOSCRIPT without running; those (only) are
         re-sent after a SCRIPT LOAD (on every primary of a cluster). A cluster pipeline
-        refuses the `evalsha` method but routes the EVALSHA command by its keys like any keyed
-        command: one round trip per node, each call's keys in one slot.
+        refuses the `evalsha` method but sends the EVALSHA command to the node of its keys
+        (redisio.route): one round trip per node, each call's keys in one slot.
         """
         results: list = [None] * len(calls)
         pending = list(range(len(calls)))
@@ -327,7 +327,8 @@ class RedisStore(ProfileStore):
             with self._client.pipeline(transaction=False) as pipe:
                 for i in pending:
                     keys, args = calls[i]
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args,
+                                         **redisio.route(self._client, keys[0]))
                 answers = pipe.execute(raise_on_error=False)
             retry = []
             for i, answer in zip(pending, answers):
