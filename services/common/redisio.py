@@ -155,7 +155,9 @@ def address(client: Client) -> str:
 
 def nodes(client: Client) -> list[tuple[str, redis.Redis]]:
     """(HOST:PORT, a client of that server alone) of every server: the one server, or every
-    primary and replica the cluster client knows now."""
+    node the cluster client knows now: its primaries, and the replicas CLUSTER SLOTS lists
+    (a replica that has not yet reported a replication offset, just after it joined, is
+    not among them)."""
     if isinstance(client, redis.RedisCluster):
         return [(node.name, client.get_redis_connection(node)) for node in client.get_nodes()]
     return [(address(client), client)]
@@ -217,9 +219,9 @@ def errors(where: str, max_connections: int, timeout_s: float | None = None,
 
 
 def check_fsync(client: Client, where: str, losing: str) -> None:
-    """NotReady unless every server (each primary and replica of a cluster) runs with
-    `appendonly yes` and `appendfsync always`, so that a write is on disk before its reply.
-    `losing` names what would be lost ("events")."""
+    """NotReady unless every server (each node of a cluster the client knows, see `nodes`)
+    runs with `appendonly yes` and `appendfsync always`, so that a write is on disk before
+    its reply. `losing` names what would be lost ("events")."""
     for name, server in nodes(client):
         named = where if name in where else f"{where}, node {name}"
         try:
