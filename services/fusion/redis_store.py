@@ -1,16 +1,21 @@
-"""Redis backend of the profile store: one Lua script per user write, cluster-compatible keys.
+"""Redis backend of the profile store: one Lua script per user write, on one server or a Redis
+Cluster (`redis+cluster://` URL, see services/common/redisio.py).
 
-Durability: the store relies on the server running with `appendonly yes` and
+Durability: the store relies on every server running with `appendonly yes` and
 `appendfsync always`. Redis then writes and fsyncs the append-only file before it sends the
 reply of a write (the reply waits in the client's output buffer until the fsync is done), so
 a write is on disk when its call returns. The constructor checks both settings with
-CONFIG GET and refuses to start otherwise unless `require_fsync=False` (for servers where
-CONFIG is disabled but known to fsync every write). Acknowledged writes can still be lost on
-a failover to an asynchronous replica; run a single primary, or accept that.
+CONFIG GET (on every node the cluster client knows) and refuses to start otherwise unless
+`require_fsync=False` (for servers where CONFIG is disabled but known to fsync every write).
+Replication is asynchronous: a failover to a replica that had not yet received a write loses
+it, acknowledged or not. With `replica_acks` = N an append returns only once its writes
+reached N replicas of every primary holding them (WAIT, see redisio.wait_for_replicas), so a
+failover to one of those replicas keeps them; otherwise NotReady (the write is on the primary
+and may still replicate; re-sending is safe).
 
 Key layout (`<prefix>` defaults to "crossrec"; `<uh>` = blake2b-128 hex of the UTF-8 user id,
 so a user id holding `{` or `}` cannot change the hash tag; every key of one user lands in
-one cluster slot):
+one cluster slot, so every script and each user's part of a pipeline runs on one node):
 
     <prefix>:{u:<uh>}:events           HASH  event id -> content digest, every event ever
                                              stored (dedupe and conflicts)
@@ -42,7 +47,6 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import numpy as np
-import redis
 from redis.exceptions import NoScriptError
 
 from services.common import redisio
@@ -150,7 +154,10 @@ def _decode_member(member: bytes, user_id: str, platform: str) -> Event:
 
 
 class RedisStore(ProfileStore):
-    """Profile store on one Redis primary (see the module docstring for durability and keys).
+    """Profile store on one Redis primary or a Redis Cluster (see the module docstring for
+    durability and keys). On a cluster, a batch's users spread over the primaries, one round
+    trip per node; while one primary is down, the calls that touch its users answer NotReady
+    (the other users' events of such a batch are stored: re-send it).
 
     Per-user writes run as one Lua script, so each user's part of a batch is atomic; a batch
     spanning users is one script call per user, pipelined in one round trip but not one
@@ -166,22 +173,27 @@ class RedisStore(ProfileStore):
     Errors: NotReady when Redis is unreachable, times out, is loading, read-only or cannot
     write its AOF (message "redis at HOST:PORT ..."), or when the store is closed; BudgetSpent
     when Redis does not answer within `timeout_s` ("redis at HOST:PORT did not answer ...");
-    Overloaded when all `max_connections` connections are busy.
+    Overloaded when all `max_connections` connections are busy (per node on a cluster);
+    NotReady when `replica_acks` replicas did not confirm within `replica_ack_timeout_ms`.
     """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "crossrec",
                  require_fsync: bool = True, connect_timeout_s: float = 2.0,
-                 socket_timeout_s: float = 5.0, max_connections: int = 64):
+                 socket_timeout_s: float = 5.0, max_connections: int = 64,
+                 replica_acks: int = 0, replica_ack_timeout_ms: int = 1000):
         if not _PREFIX_PATTERN.match(prefix):
             raise ValueError(f"prefix must match {_PREFIX_PATTERN.pattern}, got {prefix!r}")
+        if replica_acks < 0 or replica_ack_timeout_ms <= 0:
+            raise ValueError(f"replica_acks must be >= 0 and replica_ack_timeout_ms > 0, got "
+                             f"{replica_acks} and {replica_ack_timeout_ms}")
         self.prefix = prefix
+        self.replica_acks, self.replica_ack_timeout_ms = replica_acks, replica_ack_timeout_ms
         self._max_connections = max_connections
         self._closed = False
-        pool = redisio.connection_pool(url, connect_timeout_s=connect_timeout_s,
-                                       socket_timeout_s=socket_timeout_s,
-                                       max_connections=max_connections)
-        self.where = redisio.address(pool)
-        self._client = redis.Redis(connection_pool=pool)
+        self._client = redisio.client(url, connect_timeout_s=connect_timeout_s,
+                                      socket_timeout_s=socket_timeout_s,
+                                      max_connections=max_connections)
+        self.where = redisio.address(self._client)
         self._append_script = self._client.register_script(_APPEND_LUA)
         self._history_script = self._client.register_script(_HISTORY_LUA)
         self._delete_script = self._client.register_script(_DELETE_LUA)
@@ -190,8 +202,10 @@ class RedisStore(ProfileStore):
                 self._client.ping()
                 if require_fsync:
                     redisio.check_fsync(self._client, self.where, "events")
+                redisio.load_scripts(self._client, self._append_script, self._history_script,
+                                     self._delete_script)
         except BaseException:
-            pool.disconnect()
+            self._client.close()
             raise
 
     @contextmanager
@@ -241,6 +255,12 @@ class RedisStore(ProfileStore):
             new = [user_events[int(i)] for (_, user_events), (positions, _) in
                    zip(users, results) for i in positions]
             self._count_items(new)
+            if self.replica_acks:
+                # Duplicates too: the earlier write that stored them may not have replicated.
+                redisio.wait_for_replicas(
+                    self._client, self.where,
+                    [(self._user_keys(user)[1], "user", user) for user, _ in users],
+                    self.replica_acks, self.replica_ack_timeout_ms)
         conflicts = sum(int(n) for _, n in results)
         return len(new), len(events) - len(new), conflicts
 
@@ -249,10 +269,19 @@ class RedisStore(ProfileStore):
         atomically with them: a crash in between undercounts popularity, never loses events."""
         if not events:
             return
+        # Summed per item first: a command per distinct item (and one ZADD per platform),
+        # not two per event; a cluster pipeline routes each command in Python.
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        last: dict[str, dict[str, int]] = defaultdict(dict)
+        for e in events:
+            counts[e.platform, e.item_id] += 1
+            seen = last[e.platform]
+            seen[e.item_id] = max(seen.get(e.item_id, e.event_time_ms), e.event_time_ms)
         with self._client.pipeline(transaction=False) as pipe:
-            for e in events:
-                pipe.zincrby(self._pop_key(e.platform), 1, e.item_id)
-                pipe.zadd(self._last_key(e.platform), {e.item_id: e.event_time_ms}, gt=True)
+            for (platform, item_id), count in counts.items():
+                pipe.zincrby(self._pop_key(platform), count, item_id)
+            for platform, times in last.items():
+                pipe.zadd(self._last_key(platform), times, gt=True)
             pipe.execute()
 
     def _pop_key(self, platform: str) -> str:
@@ -286,8 +315,11 @@ class RedisStore(ProfileStore):
         """Run `script` once per (keys, args) in one non-transactional round trip.
 
         EVALSHA straight into the pipeline: redis-py's pipeline script support would add a
-        SCRIPT EXISTS round trip per call. After a server restart or SCRIPT FLUSH the calls
-        answer NOSCRIPT without running; those (only) are re-sent after a SCRIPT LOAD.
+        SCRIPT EXISTS round trip per call. After a server restart, a SCRIPT FLUSH or a
+        failover to a replica the calls answer NOSCRIPT without running; those (only) are
+        re-sent after a SCRIPT LOAD (on every primary of a cluster). A cluster pipeline
+        refuses the `evalsha` method but sends the EVALSHA command to the node of its keys
+        (redisio.route): one round trip per node, each call's keys in one slot.
         """
         results: list = [None] * len(calls)
         pending = list(range(len(calls)))
@@ -295,7 +327,8 @@ class RedisStore(ProfileStore):
             with self._client.pipeline(transaction=False) as pipe:
                 for i in pending:
                     keys, args = calls[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args,
+                                         **redisio.route(self._client, keys[0]))
                 answers = pipe.execute(raise_on_error=False)
             retry = []
             for i, answer in zip(pending, answers):
@@ -390,7 +423,7 @@ class RedisStore(ProfileStore):
         if self._closed:
             return
         self._closed = True
-        self._client.connection_pool.disconnect()
+        self._client.close()
 
 
 def _text(value) -> str:

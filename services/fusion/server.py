@@ -37,6 +37,7 @@ class Config:
     store: str
     sqlite_path: str
     redis_url: str
+    redis_replica_acks: int
     embedding_address: str
     model_repo: str
     model_version: int | None
@@ -56,7 +57,7 @@ def open_store(config: Config, user_id_key: bytes | None = None) -> ProfileStore
         store = SQLiteStore(config.sqlite_path, max_queue_batches=config.max_queue_batches)
     elif config.store == "redis":
         from services.fusion.redis_store import RedisStore
-        store = RedisStore(config.redis_url)
+        store = RedisStore(config.redis_url, replica_acks=config.redis_replica_acks)
     else:
         raise ValueError(f"--store must be sqlite or redis, got {config.store!r}")
     return PseudonymousStore(store, user_id_key) if user_id_key else store
@@ -165,7 +166,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     add_server_flags(parser, DEFAULT_PORT)
     add_flag(parser, "--store", "sqlite", "profile store backend: sqlite or redis")
     add_flag(parser, "--sqlite-path", "var/fusion/profiles.sqlite3", "SQLite database file")
-    add_flag(parser, "--redis-url", "redis://127.0.0.1:6379/0", "Redis URL (--store redis)")
+    add_flag(parser, "--redis-url", "redis://127.0.0.1:6379/0",
+             "Redis URL (--store redis): redis://, rediss://, unix:// for one server; "
+             "redis+cluster://HOST:PORT (rediss+cluster://) for a Redis Cluster seeded by "
+             "that node")
+    add_flag(parser, "--redis-replica-acks", 0,
+             "acknowledge an Ingest only once its writes reached this many replicas of each "
+             "primary holding them (WAIT, 1 s); 0 = once fsynced on the primary")
     add_flag(parser, "--embedding-address", "127.0.0.1:50051", "embedding service host:port")
     add_flag(parser, "--model-repo", "models", "model repository directory")
     add_flag(parser, "--model-version", 0, "user_tower version; 0 = the highest")
@@ -195,6 +202,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
              "stored as sent")
     args = parser.parse_args(argv)
     config = Config(store=args.store, sqlite_path=args.sqlite_path, redis_url=args.redis_url,
+                    redis_replica_acks=args.redis_replica_acks,
                     embedding_address=args.embedding_address, model_repo=args.model_repo,
                     model_version=args.model_version or None,
                     allow_baseline=args.allow_baseline,

@@ -2,7 +2,11 @@
 and a change log each replica tails to keep its in-memory indexes in step.
 
 Keys (`<prefix>` defaults to "crossrec"; one hash tag puts them in one cluster slot, so one
-Lua script can write them all):
+Lua script can write them all, and the log is one stream read in order). On a Redis Cluster
+(`redis+cluster://`) the whole catalogue therefore lives on one primary (and its replicas):
+the cluster gives it failover, not more room or write throughput than one node. That fits
+its size (a million 384-d items is about 1.6 GB); spreading it would need a log per slot
+and an order across logs.
 
     <prefix>:{catalog}:platforms         SET     platforms that ever held an item
     <prefix>:{catalog}:meta:<platform>   HASH    item_id -> JSON [title, attributes, text]
@@ -90,7 +94,8 @@ def _text(value) -> str:
 
 
 class RedisCatalog(MemoryCatalog):
-    """Catalogue on one Redis primary shared by every replica (see the module docstring).
+    """Catalogue on one Redis primary (or one slot of a Redis Cluster) shared by every replica
+    (see the module docstring).
 
     Same methods as the SQLite `Catalog`. Errors: NotReady when Redis is unreachable, refuses
     the write, lacks fsync on every write (at start), or when this replica has not applied a
@@ -112,16 +117,15 @@ class RedisCatalog(MemoryCatalog):
         self._max_connections = max_connections
         self.log_max_entries, self.apply_wait_s = log_max_entries, apply_wait_s
         self._tail_block_ms = int(tail_block_s * 1000)
-        pool = redisio.connection_pool(url, connect_timeout_s=connect_timeout_s,
-                                       socket_timeout_s=socket_timeout_s,
-                                       max_connections=max_connections)
-        self.where = redisio.address(pool)
-        self._client = redis.Redis(connection_pool=pool)
+        self._client = redisio.client(url, connect_timeout_s=connect_timeout_s,
+                                      socket_timeout_s=socket_timeout_s,
+                                      max_connections=max_connections)
+        self.where = redisio.address(self._client)
         # The tail blocks in XREAD for up to tail_block_s: a connection of its own, whose
         # socket timeout outlasts the block.
-        self._tail_client = redis.Redis(connection_pool=redisio.connection_pool(
-            url, connect_timeout_s=connect_timeout_s,
-            socket_timeout_s=tail_block_s + socket_timeout_s, max_connections=1))
+        self._tail_client = redisio.client(url, connect_timeout_s=connect_timeout_s,
+                                           socket_timeout_s=tail_block_s + socket_timeout_s,
+                                           max_connections=1)
         self._upsert_script = self._client.register_script(_UPSERT_LUA)
         self._delete_script = self._client.register_script(_DELETE_LUA)
         self._applied = _NO_ENTRY  # last log entry reflected in memory
@@ -134,6 +138,7 @@ class RedisCatalog(MemoryCatalog):
                 self._client.ping()
                 if require_fsync:
                     redisio.check_fsync(self._client, self.where, "items")
+                redisio.load_scripts(self._client, self._upsert_script, self._delete_script)
                 self._reload()
         except BaseException:
             self._disconnect()
@@ -326,8 +331,8 @@ class RedisCatalog(MemoryCatalog):
             yield
 
     def _disconnect(self) -> None:
-        self._client.connection_pool.disconnect()
-        self._tail_client.connection_pool.disconnect()
+        self._client.close()
+        self._tail_client.close()
 
     def close(self) -> None:
         """Stop the tail and release the connections. Nothing to flush: every acknowledged

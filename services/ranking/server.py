@@ -124,7 +124,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     add_flag(parser, "--catalog-path", "var/ranking/catalog.sqlite3",
              "catalogue SQLite file (--catalog-store sqlite)")
     add_flag(parser, "--catalog-redis-url", "redis://127.0.0.1:6379/0",
-             "Redis holding the shared catalogue (--catalog-store redis)")
+             "Redis holding the shared catalogue (--catalog-store redis); "
+             "redis+cluster://HOST:PORT for a Redis Cluster (the catalogue is one slot)")
     add_flag(parser, "--embedding-address", "127.0.0.1:50051", "embedding service host:port")
     add_flag(parser, "--fusion-address", "127.0.0.1:50052", "fusion service host:port")
     add_flag(parser, "--model-repo", "models", "model repository directory")

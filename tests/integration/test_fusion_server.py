@@ -209,12 +209,16 @@ def test_an_explicit_weight_reaches_the_store(fusion):
     assert profile.recent_events[0].event.weight == 4.5
 
 
-def test_redis_backend_serves_ingested_real_events_back(stack, model_repo, amazon_users,
+@pytest.mark.parametrize("redis", ["one server", "cluster with replica acks"])
+def test_redis_backend_serves_ingested_real_events_back(redis, stack, model_repo, amazon_users,
                                                          tmp_path, request):
-    url = request.getfixturevalue("redis_url")[:-1] + "3"
+    if redis == "one server":
+        flags = ["--redis-url", request.getfixturevalue("redis_url")[:-1] + "3"]
+    else:  # the session's cluster of 3 primaries + 3 replicas; no other test uses the prefix
+        flags = ["--redis-url", request.getfixturevalue("redis_cluster_url"),
+                 "--redis-replica-acks", "1"]
     proc = ServiceProcess("fusion", ["--model-repo", str(model_repo), "--store", "redis",
-                                     "--redis-url", url,
-                                     "--embedding-address", stack["embedding"].address],
+                                     *flags, "--embedding-address", stack["embedding"].address],
                           tmp_path).start().wait_ready(60)
     try:
         with grpc.insecure_channel(proc.address) as channel:

@@ -16,7 +16,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-OVERLAYS = ("cpu", "gpu", "redis")
+OVERLAYS = ("cpu", "gpu", "redis", "redis-cluster")
+# Overlays with fusion's profiles and ranking's catalogue in Redis, and the URLs they use.
+REDIS_OVERLAYS = ("redis", "redis-cluster")
+REDIS_URLS = ("redis://crossrec-redis", "redis+cluster://crossrec-redis")
 SERVICES = {"embedding": 50051, "fusion": 50052, "ranking": 50053}
 METRICS_PORT = 9090
 # Plaintext, health-only (--health-port): the probes' target whether or not TLS is on.
@@ -303,9 +306,9 @@ def test_ranking_scales_out_only_on_the_shared_redis_catalogue(objects, overlay)
     ranking = _service_workload(objects, "ranking")
     env = _config(objects, ranking)
     claims = _of_kind(objects, "PersistentVolumeClaim")
-    if overlay == "redis":
+    if overlay in REDIS_OVERLAYS:
         assert env["CROSSREC_CATALOG_STORE"] == "redis"
-        assert env["CROSSREC_CATALOG_REDIS_URL"].startswith("redis://crossrec-redis")
+        assert env["CROSSREC_CATALOG_REDIS_URL"].startswith(REDIS_URLS)
         assert _assert_scales_on_cpu(objects, "ranking")["minReplicas"] >= 2
         assert "crossrec-ranking-data" not in claims and not _data_claims(ranking)
         return
@@ -378,9 +381,9 @@ def test_fusion_runs_one_sqlite_replica_unless_on_redis(objects, overlay):
     fusion = _service_workload(objects, "fusion")
     env = _config(objects, fusion)
     replicas = fusion["spec"].get("replicas", 1)
-    if overlay == "redis":
+    if overlay in REDIS_OVERLAYS:
         assert env["CROSSREC_STORE"] == "redis"
-        assert env["CROSSREC_REDIS_URL"].startswith("redis://crossrec-redis")
+        assert env["CROSSREC_REDIS_URL"].startswith(REDIS_URLS)
         assert replicas >= 2
         return
     assert env["CROSSREC_STORE"] == "sqlite"
@@ -393,7 +396,7 @@ def test_fusion_runs_one_sqlite_replica_unless_on_redis(objects, overlay):
 
 def test_redis_overlay_runs_redis_with_every_write_fsynced(objects, overlay):
     redis = _of_kind(objects, "StatefulSet").get("crossrec-redis")
-    if overlay != "redis":
+    if overlay not in REDIS_OVERLAYS:
         assert redis is None
         return
     assert redis is not None
@@ -411,6 +414,25 @@ def test_redis_overlay_runs_redis_with_every_write_fsynced(objects, overlay):
     assert "crossrec-fusion-data" not in _of_kind(objects, "PersistentVolumeClaim")
 
 
+def test_the_cluster_overlay_runs_3_primaries_with_a_replica_each_acknowledged_by_wait(
+        objects, overlay):
+    if overlay != "redis-cluster":
+        return
+    redis = _of_kind(objects, "StatefulSet")["crossrec-redis"]
+    assert redis["spec"]["replicas"] == 6
+    (name,) = [v["configMap"]["name"] for v in redis["spec"]["template"]["spec"]["volumes"]
+               if "configMap" in v]
+    conf = _of_kind(objects, "ConfigMap")[name]["data"]["redis.conf"]
+    settings = [line.split() for line in conf.splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert ["cluster-enabled", "yes"] in settings
+    create = _of_kind(objects, "Job")["crossrec-redis-cluster-create"]
+    script = create["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert "--cluster-replicas 1" in script
+    fusion = _config(objects, _service_workload(objects, "fusion"))
+    assert fusion["CROSSREC_REDIS_REPLICA_ACKS"] == "1"
+
+
 def test_every_service_configured_for_redis_may_reach_it(objects, overlay):
     """Redis has no password: a NetworkPolicy admits exactly the pods that need it."""
     redis = _of_kind(objects, "StatefulSet").get("crossrec-redis")
@@ -423,7 +445,7 @@ def test_every_service_configured_for_redis_may_reach_it(objects, overlay):
                 if "podSelector" in peer]
     assert admitted, "no NetworkPolicy in front of Redis"
     users = [svc for svc in SERVICES
-             if any(str(v).startswith("redis://crossrec-redis")
+             if any(str(v).startswith(REDIS_URLS)
                     for v in _config(objects, _service_workload(objects, svc)).values())]
     assert sorted(users) == ["fusion", "ranking"]
     for svc in SERVICES:

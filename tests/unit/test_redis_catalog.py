@@ -40,9 +40,12 @@ def wait_until(check, what: str) -> float:
     return time.monotonic() - started
 
 
-@pytest.fixture
-def replicas(redis_url):
-    """Opens replicas of one catalogue (own key prefix per test); all closed at teardown."""
+@pytest.fixture(params=["redis", "redis-cluster"])
+def replicas(request):
+    """Opens replicas of one catalogue (own key prefix per test) on one Redis or on a Redis
+    Cluster; all closed at teardown."""
+    redis_url = request.getfixturevalue(
+        "redis_cluster_url" if request.param == "redis-cluster" else "redis_url")
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     opened: list[RedisCatalog] = []
 

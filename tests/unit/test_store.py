@@ -32,14 +32,15 @@ def ids(history, platform: str = "amazon") -> list[str]:
     return [e.event_id for e in history[platform].events]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def open_store(request, tmp_path):
     """Opens a store on this test's database; a second call is a restart on the same data."""
     if request.param == "sqlite":
         def make():
             return SQLiteStore(tmp_path / "profiles.db")
     else:
-        url = request.getfixturevalue("redis_url")
+        url = request.getfixturevalue(
+            "redis_cluster_url" if request.param == "redis-cluster" else "redis_url")
         prefix = f"test-{uuid.uuid4().hex[:12]}"
 
         def make():
@@ -512,3 +513,30 @@ def test_a_user_id_key_shorter_than_16_characters_is_refused(store):
     from services.fusion.pseudonym import PseudonymousStore
     with pytest.raises(ValueError, match="at least 16"):
         PseudonymousStore(store, b"short")
+
+
+# --- replica acknowledgements (WAIT) ----------------------------------------------------------
+
+def test_with_replica_acks_an_append_no_replica_confirms_is_not_ready_and_stays_stored(
+        redis_url):
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    store = RedisStore(redis_url, prefix=prefix, replica_acks=1, replica_ack_timeout_ms=50)
+    with pytest.raises(NotReady, match=r"reached 0 of 1 replicas within 50 ms"):
+        store.append([event("a")])
+    with pytest.raises(NotReady, match="reached 0 of 1"):
+        store.append([event("a")])  # a duplicate is acknowledged only once replicated too
+    store.close()
+    plain = RedisStore(redis_url, prefix=prefix)
+    assert plain.append([event("a")]) == (0, 1, 0), "stored on the primary all along"
+    plain.close()
+
+
+def test_with_replica_acks_an_append_returns_once_a_replica_has_it(start_redis):
+    primary = start_redis("--repl-diskless-sync-delay", "0")  # the replica syncs at once
+    replica = start_redis("--replicaof", "127.0.0.1", str(primary.port))
+    store = RedisStore(primary.url, replica_acks=1, replica_ack_timeout_ms=10_000)
+    assert store.append([event("a"), event("b", user="u2")]) == (2, 0, 0)
+    store.close()
+    from_replica = RedisStore(replica.url)
+    assert ids(from_replica.history("u1")) == ["a"]
+    from_replica.close()
