@@ -65,14 +65,16 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, default, help: str, typ
                             help=f"{help} [default: %(default)s] (env {env_name(flag)})")
 
 
-def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+def add_server_flags(parser: argparse.ArgumentParser, default_port: int,
+                     max_concurrent_rpcs: int = 512) -> None:
     add_flag(parser, "--host", "127.0.0.1", "address to bind; 0.0.0.0 in containers")
     add_flag(parser, "--port", default_port, "port to bind; 0 picks a free one")
     add_flag(parser, "--port-file", "", "write the bound port to this file once serving")
     add_flag(parser, "--threads", 64, "gRPC handler threads (per process, where a service "
              "runs several: the ranking service's --processes)", old_name="--workers")
-    add_flag(parser, "--max-concurrent-rpcs", 512,
-             "RPCs accepted at once; more are refused with RESOURCE_EXHAUSTED")
+    add_flag(parser, "--max-concurrent-rpcs", max_concurrent_rpcs,
+             "RPCs accepted at once (per process); more are refused with RESOURCE_EXHAUSTED "
+             "by gRPC itself, before any handler, thread or deserialisation")
     add_flag(parser, "--grace-s", 10.0, "seconds in-flight RPCs get to finish on SIGTERM")
     add_flag(parser, "--log-level", "INFO", "DEBUG, INFO, WARNING, ERROR")
     add_flag(parser, "--metrics-port", 0, "Prometheus /metrics port; 0 = off (9090 in k8s)")

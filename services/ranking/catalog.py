@@ -15,6 +15,7 @@ offer the same methods.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -34,6 +35,8 @@ HNSW_THRESHOLD = 200_000
 CHANGE_LOG_ROWS = 100_000
 BUSY_TIMEOUT_S = 10.0
 _SELECT_CHUNK = 500  # ids per IN (...) query: below SQLite's variable limit
+
+log = logging.getLogger("crossrec.ranking")
 
 
 def index_kind(requested: str, size: int, hnsw_threshold: int, has_projection: bool) -> str:
@@ -102,6 +105,10 @@ class MemoryCatalog:
     def refresh(self) -> None:
         """Bring this process's view up to date with writes other processes acknowledged
         (the SQLite catalogue); nothing here, nor for Redis, whose log tail follows them."""
+
+    def follow(self, every_s: float) -> None:
+        """Also refresh() every `every_s` in the background until close() (the SQLite
+        catalogue); nothing here."""
 
     def platforms(self) -> list[str]:
         return sorted(p for p, items in self._items.items() if items)
@@ -177,6 +184,8 @@ class Catalog(MemoryCatalog):
             "platform TEXT NOT NULL, item_id TEXT NOT NULL)")
         self._seq = 0  # the last change-log row reflected in memory
         self._data_version = None
+        self._closed = threading.Event()
+        self._follower: threading.Thread | None = None
         with self._lock, self._read():
             self._load()
 
@@ -208,6 +217,21 @@ class Catalog(MemoryCatalog):
             if version != self._data_version:
                 self._data_version = version
                 self._catch_up()
+
+    def follow(self, every_s: float) -> None:
+        """Also refresh() every `every_s` in a background thread until close(): a process
+        that answers no Recommend for a while (no connection reached it) keeps up anyway,
+        instead of applying a whole bulk load in its next Recommend."""
+        def loop():
+            while not self._closed.wait(every_s):
+                try:
+                    self.refresh()
+                except Exception as err:  # noqa: BLE001 - the next Recommend retries it
+                    if not self._closed.is_set():
+                        log.warning("catalogue refresh failed", extra={"fields": {
+                            "error": str(err)}})
+        self._follower = threading.Thread(target=loop, name="catalog-follow", daemon=True)
+        self._follower.start()
 
     def _catch_up(self) -> None:
         """Apply the current value of every item named in change-log rows past `_seq` (the
@@ -290,5 +314,8 @@ class Catalog(MemoryCatalog):
                            [(platform, i) for i in ids], [(platform, i) for i in ids])
 
     def close(self) -> None:
+        self._closed.set()
+        if self._follower is not None:
+            self._follower.join()
         with self._lock:
             self._db.close()

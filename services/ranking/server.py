@@ -30,6 +30,13 @@ from services.ranking.ranker import OnnxRanker, RetrievalOrder
 
 log = logging.getLogger("crossrec.ranking")
 DEFAULT_PORT = 50053
+# Worker processes also apply each other's catalogue writes this often in the background
+# (every Recommend does first anyway), so that one no connection reaches stays current.
+CATALOG_FOLLOW_S = 1.0
+# RPCs accepted at once per worker: no more than its handler threads (64), so that no call
+# waits in the thread pool's queue behind the admission queue; gRPC refuses the rest before
+# any Python handler runs (bench/overload.py: refusals came back faster than at 512).
+MAX_CONCURRENT_RPCS = 64
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     parser = argparse.ArgumentParser(description=__doc__)
-    add_server_flags(parser, DEFAULT_PORT)
+    add_server_flags(parser, DEFAULT_PORT, max_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     add_flag(parser, "--processes", default_processes(),
              "worker processes serving the port (SO_REUSEPORT), each with its own engine, "
              "catalogue copy, --threads and admission limits; default: the cores this process "
@@ -207,6 +214,8 @@ def run(args: argparse.Namespace, config: Config, worker=None) -> int:
                                       f"embedding service at {config.embedding_address}")
         fusion = FusionRemote(config.fusion_address, security)
         catalog = open_catalog(config, dim, ranker.projection)
+        if worker is not None:
+            catalog.follow(CATALOG_FOLLOW_S)
         popularity = Popularity(fusion.item_stats, catalog, config.popularity_refresh_s)
         popularity.start()
         servicer.engine = RankingEngine(catalog, embed, fusion.profile, ranker, popularity,

@@ -54,9 +54,10 @@ def start_ranking(model_repo, deps, name: str, *extra: str) -> ServiceProcess:
 
 @pytest.fixture(scope="module")
 def ranking(model_repo, deps):
-    metrics_port = _free_port()
-    proc = start_ranking(model_repo, deps, "shared", "--metrics-port", str(metrics_port))
-    proc.metrics_port = metrics_port
+    metrics_port, health_port = _free_port(), _free_port()
+    proc = start_ranking(model_repo, deps, "shared", "--metrics-port", str(metrics_port),
+                         "--health-port", str(health_port))
+    proc.metrics_port, proc.health_address = metrics_port, f"127.0.0.1:{health_port}"
     yield proc
     assert proc.stop() == 0, proc.log_tail()
 
@@ -140,6 +141,7 @@ def test_one_scrape_of_the_parent_counts_every_workers_calls(ranking):
 
     assert len(workers) >= 2
     assert recommends(text) - recommends(before) == 20
+    assert health_of(ranking.health_address) == SERVING, "the health-only port, every worker's"
     assert 'crossrec_ready{service="ranking"} 1.0' in text
     assert re.search(r'crossrec_model_version\{model="[^"]+",service="ranking"\} [1-9]', text)
 
@@ -170,7 +172,8 @@ def test_a_killed_worker_is_replaced_and_no_acknowledged_upsert_is_lost(ranking)
         os.kill(sorted(before)[0], signal.SIGKILL)
         deadline = time.monotonic() + RECOVER_WITHIN_S
         while not (len(worker_pids(ranking)) == PROCESSES and worker_pids(ranking) != before
-                   and health_of(ranking.address, 5.0) == SERVING):
+                   and health_of(ranking.address, 5.0) == SERVING
+                   and health_of(ranking.health_address, 5.0) == SERVING):
             assert time.monotonic() < deadline, ranking.log_tail()
             assert ranking.proc.poll() is None, ranking.log_tail()
             time.sleep(0.2)

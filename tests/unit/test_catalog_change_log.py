@@ -5,6 +5,7 @@ behind the trimmed change log reloads."""
 from __future__ import annotations
 
 import multiprocessing
+import time
 
 import numpy as np
 
@@ -104,6 +105,22 @@ def test_a_process_behind_the_trimmed_change_log_reloads_everything(tmp_path, mo
         a.upsert(items([f"i{k}" for k in range(5)]), unit_vectors(5, 2))
         b.refresh()
         assert sorted(b.item_ids("office")) == [f"i{k}" for k in range(5)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_following_catalogue_applies_another_connections_write_without_a_call(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    a, b = Catalog(path, DIM, "exact"), Catalog(path, DIM, "exact")
+    b.follow(0.02)
+    try:
+        a.upsert(items(["x"]), unit_vectors(1, 1))
+        for _ in range(500):
+            if b.get("office", "x") is not None:
+                break
+            time.sleep(0.01)
+        assert b.get("office", "x") is not None
     finally:
         a.close()
         b.close()
