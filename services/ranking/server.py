@@ -35,7 +35,7 @@ DEFAULT_PORT = 50053
 CATALOG_FOLLOW_S = 1.0
 # RPCs accepted at once per worker: no more than its handler threads (64), so that no call
 # waits in the thread pool's queue behind the admission queue; gRPC refuses the rest before
-# any Python handler runs (bench/overload.py: refusals came back faster than at 512).
+# any Python handler runs (bench/overload.py, services/ranking/README.md "Refusals").
 MAX_CONCURRENT_RPCS = 64
 
 
