@@ -3,8 +3,9 @@ SO_REUSEPORT (grpc's examples/python/multiprocessing), supervises them (restarts
 dies, forwards SIGTERM, exits 0 once all drained) and shares one page of state with them, so
 that every worker's health says SERVING only while all of them are ready.
 
-The parent creates no gRPC object, thread or engine before it forks: each worker builds its
-own server, engine and connections. The kernel spreads connections, not calls, over the
+The parent creates no gRPC object or engine, ever: each worker builds its own server, engine
+and connections after the fork. Its only thread, the metrics endpoint, starts after the
+first forks (a restart forks beside it; the child uses nothing of it). The kernel spreads connections, not calls, over the
 listening workers: a client's channel sticks to the worker that accepted it.
 """
 

@@ -247,3 +247,15 @@ def test_sigterm_under_load_drains_every_worker_and_the_parent_exits_0(model_rep
     assert not failed, failed[:3]
     assert code == 0
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")], "a worker outlived the parent"
+
+
+def test_workers_that_cannot_start_stop_the_service_with_exit_1(tmp_path):
+    proc = ServiceProcess("ranking", ["--processes", str(PROCESSES), "--model-repo",
+                                      str(tmp_path / "no-models"), "--catalog-path",
+                                      str(tmp_path / "catalog.sqlite3")], tmp_path).start()
+    try:
+        code = proc.proc.wait(60)
+    finally:
+        proc.stop()
+    assert code == 1, proc.log_tail()
+    assert "Refusing to start without a trained ranker" in proc.log_tail(50)
