@@ -215,8 +215,8 @@ class Catalog(MemoryCatalog):
         with self._lock:
             version = self._db.execute("PRAGMA data_version").fetchone()[0]
             if version != self._data_version:
-                self._data_version = version
                 self._catch_up()
+                self._data_version = version  # only once applied: a failure is retried
 
     def follow(self, every_s: float) -> None:
         """Also refresh() every `every_s` in a background thread until close(): a process
