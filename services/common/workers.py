@@ -5,8 +5,9 @@ that every worker's health says SERVING only while all of them are ready.
 
 The parent creates no gRPC object or engine, ever: each worker builds its own server, engine
 and connections after the fork. Its only thread, the metrics endpoint, starts after the
-first forks (a restart forks beside it; the child uses nothing of it). The kernel spreads connections, not calls, over the
-listening workers: a client's channel sticks to the worker that accepted it.
+first forks (a restart forks beside it; the child uses nothing of it). The kernel spreads
+connections, not calls, over the listening workers: a client's channel sticks to the worker
+that accepted it.
 """
 
 from __future__ import annotations
