@@ -1,14 +1,18 @@
 """End-to-end benchmark: all three services on this machine with the real catalogue and real
 users; Recommend latency/throughput at increasing concurrency, a sustained fixed-rate run, and
 in the same run a bare gRPC echo server (same server settings, same load tool) as the ceiling
-for any Python gRPC service on this box. Writes bench/results/e2e.{json,png}. About 3 minutes.
+for any Python gRPC service on this box. The ranking service runs its default worker processes
+(--processes: the usable cores); the same curve is then run against a second ranking with
+--processes 1 on the same catalogue (the workers axis), and the peak ratio reported. Writes
+bench/results/e2e.{json,png}. About 4 minutes.
 
     .venv/bin/python bench/e2e.py [--levels 1,2,4,8,16,32] [--level-s 7] [--sustain-s 30]
     .venv/bin/python bench/e2e.py --serve-echo --port-file F     (the echo server itself)
 
 Services run as separate processes on 127.0.0.1; the load generator (clients/loadtest.py,
 asyncio) is a process of its own and shares the cores with them, for the echo server alike.
-Each curve level also records the CPU time every service process spent per request (Linux).
+Each curve level also records the CPU time every service process (with its worker processes)
+spent per request (Linux).
 
 Data: the whole Amazon Arts/Office catalogue (38,396 items) and the first --users users'
 history events. The catalogue and fusion's item-vector cache are written before the services
@@ -143,15 +147,27 @@ def load_args(**kw) -> argparse.Namespace:
     return parse_args(argv)
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """User + system CPU seconds of each process so far ({} where /proc is missing)."""
+    """User + system CPU seconds of each process and its live children (worker processes)
+    so far ({} where /proc is missing)."""
     out = {}
     for name, pid in pids.items():
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for one in [pid, *_children(pid)]:
+            try:
+                fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if total or Path(f"/proc/{pid}").exists():
+            out[name] = total
     return out
 
 
@@ -177,6 +193,23 @@ def curve(levels, level_s, workload, pids: dict[str, int], **targets) -> list[di
               f"{row['cpu_ms_per_request']}", flush=True)
         out.append(row)
     return out
+
+
+def one_process_curve(run_dir: Path, procs: dict[str, ServiceProcess], levels, level_s,
+                      workload) -> list[dict]:
+    """The Recommend curve against a second ranking with --processes 1 on the same catalogue
+    file, embedding and fusion (the default ranking idles meanwhile)."""
+    single = ServiceProcess("ranking", procs["ranking"].args + ["--processes", "1"],
+                            run_dir / "ranking-1-process").start().wait_ready(300)
+    try:
+        time.sleep(2)
+        print("  Recommend, closed loop, ranking --processes 1", flush=True)
+        return curve(levels, level_s, workload, {"ranking": single.proc.pid},
+                     ranking=single.address, mix="recommend=1")
+    finally:
+        code = single.stop()
+        if code != 0:
+            raise RuntimeError(f"ranking --processes 1 exited {code}:\n{single.log_tail()}")
 
 
 def sustained_run(rate: float, seconds: float, workload, **targets) -> dict:
@@ -257,8 +290,11 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    curves = (("crossrec Recommend", results["recommend_curve"]),
-              ("bare echo (ceiling)", results["echo_curve"]))
+    curves = [(f"crossrec Recommend, {results['params']['ranking_processes']} ranking processes",
+               results["recommend_curve"]), ("bare echo (ceiling)", results["echo_curve"])]
+    if "recommend_curve_1_process" in results:
+        curves.insert(1, ("crossrec Recommend, 1 ranking process",
+                          results["recommend_curve_1_process"]))
     for name, rows in curves:
         axes[0].plot([r["throughput_rps"] for r in rows], [r["p99_ms"] for r in rows],
                      marker="o", label=f"{name} p99")
@@ -330,6 +366,11 @@ def main(argv=None) -> int:
                    help="also profile ranking and fusion with py-spy for this long at one "
                         "caller (0: skip); summaries in --profile-dir")
     p.add_argument("--profile-dir", default=str(RESULTS / "profiles"))
+    p.add_argument("--one-process-curve", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the Recommend curve against a ranking with --processes 1 "
+                        "(the workers axis) and report the ratio of the peaks")
+    p.add_argument("--results-dir", default=str(RESULTS),
+                   help="where e2e.json and e2e.png go (a trial run: somewhere else)")
     args = p.parse_args(argv)
     if args.serve_echo:
         return serve_echo(args.port_file)
@@ -349,7 +390,9 @@ def main(argv=None) -> int:
                           "users": args.users, "items": args.items or "all",
                           "k": 10, "exclude_seen": True,
                           "catalogue": "grpc" if args.load_over_grpc else "encoder cache",
-                          "sustain_rate": args.sustain_rate, "sustain_s": args.sustain_s}}
+                          "sustain_rate": args.sustain_rate, "sustain_s": args.sustain_s,
+                          "ranking_processes": int(os.environ.get(
+                              "CROSSREC_PROCESSES", len(os.sched_getaffinity(0))))}}
     with tempfile.TemporaryDirectory() as tmp:
         print("loading the real catalogue, starting the stack, ingesting real users", flush=True)
         if not args.load_over_grpc:
@@ -364,6 +407,9 @@ def main(argv=None) -> int:
             print("  Recommend, closed loop", flush=True)
             results["recommend_curve"] = curve(levels, args.level_s, workload, pids,
                                                **targets)
+            if args.one_process_curve:
+                results["recommend_curve_1_process"] = one_process_curve(
+                    Path(tmp), procs, levels, args.level_s, workload)
             if args.profile_s > 0:
                 print("  profiling ranking and fusion at one caller", flush=True)
                 results["profile"] = profile_servers(
@@ -410,12 +456,18 @@ def main(argv=None) -> int:
         c = results["sustained_context"]
         results["summary"]["sustained_context"] = {
             k: c[k] for k in ("target_rate", "ok_rps", "errors", "p50_ms", "p95_ms", "p99_ms")}
+    if "recommend_curve_1_process" in results:
+        one = max(r["throughput_rps"] for r in results["recommend_curve_1_process"])
+        results["summary"]["processes"] = {
+            "default": results["params"]["ranking_processes"], "peak_rps_1_process": one,
+            "peak_ratio_default_vs_1": round(peak / max(one, 1e-9), 2)}
     results["wall_s"] = round(time.perf_counter() - began, 1)
     print(json.dumps(results["summary"], indent=2))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "e2e.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, RESULTS / "e2e.png")
-    print(f"wrote {RESULTS / 'e2e.json'} and e2e.png")
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "e2e.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out / "e2e.png")
+    print(f"wrote {out / 'e2e.json'} and e2e.png")
     return 0
 
 

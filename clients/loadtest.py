@@ -88,31 +88,36 @@ class Runner:
             if not address:
                 raise ValueError(f"the mix has {kind} but its service address is not given")
             check_loopback(address)
-            self.channels.setdefault(address, grpc.aio.insecure_channel(address))
-        self.ranking = ranking_pb2_grpc.RankingServiceStub(self.channels[args.ranking]) \
-            if args.ranking in self.channels else None
-        self.fusion = fusion_pb2_grpc.FusionServiceStub(self.channels[args.fusion]) \
-            if args.fusion in self.channels else None
-        self.echo = self.channels[args.echo].unary_unary(ECHO_METHOD) \
-            if args.echo in self.channels else None
+            # Connections, not calls, are spread over a server's worker processes
+            # (SO_REUSEPORT): several channels, each with a connection of its own (gRPC
+            # shares one between channels to a target unless each has a local pool).
+            self.channels.setdefault(address, [grpc.aio.insecure_channel(
+                address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(args.connections)])
+        self.ranking = [ranking_pb2_grpc.RankingServiceStub(c)
+                        for c in self.channels.get(args.ranking, [])]
+        self.fusion = [fusion_pb2_grpc.FusionServiceStub(c)
+                       for c in self.channels.get(args.fusion, [])]
+        self.echo = [c.unary_unary(ECHO_METHOD) for c in self.channels.get(args.echo, [])]
         self.payload = b"x" * args.echo_bytes
 
     def _call(self, kind: str):
         w, rng, timeout = self.workload, self.rng, self.args.timeout_s
+        n = self.sent % self.args.connections  # round robin over the connections
         if kind == "recommend":
-            return self.ranking.Recommend(ranking_pb2.RecommendRequest(
+            return self.ranking[n].Recommend(ranking_pb2.RecommendRequest(
                 user_id=rng.choice(w.users), platform=rng.choice(w.platforms), k=10,
                 exclude_seen=True), timeout=timeout)
         if kind == "profile":
-            return self.fusion.GetProfile(fusion_pb2.GetProfileRequest(
+            return self.fusion[n].GetProfile(fusion_pb2.GetProfileRequest(
                 user_id=rng.choice(w.users), for_platform=rng.choice(w.platforms)),
                 timeout=timeout)
         if kind == "ingest":
             e = dict(rng.choice(w.events))
             e["event_id"] = f"lt-{time.time_ns()}-{rng.random()}"
-            return self.fusion.Ingest(fusion_pb2.IngestRequest(events=[common_pb2.BehaviorEvent(
+            return self.fusion[n].Ingest(fusion_pb2.IngestRequest(events=[common_pb2.BehaviorEvent(
                 **{k: v for k, v in e.items() if v is not None})]), timeout=timeout)
-        return self.echo(self.payload, timeout=timeout)
+        return self.echo[n](self.payload, timeout=timeout)
 
     async def one(self) -> None:
         kind = self.rng.choices(self.kinds, self.weights)[0]
@@ -160,8 +165,9 @@ class Runner:
             if in_flight:
                 await asyncio.wait(in_flight, timeout=a.timeout_s + 1)
         measured = time.perf_counter() - self.counting_from
-        for channel in self.channels.values():
-            await channel.close()
+        for channels in self.channels.values():
+            for channel in channels:
+                await channel.close()
         return self.report(measured)
 
     def report(self, seconds: float) -> dict:
@@ -208,6 +214,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--echo", default="", help="a bare echo server (bench/e2e.py's ceiling)")
     p.add_argument("--mix", default="recommend=0.8,ingest=0.1,profile=0.1")
     p.add_argument("--mode", choices=["closed", "open"], default="closed")
+    p.add_argument("--connections", type=int, default=8,
+                   help="connections per service, calls round robin over them: a server's "
+                        "worker processes (ranking --processes) share connections, not calls")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rate", type=float, default=100.0, help="open loop: requests/s")
     p.add_argument("--max-in-flight", type=int, default=1000)

@@ -1,14 +1,19 @@
 """Prometheus metrics shared by every server: RPC counts by method and status code, RPC
 latency histograms (seconds), model info; each service adds its own from this registry.
 Served on a separate port (`--metrics-port`; 0 turns the endpoint off), plaintext and without
-a token, bound to `--metrics-host` (default: the server's `--host`)."""
+a token, bound to `--metrics-host` (default: the server's `--host`). A server run as worker
+processes (services/common/workers.py) uses prometheus-client's multiprocess mode: each
+worker writes its samples to files, the parent's endpoint sums them (gauges as their
+`multiprocess_mode` says; an Info, per process, is not in that scrape)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, multiprocess,
+                               start_http_server, values)
 
 # Latency buckets from 0.5 ms to 10 s: embedding batches and Recommend live in 1-100 ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -19,9 +24,14 @@ RPC_REQUESTS = Counter("crossrec_grpc_requests", "gRPC requests handled",
 RPC_SECONDS = Histogram("crossrec_grpc_request_duration_seconds", "gRPC request latency",
                         ["service", "method"], buckets=LATENCY_BUCKETS)
 MODEL_INFO = Info("crossrec_model", "Models a server has loaded", ["service", "model"])
-READY = Gauge("crossrec_ready", "1 when health is SERVING", ["service"])
-ADMISSION_WAITING = Gauge("crossrec_admission_waiting", "Calls waiting for an engine slot",
-                          ["gate"])
+MODEL_VERSION = Gauge("crossrec_model_version", "Version of each model a server has loaded",
+                      ["service", "model"], multiprocess_mode="livemax")
+# Worker processes: ready only when every live worker is.
+READY = Gauge("crossrec_ready", "1 when health is SERVING", ["service"],
+              multiprocess_mode="livemin")
+ADMISSION_WAITING = Gauge("crossrec_admission_waiting", "Calls waiting for an engine slot "
+                          "(summed over worker processes)", ["gate"],
+                          multiprocess_mode="livesum")
 ADMISSION_REFUSED = Counter("crossrec_admission_refused", "Calls refused by admission control",
                             ["gate", "reason"])
 
@@ -55,13 +65,33 @@ RANKING_STAGE_SECONDS = Histogram("crossrec_ranking_stage_duration_seconds",
                                   buckets=LATENCY_BUCKETS)
 RANKING_SOURCE = Counter("crossrec_ranking_recommendations", "Recommend answers by source",
                          ["source"])
-CATALOG_ITEMS = Gauge("crossrec_ranking_catalog_items", "Catalogue size", ["platform"])
+CATALOG_ITEMS = Gauge("crossrec_ranking_catalog_items", "Catalogue size", ["platform"],
+                      multiprocess_mode="livemax")
 
 
 def serve_metrics(port: int, host: str) -> None:
     """Start the /metrics endpoint on `host` in a daemon thread (port 0: do nothing)."""
     if port:
         start_http_server(port, addr=host)
+
+
+def use_multiprocess(directory: str) -> None:
+    """Make every metric value created from now on (this process and the ones it forks)
+    live in files under `directory`; call before the first fork."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()
+
+
+def serve_multiprocess_metrics(port: int, host: str, directory: str) -> None:
+    """The /metrics endpoint summing every process's files under `directory`."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    start_http_server(port, addr=host, registry=registry)
+
+
+def mark_process_dead(pid: int, directory: str) -> None:
+    """Drop a dead worker's live gauges from the sums (its counters stay counted)."""
+    multiprocess.mark_process_dead(pid, directory)
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):

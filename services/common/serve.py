@@ -35,6 +35,10 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 HEALTH_WORKERS = 2
 HEALTH_MAX_CONCURRENT_RPCS = 32
 HEALTH_CLOSE_GRACE_S = 0.5
+# How often a worker process re-reads its group's state (services/common/workers.py).
+GROUP_POLL_S = 0.02
+# Trailing metadata naming the worker process that answered (worker processes only).
+WORKER_METADATA_KEY = "crossrec-worker"
 
 
 def env_name(flag: str) -> str:
@@ -42,27 +46,35 @@ def env_name(flag: str) -> str:
     return "CROSSREC_" + flag.lstrip("-").upper().replace("-", "_")
 
 
-def add_flag(parser: argparse.ArgumentParser, flag: str, default, help: str, type=None):
-    """A flag whose default comes from its env twin when set, else `default`."""
+def add_flag(parser: argparse.ArgumentParser, flag: str, default, help: str, type=None,
+             old_name: str = ""):
+    """A flag whose default comes from its env twin when set, else `default`. `old_name`: a
+    former name of the flag, still accepted (and its env twin, when the new one is unset)."""
     kind = type or default.__class__
     env = os.environ.get(env_name(flag))
+    if env is None and old_name:
+        env = os.environ.get(env_name(old_name))
+    names = [flag, old_name] if old_name else [flag]
     if kind is bool:
         value = default if env is None else env.lower() in ("1", "true", "yes", "on")
-        parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction,
+        parser.add_argument(*names, default=value, action=argparse.BooleanOptionalAction,
                             help=f"{help} (env {env_name(flag)})")
     else:
         value = default if env is None else kind(env)
-        parser.add_argument(flag, default=value, type=kind,
+        parser.add_argument(*names, default=value, type=kind,
                             help=f"{help} [default: %(default)s] (env {env_name(flag)})")
 
 
-def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+def add_server_flags(parser: argparse.ArgumentParser, default_port: int,
+                     max_concurrent_rpcs: int = 512) -> None:
     add_flag(parser, "--host", "127.0.0.1", "address to bind; 0.0.0.0 in containers")
     add_flag(parser, "--port", default_port, "port to bind; 0 picks a free one")
     add_flag(parser, "--port-file", "", "write the bound port to this file once serving")
-    add_flag(parser, "--workers", 64, "gRPC handler threads")
-    add_flag(parser, "--max-concurrent-rpcs", 512,
-             "RPCs accepted at once; more are refused with RESOURCE_EXHAUSTED")
+    add_flag(parser, "--threads", 64, "gRPC handler threads (per process, where a service "
+             "runs several: the ranking service's --processes)", old_name="--workers")
+    add_flag(parser, "--max-concurrent-rpcs", max_concurrent_rpcs,
+             "RPCs accepted at once (per process); more are refused with RESOURCE_EXHAUSTED "
+             "by gRPC itself, before any handler, thread or deserialisation")
     add_flag(parser, "--grace-s", 10.0, "seconds in-flight RPCs get to finish on SIGTERM")
     add_flag(parser, "--log-level", "INFO", "DEBUG, INFO, WARNING, ERROR")
     add_flag(parser, "--metrics-port", 0, "Prometheus /metrics port; 0 = off (9090 in k8s)")
@@ -97,18 +109,23 @@ def client_security(args: argparse.Namespace) -> ClientSecurity:
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self, fields: dict):
+        super().__init__()
+        self.fields = fields
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": round(record.created, 3), "level": record.levelname,
-                 "logger": record.name, "msg": record.getMessage()}
+                 "logger": record.name, "msg": record.getMessage(), **self.fields}
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, **fields) -> None:
+    """JSON lines on stderr; `fields` go into every line (a worker process's index)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
+    handler.setFormatter(_JsonFormatter(fields))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
@@ -197,17 +214,49 @@ class DecodeErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
-def health_only_server(health_servicer, host: str, port: int, name: str):
+class WorkerIdInterceptor(grpc.ServerInterceptor):
+    """Names the worker process that answered in every unary call's trailing metadata
+    (`crossrec-worker: <index>`), so that a client or a test can tell workers apart."""
+
+    def __init__(self, index: int):
+        self.metadata = ((WORKER_METADATA_KEY, str(index)),)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler.unary_unary:
+            return handler
+        inner, metadata = handler.unary_unary, self.metadata
+
+        def unary_unary(request, context):
+            context.set_trailing_metadata(metadata)
+            return inner(request, context)
+        return handler._replace(unary_unary=unary_unary)
+
+
+def follow_group(worker, set_serving: Callable[[bool], None], stop: threading.Event) -> None:
+    """A worker's health follows its group's: SERVING only while every worker is ready."""
+    serving = None
+    while not stop.is_set():
+        now = worker.group_serving()
+        if now != serving:
+            set_serving(now)
+            serving = now
+        stop.wait(GROUP_POLL_S)
+
+
+def health_only_server(health_servicer, host: str, port: int, name: str,
+                       reuse_port: bool = False):
     """A plaintext server on `host:port` with only the given health servicer (no reflection,
     no token check), so that probes which cannot do TLS still read the real status. None when
-    `port` is 0; OSError when the port cannot be bound."""
+    `port` is 0; OSError when the port cannot be bound. `reuse_port`: worker processes share
+    the port (each answers with the group's status)."""
     if not port:
         return None
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS,
                                    thread_name_prefix=f"{name}-health"),
         maximum_concurrent_rpcs=HEALTH_MAX_CONCURRENT_RPCS,
-        options=[("grpc.so_reuseport", 0)])
+        options=[("grpc.so_reuseport", int(reuse_port))])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -219,11 +268,14 @@ def health_only_server(health_servicer, host: str, port: int, name: str):
 
 
 def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server], list[str]],
-          load: Callable[[], object], interceptors: tuple = ()) -> int:
+          load: Callable[[], object], interceptors: tuple = (), worker=None) -> int:
     """Bind, answer health NOT_SERVING while `load()` runs, then SERVING until SIGTERM/SIGINT.
 
     `register(server)` adds the servicers and returns their full service names; `load()` loads
     and warms the engine and returns it (it is closed on shutdown). Returns the exit code.
+    `worker` (services.common.workers.Worker): this is one of several worker processes on one
+    port (SO_REUSEPORT); health is SERVING only while the whole group is, and the parent, not
+    this process, writes the port file and serves the metrics.
     """
     try:
         token = read_token(args.auth_token_file)
@@ -235,14 +287,15 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     # The stream guard comes first: its wrapper must be the outermost to run streams on their
     # own pool. gRPC counts open streams against maximum_concurrent_rpcs like any call (a
     # non-blocking health Watch excepted); the caps bound how many slots they can take.
+    worker_id = () if worker is None else (WorkerIdInterceptor(worker.index),)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix=name),
-        interceptors=(streams, metrics.MetricsInterceptor(name), *auth, DecodeErrorInterceptor(),
-                      *interceptors),
+        futures.ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix=name),
+        interceptors=(streams, metrics.MetricsInterceptor(name), *worker_id, *auth,
+                      DecodeErrorInterceptor(), *interceptors),
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.so_reuseport", 0)])
+                 ("grpc.so_reuseport", int(worker is not None))])
     services = register(server)
     stream_names = streaming_methods([*services, health_pb2.DESCRIPTOR.services_by_name[
         "Health"].full_name]) + [reflection.SERVICE_NAME]
@@ -268,12 +321,14 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
         log.error("could not bind %s:%s", args.host, args.port)
         return 1
     try:
-        health_server = health_only_server(health_servicer, args.host, args.health_port, name)
+        health_server = health_only_server(health_servicer, args.host, args.health_port, name,
+                                           reuse_port=worker is not None)
     except OSError as err:
         log.error(str(err))
         return 1
 
-    metrics.serve_metrics(args.metrics_port, args.metrics_host or args.host)
+    if worker is None:
+        metrics.serve_metrics(args.metrics_port, args.metrics_host or args.host)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -288,6 +343,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
         "metrics_host": args.metrics_host or args.host, "max_streams": args.max_streams,
         "stream_idle_timeout_s": args.stream_idle_timeout_s}})
 
+    metrics.READY.labels(name).set(0)
     started = time.monotonic()
     try:
         engine = load()
@@ -298,17 +354,31 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
         if health_server is not None:
             health_server.stop(0)
         return 1
-    for service in ["", *services]:
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    metrics.READY.labels(name).set(1)
-    if args.port_file:
-        tmp = Path(args.port_file).with_suffix(".tmp")
-        tmp.write_text(str(port))
-        os.replace(tmp, args.port_file)
+
+    def set_serving(serving: bool) -> None:
+        for service in ["", *services]:
+            health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING if serving
+                                else health_pb2.HealthCheckResponse.NOT_SERVING)
+        metrics.READY.labels(name).set(int(serving))
+
+    follower = None
+    if worker is None:
+        set_serving(True)
+        if args.port_file:
+            tmp = Path(args.port_file).with_suffix(".tmp")
+            tmp.write_text(str(port))
+            os.replace(tmp, args.port_file)
+    else:
+        worker.mark_ready()
+        follower = threading.Thread(target=follow_group, args=(worker, set_serving, stop),
+                                    name=f"{name}-group", daemon=True)
+        follower.start()
     log.info("serving", extra={"fields": {"service": name, "port": port,
                                            "load_s": round(time.monotonic() - started, 2)}})
 
     stop.wait()
+    if follower is not None:
+        follower.join()
     log.info("draining", extra={"fields": {"service": name, "grace_s": args.grace_s}})
     health_servicer.enter_graceful_shutdown()
     metrics.READY.labels(name).set(0)

@@ -2,26 +2,41 @@
 
 An upsert is committed to disk (WAL, synchronous=FULL) before it is applied to the in-memory
 index, and the index is rebuilt from the file at start, so an acknowledged item survives a
-restart and is retrievable as soon as its upsert returns. The file belongs to one process:
-for a catalogue that several replicas share, see redis_catalog.py. Both keep the whole
-catalogue in memory (MemoryCatalog) and offer the same methods.
+restart and is retrievable as soon as its upsert returns. Several processes on one machine
+may share the file (the ranking service's worker processes): each write appends one row per
+item to a `changes` table (an AUTOINCREMENT sequence) in its own transaction, and
+`refresh()`, called before every Recommend, applies the current value of every item named
+in rows past the last one this process reflected, so a write acknowledged by any process is
+served by every process's next Recommend. For a catalogue that replicas on several machines
+share, see redis_catalog.py. Both keep the whole catalogue in memory (MemoryCatalog) and
+offer the same methods.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from services.common import metrics
 from services.ranking.index import EXACT, HNSW, KINDS, PCA, PlatformIndex
 
 # Items per platform above which "auto" indexes with HNSW (bench/recommend.py: pca's scan
 # stops being cheap there).
 HNSW_THRESHOLD = 200_000
+# The change log keeps this many rows (one per item written); a process further behind
+# reloads the whole catalogue. Another process's write makes ours wait up to BUSY_TIMEOUT_S.
+CHANGE_LOG_ROWS = 100_000
+BUSY_TIMEOUT_S = 10.0
+_SELECT_CHUNK = 500  # ids per IN (...) query: below SQLite's variable limit
+
+log = logging.getLogger("crossrec.ranking")
 
 
 def index_kind(requested: str, size: int, hnsw_threshold: int, has_projection: bool) -> str:
@@ -87,6 +102,14 @@ class MemoryCatalog:
             indexes[platform] = index
         self._items, self._indexes = items, indexes
 
+    def refresh(self) -> None:
+        """Bring this process's view up to date with writes other processes acknowledged
+        (the SQLite catalogue); nothing here, nor for Redis, whose log tail follows them."""
+
+    def follow(self, every_s: float) -> None:
+        """Also refresh() every `every_s` in the background until close() (the SQLite
+        catalogue); nothing here."""
+
     def platforms(self) -> list[str]:
         return sorted(p for p, items in self._items.items() if items)
 
@@ -134,54 +157,165 @@ class MemoryCatalog:
 
 
 class Catalog(MemoryCatalog):
-    """SQLite-backed, one process. Thread-safe; see MemoryCatalog for `index`."""
+    """SQLite-backed; thread-safe; see MemoryCatalog for `index`. Several processes may open
+    one file (the ranking service's worker processes do): every write also appends a row per
+    item to the `changes` table, in the same transaction, and `refresh()` applies the rows
+    other processes appended since this one last looked (module docstring)."""
 
     def __init__(self, path: str | Path, dim: int, index: str = "auto",
                  hnsw_threshold: int = HNSW_THRESHOLD, projection: np.ndarray | None = None):
         super().__init__(dim, index, hnsw_threshold, projection)
         self.path = str(path)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # One connection, one lock: sqlite3 objects are not for concurrent use, and every
+        # statement is short. Another process's write transaction makes ours wait up to
+        # BUSY_TIMEOUT_S (workers start together and write the same file).
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_S)
+        self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS items (platform TEXT NOT NULL, item_id TEXT NOT NULL, "
             "title TEXT NOT NULL, attributes TEXT NOT NULL, text TEXT NOT NULL, "
             "vector BLOB NOT NULL, PRIMARY KEY (platform, item_id)) WITHOUT ROWID")
-        self._write_lock = threading.Lock()
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "platform TEXT NOT NULL, item_id TEXT NOT NULL)")
+        self._seq = 0  # the last change-log row reflected in memory
+        self._data_version = None
+        self._closed = threading.Event()
+        self._follower: threading.Thread | None = None
+        with self._lock, self._read():
+            self._load()
+
+    @contextmanager
+    def _read(self):
+        """One read transaction: the statements in it see one state of the file."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
+
+    def _load(self) -> None:
+        """Every item, and the change-log position they reflect (in the caller's read
+        transaction)."""
+        self._seq = self._db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
         rows: dict[str, list[Row]] = {}
         for platform, item_id, title, attrs, text, blob in self._db.execute(
                 "SELECT platform, item_id, title, attributes, text, vector FROM items"):
             rows.setdefault(platform, []).append((item_id, title, attrs, text, blob))
         self._replace_all(rows)
 
+    def refresh(self) -> None:
+        """Make what any process committed to the file so far searchable here. When nothing
+        changed, one `PRAGMA data_version` (it changes when another connection commits):
+        microseconds, see services/ranking/README.md."""
+        with self._lock:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:
+                self._catch_up()
+                self._data_version = version  # only once applied: a failure is retried
+
+    def follow(self, every_s: float) -> None:
+        """Also refresh() every `every_s` in a background thread until close(): a process
+        that answers no Recommend for a while (no connection reached it) keeps up anyway,
+        instead of applying a whole bulk load in its next Recommend."""
+        def loop():
+            while not self._closed.wait(every_s):
+                try:
+                    self.refresh()
+                except Exception as err:  # noqa: BLE001 - the next Recommend retries it
+                    if not self._closed.is_set():
+                        log.warning("catalogue refresh failed", extra={"fields": {
+                            "error": str(err)}})
+        self._follower = threading.Thread(target=loop, name="catalog-follow", daemon=True)
+        self._follower.start()
+
+    def _catch_up(self) -> None:
+        """Apply the current value of every item named in change-log rows past `_seq` (the
+        lock held). Current values, not the rows' order, so a replay is harmless; a process
+        that fell behind the trimmed log reloads everything."""
+        with self._read():
+            oldest, newest = self._db.execute(
+                "SELECT min(seq), max(seq) FROM changes").fetchone()
+            if newest is None or newest <= self._seq:
+                return
+            if oldest > self._seq + 1:
+                self._load()
+                self._set_sizes(self.platforms())
+                return
+            touched: dict[str, dict[str, None]] = {}
+            for platform, item_id in self._db.execute(
+                    "SELECT platform, item_id FROM changes WHERE seq > ? AND seq <= ?",
+                    (self._seq, newest)):
+                touched.setdefault(platform, {})[item_id] = None
+            for platform, ids in touched.items():
+                self._apply_current(platform, list(ids))
+            self._seq = newest
+        self._set_sizes(touched)
+
+    def _apply_current(self, platform: str, item_ids: list[str]) -> None:
+        found: dict[str, tuple] = {}
+        for start in range(0, len(item_ids), _SELECT_CHUNK):
+            chunk = item_ids[start:start + _SELECT_CHUNK]
+            for item_id, title, attrs, text, blob in self._db.execute(
+                    "SELECT item_id, title, attributes, text, vector FROM items WHERE "
+                    f"platform=? AND item_id IN ({','.join('?' * len(chunk))})",
+                    (platform, *chunk)):
+                found[item_id] = (title, attrs, text, blob)
+        if found:
+            items = [CatalogItem(i, platform, t, json.loads(a), x)
+                     for i, (t, a, x, _) in found.items()]
+            self._apply_upsert(items, np.frombuffer(b"".join(v[-1] for v in found.values()),
+                                                    np.float32).reshape(len(items), self.dim))
+        self._apply_delete(platform, [i for i in item_ids if i not in found])
+
+    def _set_sizes(self, platforms) -> None:
+        for platform in platforms:
+            metrics.CATALOG_ITEMS.labels(platform).set(self.size(platform))
+
+    def _write(self, sql: str, rows: list[tuple], keys: list[tuple[str, str]]) -> int:
+        """Run `sql` over `rows` and log `keys` (platform, item_id) in one durable
+        transaction, then catch up (this write and any other process's before it). Returns
+        the rows `sql` changed."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                changed = self._db.executemany(sql, rows).rowcount
+                self._db.executemany("INSERT INTO changes (platform, item_id) VALUES (?,?)",
+                                     keys)
+                newest = self._db.execute("SELECT max(seq) FROM changes").fetchone()[0]
+                self._db.execute("DELETE FROM changes WHERE seq <= ?",
+                                 (newest - CHANGE_LOG_ROWS,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._catch_up()
+            return changed
+
     def upsert(self, items: list[CatalogItem], vectors: np.ndarray,
                timeout_s: float | None = None) -> None:
         """Store items with float32 [n, dim] vectors durably, then make them searchable.
         `timeout_s` is accepted for the interface's sake: a local commit has no remote wait."""
         vectors = np.asarray(vectors, np.float32)
-        with self._write_lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO items (platform, item_id, title, attributes, text, "
-                    "vector) VALUES (?,?,?,?,?,?)",
+        self._write("INSERT OR REPLACE INTO items (platform, item_id, title, attributes, "
+                    "text, vector) VALUES (?,?,?,?,?,?)",
                     [(it.platform, it.item_id, it.title, json.dumps(it.attributes), it.text,
-                      vec.tobytes()) for it, vec in zip(items, vectors)])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._apply_upsert(items, vectors)
+                      vec.tobytes()) for it, vec in zip(items, vectors)],
+                    [(it.platform, it.item_id) for it in items])
 
     def delete(self, platform: str, item_ids: list[str], timeout_s: float | None = None) -> int:
-        """Remove items; the number that existed (`timeout_s`: see upsert)."""
-        with self._write_lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM items WHERE platform=? AND item_id=?",
-                                 [(platform, i) for i in item_ids])
-            self._db.execute("COMMIT")
-            return self._apply_delete(platform, item_ids)
+        """Remove items; the number that existed in the file (`timeout_s`: see upsert)."""
+        ids = list(dict.fromkeys(item_ids))
+        return self._write("DELETE FROM items WHERE platform=? AND item_id=?",
+                           [(platform, i) for i in ids], [(platform, i) for i in ids])
 
     def close(self) -> None:
-        self._db.close()
+        self._closed.set()
+        if self._follower is not None:
+            self._follower.join()
+        with self._lock:
+            self._db.close()

@@ -1,4 +1,5 @@
-"""Ranking gRPC server: `python -m services.ranking.server --port 0 --port-file F`."""
+"""Ranking gRPC server: `python -m services.ranking.server --port 0 --port-file F`; with
+--processes N (default: the cores it may use), N worker processes on the port."""
 
 from __future__ import annotations
 
@@ -22,12 +23,20 @@ from services.common.remote import EmbeddingRemote, FusionRemote
 from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
                                    serve, setup_logging, wait_for)
 from services.common.events import RawEvents
+from services.common.workers import default_processes, supervise
 from services.ranking.catalog import Catalog, MemoryCatalog
 from services.ranking.engine import Popularity, RankingEngine
 from services.ranking.ranker import OnnxRanker, RetrievalOrder
 
 log = logging.getLogger("crossrec.ranking")
 DEFAULT_PORT = 50053
+# Worker processes also apply each other's catalogue writes this often in the background
+# (every Recommend does first anyway), so that one no connection reaches stays current.
+CATALOG_FOLLOW_S = 1.0
+# RPCs accepted at once per worker: no more than its handler threads (64), so that no call
+# waits in the thread pool's queue behind the admission queue; gRPC refuses the rest before
+# any Python handler runs (bench/overload.py, services/ranking/README.md "Refusals").
+MAX_CONCURRENT_RPCS = 64
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
     def _recommend(self, request, context):
         with self.admission.slot(context.time_remaining()):
-            return self._ready().recommend(
+            engine = self._ready()
+            engine.catalog.refresh()  # what other worker processes acknowledged: served now
+            return engine.recommend(
                 request.user_id, request.platform, request.k, request.exclude_seen,
                 RawEvents(request.session_events), request.diversify, request.diversity_lambda,
                 context.time_remaining())
@@ -118,9 +129,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     parser = argparse.ArgumentParser(description=__doc__)
-    add_server_flags(parser, DEFAULT_PORT)
+    add_server_flags(parser, DEFAULT_PORT, max_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+    add_flag(parser, "--processes", default_processes(),
+             "worker processes serving the port (SO_REUSEPORT), each with its own engine, "
+             "catalogue copy, --threads and admission limits; default: the cores this process "
+             "may use (os.sched_getaffinity). 1: one process, no supervising parent")
     add_flag(parser, "--catalog-store", "sqlite",
-             "catalogue backend: sqlite (this process only) or redis (shared by every replica)")
+             "catalogue backend: sqlite (one file: this replica's worker processes) or redis "
+             "(shared by every replica)")
     add_flag(parser, "--catalog-path", "var/ranking/catalog.sqlite3",
              "catalogue SQLite file (--catalog-store sqlite)")
     add_flag(parser, "--catalog-redis-url", "redis://127.0.0.1:6379/0",
@@ -143,12 +159,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     add_flag(parser, "--popularity-refresh-s", 10.0, "how often item popularity is re-read")
     add_flag(parser, "--dependency-wait-s", 120.0, "how long to wait at start for embedding")
     add_flag(parser, "--max-active-recommends", 4,
-             "Recommend calls computed at once (the engine holds the GIL: more only adds "
-             "contention, see services/common/admission.py)")
+             "Recommend calls computed at once per worker process (the engine holds the GIL: "
+             "more only adds contention, see services/common/admission.py)")
     add_flag(parser, "--max-waiting-recommends", 32,
-             "Recommend calls waiting for a slot at most (each within its deadline); more are "
-             "refused with RESOURCE_EXHAUSTED")
+             "Recommend calls waiting for a slot at most, per worker process (each within its "
+             "deadline); more are refused with RESOURCE_EXHAUSTED")
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1, got {args.processes}")
     config = Config(catalog_store=args.catalog_store, catalog_path=args.catalog_path,
                     catalog_redis_url=args.catalog_redis_url,
                     embedding_address=args.embedding_address,
@@ -167,7 +185,21 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
 def main(argv=None) -> int:
     args, config = parse_args(argv)
     setup_logging(args.log_level)
-    log.info("config", extra={"fields": vars(config)})
+    log.info("config", extra={"fields": {**vars(config), "processes": args.processes,
+                                         "threads": args.threads}})
+    if args.processes == 1:
+        return run(args, config)
+
+    def run_worker(worker, port: int) -> int:
+        setup_logging(args.log_level, worker=worker.index)
+        return run(argparse.Namespace(**{**vars(args), "port": port}), config, worker)
+
+    return supervise("ranking", args.processes, args.host, args.port, run_worker,
+                     args.port_file, args.metrics_port, args.metrics_host, args.grace_s)
+
+
+def run(args: argparse.Namespace, config: Config, worker=None) -> int:
+    """One ranking server process: the only one, or one of the workers (`worker`)."""
     ranker = load_ranker(config)
     servicer = RankingServicer(Admission("recommend", config.max_active_recommends,
                                          config.max_waiting_recommends))
@@ -183,6 +215,8 @@ def main(argv=None) -> int:
                                       f"embedding service at {config.embedding_address}")
         fusion = FusionRemote(config.fusion_address, security)
         catalog = open_catalog(config, dim, ranker.projection)
+        if worker is not None:
+            catalog.follow(CATALOG_FOLLOW_S)
         popularity = Popularity(fusion.item_stats, catalog, config.popularity_refresh_s)
         popularity.start()
         servicer.engine = RankingEngine(catalog, embed, fusion.profile, ranker, popularity,
@@ -190,13 +224,14 @@ def main(argv=None) -> int:
                                         fusion_fallback=config.fusion_fallback,
                                         embedder=(name, version))
         metrics.MODEL_INFO.labels("ranking", ranker.name).info({"version": str(ranker.version)})
+        metrics.MODEL_VERSION.labels("ranking", ranker.name).set(ranker.version)
         for platform in catalog.platforms():
             metrics.CATALOG_ITEMS.labels(platform).set(catalog.size(platform))
         log.info("catalogue loaded", extra={"fields": {
             p: catalog.size(p) for p in catalog.platforms()}})
         return servicer.engine
 
-    return serve("ranking", args, register, load)
+    return serve("ranking", args, register, load, worker=worker)
 
 
 if __name__ == "__main__":

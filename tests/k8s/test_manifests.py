@@ -470,3 +470,23 @@ def test_fusion_stores_user_ids_keyed_with_a_key_from_a_secret_in_every_overlay(
     assert key_file == f"{mounts[0]['mountPath'].rstrip('/')}/{secret['items'][0]['path']}"
     # The key is created in the cluster, never rendered from the repository.
     assert "crossrec-fusion-user-id-key" not in _of_kind(objects, "Secret")
+
+
+def _cores(quantity: str) -> float:
+    """A CPU quantity ("2", "1500m") in cores."""
+    quantity = str(quantity)
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def test_ranking_runs_one_worker_process_per_core_of_its_cpu_limit(objects):
+    """CROSSREC_PROCESSES must be set (os.sched_getaffinity sees the node's cores inside a
+    container, not the CPU quota), equal the CPU limit, and the request the limit."""
+    workload = _service_workload(objects, "ranking")
+    env = _config(objects, workload)
+    assert "CROSSREC_PROCESSES" in env, "crossrec-ranking must set its process count"
+    processes = int(env["CROSSREC_PROCESSES"])
+    (container,) = [c for c in _containers(workload) if c["name"] == "ranking"]
+    resources = container["resources"]
+    limit, request = _cores(resources["limits"]["cpu"]), _cores(resources["requests"]["cpu"])
+    assert limit == processes, f"{processes} worker processes on a {limit}-core CPU limit"
+    assert request == limit, f"CPU request {request} below the limit {limit} the workers use"

@@ -173,6 +173,9 @@ def test_ranking_answers_unavailable_naming_fusion_while_it_is_down(deps):
 def test_ranking_answers_deadline_exceeded_naming_fusion_while_it_is_frozen(deps):
     with ranking_stub(deps) as ranking:
         request = ranking_pb2.RecommendRequest(user_id=deps["user"], platform="office", k=5)
+        # This channel's ranking worker process reaches fusion first: each worker has its own
+        # connection to it, which may still be reconnecting after the restart above.
+        until_ok(lambda: ranking.Recommend(request, timeout=DEADLINE_S))
         with frozen(deps["fusion"].proc.pid):
             code, details, seconds, _ = rpc_outcome(ranking.Recommend, request, timeout=DEADLINE_S)
         report("ranking Recommend, fusion frozen", code, details, seconds)

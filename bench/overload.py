@@ -1,0 +1,143 @@
+"""Ranking at ten times its admission limit: how fast refusals (RESOURCE_EXHAUSTED) come back
+and whether answered calls keep their latency, for each --max-concurrent-rpcs given (the
+gRPC server's own cap, which refuses before any handler, thread or deserialisation) in the
+same run. All services and the load on this machine's cores, loopback only.
+
+    .venv/bin/python bench/overload.py [--processes 1] [--callers 360] [--flood-s 8]
+        [--max-concurrent-rpcs 64,512] [--out bench/results/overload.json]
+
+The admission limit is --max-active-recommends + --max-waiting-recommends per worker process
+(4 + 32 by default); --callers (default 10 x 36 x processes) closed-loop callers over
+--connections connections flood it after a baseline at --baseline-callers. Data as
+bench/e2e.py: the real catalogue from the encoder's cached vectors, real users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "gen"), str(REPO), str(REPO / "bench")]
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from clients.stack import ServiceProcess, service_args, start_stack  # noqa: E402
+from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc  # noqa: E402
+from e2e import load_data, results_sha, seed_stores  # noqa: E402
+from machine import cpu_model  # noqa: E402
+
+DEADLINE_S = 5.0
+
+
+async def closed_loop(address: str, users: list[str], callers: int, connections: int,
+                      seconds: float) -> dict[str, list[float]]:
+    """`callers` closed-loop Recommend callers round robin over `connections` connections
+    for `seconds`: {status name: [seconds of each call]}."""
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool",
+                                                             1)]) for _ in range(connections)]
+    stubs = [ranking_pb2_grpc.RankingServiceStub(c) for c in channels]
+    out: dict[str, list[float]] = {}
+    stop_at = time.monotonic() + seconds
+
+    async def caller(i: int):
+        n = i
+        while time.monotonic() < stop_at:
+            started = time.perf_counter()
+            try:
+                await stubs[i % connections].Recommend(ranking_pb2.RecommendRequest(
+                    user_id=users[n % len(users)], platform=("office", "arts_crafts")[n % 2],
+                    k=10, exclude_seen=True), timeout=DEADLINE_S)
+                code = "OK"
+            except grpc.aio.AioRpcError as err:
+                code = err.code().name
+            out.setdefault(code, []).append(time.perf_counter() - started)
+            n += callers
+            await asyncio.sleep(0)
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    for c in channels:
+        await c.close()
+    return out
+
+
+def summary(calls: dict[str, list[float]], seconds: float) -> dict:
+    def pct(values, q):
+        return round(float(np.percentile(values, q)) * 1000, 2) if values else None
+    ok, refused = calls.get("OK", []), calls.get("RESOURCE_EXHAUSTED", [])
+    return {"counts": {k: len(v) for k, v in calls.items()},
+            "ok_rps": round(len(ok) / seconds, 1),
+            "ok_p50_ms": pct(ok, 50), "ok_p99_ms": pct(ok, 99),
+            "refused_p50_ms": pct(refused, 50), "refused_p99_ms": pct(refused, 99)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--max-concurrent-rpcs", default="64,512")
+    p.add_argument("--callers", type=int, default=0, help="0: 10 x the admission limit")
+    p.add_argument("--baseline-callers", type=int, default=0,
+                   help="0: the admission limit (the latency answered calls should keep)")
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--baseline-s", type=float, default=4)
+    p.add_argument("--flood-s", type=float, default=8)
+    p.add_argument("--users", type=int, default=500)
+    p.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
+                                                          str(REPO / "models")))
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "overload.json"))
+    args = p.parse_args(argv)
+    limit = (4 + 32) * args.processes
+    callers = args.callers or 10 * limit
+    args.baseline_callers = args.baseline_callers or limit
+    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "git_sha": results_sha(), "cpus": os.cpu_count(), "cpu": cpu_model(),
+               "params": {"processes": args.processes, "admission_limit": limit,
+                          "callers": callers, "connections": args.connections,
+                          "baseline_callers": args.baseline_callers,
+                          "deadline_s": DEADLINE_S}, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+        seed_stores(run_dir, args.model_repo, 0)
+        procs = start_stack(run_dir, args.model_repo, names=("embedding", "fusion"))
+        try:
+            users = None
+            for cap in [int(x) for x in args.max_concurrent_rpcs.split(",")]:
+                ranking = ServiceProcess("ranking", service_args(
+                    "ranking", args.model_repo, run_dir,
+                    {n: q.address for n, q in procs.items()}) + [
+                    "--processes", str(args.processes), "--max-concurrent-rpcs", str(cap)],
+                    run_dir / f"ranking-{cap}").start().wait_ready(300)
+                try:
+                    if users is None:
+                        users = load_data({**procs, "ranking": ranking}, args.users, 0,
+                                          False).users
+                    base = asyncio.run(closed_loop(ranking.address, users,
+                                                   args.baseline_callers, args.connections,
+                                                   args.baseline_s))
+                    flood = asyncio.run(closed_loop(ranking.address, users, callers,
+                                                    args.connections, args.flood_s))
+                finally:
+                    code = ranking.stop()
+                run = {"max_concurrent_rpcs": cap, "exit_code": code,
+                       "baseline": summary(base, args.baseline_s),
+                       "flood": summary(flood, args.flood_s)}
+                print(json.dumps(run), flush=True)
+                results["runs"].append(run)
+        finally:
+            for q in reversed(list(procs.values())):
+                q.stop()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The SQLite catalogue shared by several processes: what one writes, every other serves after
+its next refresh(), deletes included; concurrent writers lose nothing; a process that fell
+behind the trimmed change log reloads."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import numpy as np
+
+from services.ranking import catalog as catalog_module
+from services.ranking.catalog import Catalog, CatalogItem
+
+DIM = 8
+
+
+def unit_vectors(n: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def items(ids, platform="office", title="item") -> list[CatalogItem]:
+    return [CatalogItem(i, platform, f"{title} {i}", {}, f"{title} {i}") for i in ids]
+
+
+def test_an_upsert_and_a_delete_through_one_connection_show_on_another_after_refresh(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    a, b = Catalog(path, DIM, "exact"), Catalog(path, DIM, "exact")
+    try:
+        a.upsert(items(["x", "y"]), unit_vectors(2, 1))
+        assert b.get("office", "x") is None, "not before refresh: the test would prove nothing"
+        b.refresh()
+        assert b.get("office", "x").title == "item x" and b.size("office") == 2
+        ids, _ = b.index("office").search(unit_vectors(2, 1)[0], 1)
+        assert ids == ["x"]
+
+        a.upsert(items(["x"], title="renamed"), unit_vectors(1, 2))
+        assert b.delete("office", ["y", "never-there"]) == 1
+        a.refresh()
+        b.refresh()
+        for view in (a, b):
+            assert view.item_ids("office") == ["x"]
+            assert view.get("office", "x").title == "renamed x"
+            np.testing.assert_array_equal(view.index("office").vectors(["x"]),
+                                          unit_vectors(1, 2))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_refresh_with_nothing_new_changes_nothing(tmp_path):
+    c = Catalog(tmp_path / "c.sqlite3", DIM, "exact")
+    try:
+        c.upsert(items(["x"]), unit_vectors(1, 1))
+        snapshot = c.index("office").snapshot()
+        for _ in range(3):
+            c.refresh()
+        assert c.index("office").snapshot() is snapshot
+    finally:
+        c.close()
+
+
+def _writer(path: str, worker: int, n: int) -> None:
+    c = Catalog(path, DIM, "exact")
+    for k in range(n):
+        c.upsert(items([f"w{worker}-{k}"]), unit_vectors(1, 100 * worker + k))
+        if k % 3 == 2:
+            c.delete("office", [f"w{worker}-{k - 1}"])
+    c.close()
+
+
+def test_concurrent_writer_processes_lose_no_write(tmp_path):
+    path = str(tmp_path / "c.sqlite3")
+    watcher = Catalog(path, DIM, "exact")
+    n, writers = 30, 4
+    try:
+        procs = [multiprocessing.get_context("fork").Process(target=_writer, args=(path, w, n))
+                 for w in range(writers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0] * writers
+        expected = {f"w{w}-{k}" for w in range(writers) for k in range(n)
+                    if not (k % 3 == 1 and k + 1 < n)}
+        watcher.refresh()
+        assert set(watcher.item_ids("office")) == expected
+        fresh = Catalog(path, DIM, "exact")
+        assert set(fresh.item_ids("office")) == expected
+        fresh.close()
+    finally:
+        watcher.close()
+
+
+def test_a_process_behind_the_trimmed_change_log_reloads_everything(tmp_path, monkeypatch):
+    monkeypatch.setattr(catalog_module, "CHANGE_LOG_ROWS", 3)
+    path = tmp_path / "c.sqlite3"
+    a, b = Catalog(path, DIM, "exact"), Catalog(path, DIM, "exact")
+    try:
+        b.refresh()
+        a.upsert(items(["gone"]), unit_vectors(1, 1))
+        b.refresh()
+        a.delete("office", ["gone"])
+        a.upsert(items([f"i{k}" for k in range(5)]), unit_vectors(5, 2))
+        b.refresh()
+        assert sorted(b.item_ids("office")) == [f"i{k}" for k in range(5)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_following_catalogue_applies_another_connections_write_without_a_call(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    a, b = Catalog(path, DIM, "exact"), Catalog(path, DIM, "exact")
+    b.follow(0.02)
+    try:
+        a.upsert(items(["x"]), unit_vectors(1, 1))
+        for _ in range(500):
+            if b.get("office", "x") is not None:
+                break
+            time.sleep(0.01)
+        assert b.get("office", "x") is not None
+    finally:
+        a.close()
+        b.close()
