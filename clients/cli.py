@@ -4,6 +4,10 @@ recommendations, profiles, user deletion, embeddings), built on clients.crossrec
 Exit codes: 0 ok; 1 failed (a service not SERVING, any other error); 2 bad input or usage
 (INVALID_ARGUMENT); 3 a service unreachable (UNAVAILABLE). Errors are one line on stderr:
 `error: <CODE>: <details>`.
+
+Tracing: a caller's trace context in the environment (TRACEPARENT, TRACESTATE: W3C trace
+context, as otel-cli and CI systems set it) is carried by every call, so the services' spans
+join the caller's trace.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from enum import Enum
 from pathlib import Path
 
 import numpy as np
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 
 from clients.crossrec_client import (CrossrecClient, CrossrecError, Event, IngestResult,
                                      InvalidArgument, Item, Unavailable)
@@ -462,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    otel_context.attach(propagate.extract(
+        {key.lower(): os.environ[key] for key in ("TRACEPARENT", "TRACESTATE")
+         if key in os.environ}))
     try:
         with CrossrecClient(embedding=args.embedding, fusion=args.fusion, ranking=args.ranking,
                             timeout_s=args.timeout or QUERY_TIMEOUT_S, token=args.token,

@@ -4,6 +4,9 @@ A batch is dispatched when it holds max_batch_size texts, when adding the next r
 pass max_batch_tokens padded tokens, or max_delay_ms after its oldest request was queued.
 The queue is bounded in texts: a request that does not fit is refused at once (Overloaded).
 A request whose deadline passed while queued is dropped, never computed (BudgetSpent).
+With tracing on, each request's trace gets its queue wait and the run of the batch it rode in
+(one model call serves many traces, so each gets its own copy of that span, with the batch's
+size).
 """
 
 from __future__ import annotations
@@ -16,17 +19,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.errors import BudgetSpent, NotReady, Overloaded
 
 log = logging.getLogger("crossrec.embedding")
 
 
 class Pending:
-    """A queued request: its encodings, deadline (monotonic s, or None) and outcome."""
+    """A queued request: its encodings, deadline (monotonic s, or None) and outcome; the
+    wall-clock times (ns) it was queued and its batch ran, and that batch's size, for tracing."""
 
     __slots__ = ("items", "cost_len", "deadline", "queued_at", "done", "result", "error",
-                 "abandoned")
+                 "abandoned", "queued_ns", "ran_ns", "batch_texts")
 
     def __init__(self, items: Sequence, lengths: Sequence[int], deadline: float | None):
         self.items = items
@@ -37,6 +41,9 @@ class Pending:
         self.result: np.ndarray | None = None
         self.error: Exception | None = None
         self.abandoned = False
+        self.queued_ns = time.time_ns()
+        self.ran_ns = (0, 0)
+        self.batch_texts = 0
 
 
 class DynamicBatcher:
@@ -84,7 +91,14 @@ class DynamicBatcher:
         """Block until `pending` ran or its deadline passed; float32 [n, dim]."""
         timeout = (None if pending.deadline is None
                    else max(0.0, pending.deadline - time.monotonic()))
-        if not pending.done.wait(timeout):
+        done = pending.done.wait(timeout)
+        run_start, run_end = pending.ran_ns
+        tracing.record("embedding.queue_wait", pending.queued_ns, run_start or time.time_ns(),
+                       texts=len(pending.items))
+        if run_start:
+            tracing.record("embedding.batch", run_start, run_end,
+                           batch_texts=pending.batch_texts)
+        if not done:
             pending.abandoned = True
             raise BudgetSpent("deadline passed while waiting for the embedding batch")
         if pending.error is not None:
@@ -147,6 +161,7 @@ class DynamicBatcher:
                 continue
             items = [item for p in batch for item in p.items]
             started = time.perf_counter()
+            started_ns = time.time_ns()
             try:
                 vectors = self._run(items)
             except Exception as err:  # noqa: BLE001 - reported to every waiting caller
@@ -160,8 +175,10 @@ class DynamicBatcher:
             self.stats["batches"] += 1
             self.stats["texts"] += len(items)
             self.batch_sizes[len(items)] += 1
+            ran_ns = (started_ns, time.time_ns())
             start = 0
             for p in batch:
+                p.ran_ns, p.batch_texts = ran_ns, len(items)
                 p.result = vectors[start:start + len(p.items)]
                 start += len(p.items)
                 p.done.set()
