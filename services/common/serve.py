@@ -263,6 +263,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ["", *services]:
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    metrics.READY.labels(name).set(0)  # a server stuck loading shows as 0, not as absent
     reflection.enable_server_reflection(
         [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
