@@ -18,7 +18,6 @@ import gzip
 import json
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import fields, is_dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
+from tqdm import tqdm
 
 from clients.crossrec_client import (CrossrecClient, CrossrecError, Event, IngestResult,
                                      InvalidArgument, Item, Unavailable)
@@ -127,22 +127,10 @@ def utc(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, one line per update else."""
-
-    def __init__(self, label: str):
-        self.label, self.started = label, time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, text: str, done: int) -> None:
-        rate = done / max(time.perf_counter() - self.started, 1e-9)
-        line = f"{self.label}: {text} ({rate:,.0f}/s)"
-        print(f"\r{line}\x1b[K" if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def end(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
+def progress_bar(label: str, unit: str) -> tqdm:
+    """A progress bar on stderr for a load of unknown length: on a terminal only (the summary
+    on stdout says what was done)."""
+    return tqdm(desc=label, unit=unit, unit_scale=True, disable=None)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -170,24 +158,25 @@ def cmd_health(client: CrossrecClient, args) -> int:
 
 def cmd_items_load(client: CrossrecClient, args) -> int:
     path, timeout = Path(args.path), args.timeout or LOAD_TIMEOUT_S
-    progress, upserted, platforms = Progress("items"), 0, {}
+    upserted, platforms = 0, {}
     batch: list[Item] = []
 
     def flush():
         nonlocal upserted
-        upserted += client.ranking.upsert_items(batch, timeout=timeout)
+        done = client.ranking.upsert_items(batch, timeout=timeout)
+        upserted += done
         for item in batch:
             platforms[item.platform] = platforms.get(item.platform, 0) + 1
         batch.clear()
-        progress.update(f"{upserted:,} upserted", upserted)
+        progress.update(done)
 
-    for item in read_items_csv(path):
-        batch.append(item)
-        if len(batch) >= args.batch_size:
+    with progress_bar("items upserted", "item") as progress:
+        for item in read_items_csv(path):
+            batch.append(item)
+            if len(batch) >= args.batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
-    progress.end()
     if args.json:
         print_json({"file": str(path), "upserted": upserted, "platforms": platforms})
     else:
@@ -237,7 +226,7 @@ def cmd_events_load(client: CrossrecClient, args) -> int:
     skipped, before = resume.rows_acked, (resume.accepted, resume.duplicates)
     sent_rows: deque[int] = deque()  # row numbers of events sent and not yet acknowledged
     acked_events = 0
-    progress = Progress("events")
+    progress = progress_bar("events acknowledged", "row")
 
     def events() -> Iterator[Event]:
         with _open_csv(path) as f:
@@ -264,16 +253,16 @@ def cmd_events_load(client: CrossrecClient, args) -> int:
             last_row = sent_rows.popleft()
             acked_events += 1
         resume.save(last_row, before[0] + total.accepted, before[1] + total.duplicates)
-        progress.update(f"rows up to {last_row:,} acknowledged; this run {total.events:,} "
-                        f"rows, {total.accepted:,} accepted, {total.duplicates:,} duplicates",
-                        total.events)
+        progress.set_postfix_str(f"rows up to {last_row:,}, {total.accepted:,} accepted, "
+                                 f"{total.duplicates:,} duplicates", refresh=False)
+        progress.update(total.events - progress.n)
 
     try:
         result = client.fusion.ingest_stream(
             events(), batch_size=args.batch_size, checkpoint_batches=args.checkpoint_batches,
             progress=acknowledged, timeout=args.timeout or LOAD_TIMEOUT_S)
     finally:
-        progress.end()
+        progress.close()
     report = {"file": str(path), "rows_skipped": skipped, "rows_sent": result.events,
               "accepted": result.accepted, "duplicates": result.duplicates,
               "batches": result.batches, "last_row_acked": resume.rows_acked}
