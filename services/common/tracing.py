@@ -32,6 +32,11 @@ log = logging.getLogger("crossrec")
 # Probes and reflection would be most of the spans and none of the story.
 _UNTRACED = filters.negate(filters.any_of(filters.health_check(),
                                           filters.service_prefix("grpc.reflection")))
+# Per export call (the SDK default is 10 s). On SIGTERM the queue (at most 2,048 spans, 512
+# per export) is flushed: with the collector gone that costs up to 4 timed-out exports, which
+# the pods' termination grace still covers after the drain (k8s/base: 30 s = preStop 5 +
+# CROSSREC_GRACE_S 15 + 10).
+EXPORT_TIMEOUT_S = 2.0
 _provider: TracerProvider | None = None
 _tracer: trace.Tracer | None = None
 
@@ -55,7 +60,8 @@ def setup(service: str, endpoint: str, sample_ratio: float) -> tuple:
     _provider = TracerProvider(
         resource=Resource.create({"service.name": f"crossrec-{service}"}),
         sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
-    _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    _provider.add_span_processor(BatchSpanProcessor(
+        OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_S)))
     trace.set_tracer_provider(_provider)
     _tracer = _provider.get_tracer("crossrec")
     log.info("tracing on", extra={"fields": {"otlp_endpoint": endpoint,
@@ -64,7 +70,7 @@ def setup(service: str, endpoint: str, sample_ratio: float) -> tuple:
 
 
 def shutdown() -> None:
-    """Export the spans still queued (bounded by the exporter's timeout); no-op when off."""
+    """Export the spans still queued (bounded: EXPORT_TIMEOUT_S); no-op when off."""
     if _provider is not None:
         _provider.shutdown()
 

@@ -3,6 +3,7 @@ OTLP collector, one Recommend through the client is one trace holding ranking's,
 embedding's spans, each parented on the span that called it; the CLI continues a TRACEPARENT
 from its environment; with tracing off no span is sent at all."""
 
+import socket
 import subprocess
 import sys
 import uuid
@@ -10,7 +11,7 @@ import uuid
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from clients.crossrec_client import CrossrecClient, Event, Item
+from clients.crossrec_client import CrossrecClient, EmbeddingClient, Event, Item
 from clients.datasets import AMAZON, read_items
 from clients.stack import REPO, python_env, start_stack
 from clients.trace_collector import TraceCollector
@@ -147,3 +148,15 @@ def test_tracing_off_sends_no_span(model_repo, tmp_path_factory, amazon_users):
             _stop(procs)
         # Every process has exited, so any span it held would have been flushed by now.
         assert collector.spans == []
+
+
+def test_an_unreachable_collector_fails_no_call_and_the_server_exits_cleanly(
+        start_service, model_repo, titles):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    embedding = start_service("embedding", "--model-repo", str(model_repo),
+                              "--otlp-endpoint", dead, env=FAST_EXPORT)
+    with EmbeddingClient(embedding.address) as client:
+        assert client.embed(titles[:3]).shape[0] == 3
+    # start_service's teardown asserts the server exits 0 after trying to flush its spans.
