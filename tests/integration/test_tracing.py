@@ -160,3 +160,12 @@ def test_an_unreachable_collector_fails_no_call_and_the_server_exits_cleanly(
     with EmbeddingClient(embedding.address) as client:
         assert client.embed(titles[:3]).shape[0] == 3
     # start_service's teardown asserts the server exits 0 after trying to flush its spans.
+
+
+def test_a_sampling_ratio_outside_0_to_1_refuses_to_start(model_repo):
+    run = subprocess.run([sys.executable, "-m", "services.embedding.server", "--port", "0",
+                          "--model-repo", str(model_repo), "--trace-sample-ratio", "1.5"],
+                         cwd=REPO, env=python_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2
+    assert "--trace-sample-ratio must be in [0, 1], got 1.5" in run.stderr
