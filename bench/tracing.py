@@ -1,11 +1,13 @@
 """Tracing overhead: the real stack on loopback three times at once, tracing off, on (every
 trace sampled) and on at a 10% sampling ratio, each exporting to a local OTLP collector
-(clients/trace_collector.py); rounds of sequential Recommends through the client library,
-the modes taking turns so that other load on the machine falls on all of them alike. Records
-each service process's CPU time per Recommend (Linux /proc) and latency by mode, and the
-ratios to tracing off. Writes bench/results/tracing.json. About 2.5 minutes.
+(clients/trace_collector.py); sequential Recommends through the client library in blocks
+of --block calls, the modes taking turns block by block (the first mode rotating), so that
+other load on the shared machine falls on all of them alike. Records each service process's
+CPU time per Recommend over the whole measured phase (Linux /proc; the exporter's background
+work included) and latency by mode, and the ratios to tracing off. Writes
+bench/results/tracing.json. About 2.5 minutes.
 
-    .venv/bin/python bench/tracing.py [--users 200] [--calls 300] [--rounds 5]
+    .venv/bin/python bench/tracing.py [--users 200] [--calls 1500] [--block 10]
 
 Data: the whole Amazon Arts/Office catalogue, written from the encoder's cached vectors as
 bench/e2e.py does, and the first --users users' history events through fusion's Ingest.
@@ -39,6 +41,8 @@ RESULTS = REPO / "bench" / "results"
 MODES = {"off": None, "on": 1.0, "on_ratio_0.1": 0.1}
 SERVICES = ("embedding", "fusion", "ranking")
 MIN_CPU_MS_FOR_RATIO = 0.1
+# The SDK's batch span processor exports every 5 s (OTEL_BSP_SCHEDULE_DELAY).
+EXPORT_EVERY_S = 6.0
 
 
 def start(mode: str, ratio: float | None, run_dir: Path, model_repo: str, n_users: int):
@@ -64,7 +68,7 @@ def start(mode: str, ratio: float | None, run_dir: Path, model_repo: str, n_user
     return procs, collector, client, list(users)
 
 
-def round_of_calls(client, users: list[str], calls: int, offset: int) -> tuple[list, int]:
+def run_calls(client, users: list[str], calls: int, offset: int) -> tuple[list, int]:
     """`calls` sequential Recommends (k=10, exclude_seen) of users in turn, alternating the
     platform; (latencies in s, errors)."""
     latencies, errors = [], 0
@@ -89,8 +93,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, default=200)
-    p.add_argument("--calls", type=int, default=300, help="Recommends per mode per round")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--calls", type=int, default=1500, help="measured Recommends per mode")
+    p.add_argument("--block", type=int, default=10, help="Recommends per mode per turn")
     p.add_argument("--warmup", type=int, default=50, help="Recommends per mode first, unmeasured")
     p.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
                                                           str(REPO / "models")))
@@ -100,8 +104,8 @@ def main(argv=None) -> int:
                "git_sha": git("rev-parse", "--short", "HEAD"),
                "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
                **machine(), "provider": "CPUExecutionProvider",
-               "params": {"users": args.users, "calls_per_round": args.calls,
-                          "rounds": args.rounds, "warmup": args.warmup, "k": 10,
+               "params": {"users": args.users, "calls": args.calls,
+                          "block": args.block, "warmup": args.warmup, "k": 10,
                           "exclude_seen": True, "callers": 1, "modes": MODES,
                           "catalogue": "all 38,396 items (encoder cache)"}}
     stacks = {}
@@ -113,22 +117,28 @@ def main(argv=None) -> int:
                                      args.users)
             time.sleep(11)  # one popularity refresh in each ranking
             for _, _, client, users in stacks.values():
-                round_of_calls(client, users, args.warmup, 0)
+                run_calls(client, users, args.warmup, 0)
+            time.sleep(EXPORT_EVERY_S)  # the warm-up's spans exported before measuring
             spans_before = {m: len(c.spans) for m, (_, c, _, _) in stacks.items() if c}
-            cpu = {m: {s: 0.0 for s in SERVICES} for m in MODES}
+            pids = {m: {s: procs[s].proc.pid for s in SERVICES}
+                    for m, (procs, _, _, _) in stacks.items()}
             latencies = {m: [] for m in MODES}
             errors = dict.fromkeys(MODES, 0)
-            for r in range(args.rounds):
-                for mode, (procs, _, client, users) in stacks.items():
-                    pids = {s: procs[s].proc.pid for s in SERVICES}
-                    before = cpu_seconds(pids)
-                    lat, err = round_of_calls(client, users, args.calls, r * args.calls)
-                    after = cpu_seconds(pids)
-                    for s in SERVICES:
-                        cpu[mode][s] += after.get(s, 0.0) - before.get(s, 0.0)
+            turns = list(stacks.items())
+            blocks = args.calls // args.block
+            before = {m: cpu_seconds(pids[m]) for m in MODES}
+            for b in range(blocks):
+                for i in range(len(turns)):
+                    mode, (_, _, client, users) = turns[(b + i) % len(turns)]
+                    lat, err = run_calls(client, users, args.block, b * args.block)
                     latencies[mode] += lat
                     errors[mode] += err
-                print(f"  round {r + 1}/{args.rounds} done", flush=True)
+                if (b + 1) % max(1, blocks // 5) == 0:
+                    print(f"  {b + 1}/{blocks} blocks", flush=True)
+            time.sleep(EXPORT_EVERY_S)  # the last spans' export is part of the cost
+            after = {m: cpu_seconds(pids[m]) for m in MODES}
+            cpu = {m: {s: after[m].get(s, 0.0) - before[m].get(s, 0.0) for s in SERVICES}
+                   for m in MODES}
         finally:
             # Stopping flushes every span a server still holds into its collector.
             for mode, (procs, _, client, _) in stacks.items():
@@ -140,7 +150,7 @@ def main(argv=None) -> int:
                     collector.stop()
     # The popularity refreshes' spans (GetItemStats) count too: a few per stack in the run.
     spans = {m: len(c.spans) - spans_before[m] for m, (_, c, _, _) in stacks.items() if c}
-    n = args.calls * args.rounds
+    n = blocks * args.block
     modes = {}
     for mode in MODES:
         lat_ms = np.asarray(latencies[mode]) * 1000
