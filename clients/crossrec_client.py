@@ -28,6 +28,11 @@ response message.
 
 TLS: pass `tls_ca` (PEM path; the channel is then secure), plus `tls_cert` and `tls_key` for
 mutual TLS; `token` adds `authorization: Bearer <token>` metadata to every call, stubs included.
+
+Tracing: every call, stubs included, carries the caller's current OpenTelemetry context as a
+W3C `traceparent` (opentelemetry-instrumentation-grpc's client interceptor), so the services'
+spans join the caller's trace; with a tracer provider configured, each call is also a client
+span. Without one nothing is recorded.
 """
 
 from __future__ import annotations
