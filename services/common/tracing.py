@@ -78,9 +78,10 @@ def shutdown() -> None:
 @contextmanager
 def stage(histogram, name: str):
     """One stage of a call: its time into `histogram{stage=name}` and, tracing on, a child
-    span `name` of the current one."""
+    span `name` of the current one (none when the call is not sampled: its children would be
+    dropped anyway)."""
     with histogram.labels(name).time():
-        if _tracer is None:
+        if _tracer is None or not trace.get_current_span().is_recording():
             yield
         else:
             with _tracer.start_as_current_span(name):
@@ -90,5 +91,5 @@ def stage(histogram, name: str):
 def record(name: str, start_ns: int, end_ns: int, **attributes) -> None:
     """A finished child span `name` of the current one, from `start_ns` to `end_ns`
     (time.time_ns()): for work another thread did for this call (the embedding batcher)."""
-    if _tracer is not None:
+    if _tracer is not None and trace.get_current_span().is_recording():
         _tracer.start_span(name, start_time=start_ns, attributes=attributes).end(end_ns)
