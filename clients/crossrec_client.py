@@ -28,6 +28,11 @@ response message.
 
 TLS: pass `tls_ca` (PEM path; the channel is then secure), plus `tls_cert` and `tls_key` for
 mutual TLS; `token` adds `authorization: Bearer <token>` metadata to every call, stubs included.
+
+Tracing: every call, stubs included, carries the caller's current OpenTelemetry context as a
+W3C `traceparent` (opentelemetry-instrumentation-grpc's client interceptor), so the services'
+spans join the caller's trace; with a tracer provider configured, each call is also a client
+span. Without one nothing is recorded.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.instrumentation.grpc import client_interceptor
+from opentelemetry.instrumentation.grpc.grpcext import intercept_channel as traced_channel
 
 from crossrec.common.v1 import common_pb2
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
@@ -458,10 +465,12 @@ def _read(path: str | Path | None) -> bytes | None:
 def open_channel(address: str, services: Sequence[str], *, retry: RetryPolicy | None,
                  tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
                  tls_key: str | Path | None = None, tls_server_name: str | None = None,
-                 token: str | None = None, options: Sequence[tuple[str, Any]] = ()
-                 ) -> tuple[grpc.Channel, grpc.Channel]:
+                 token: str | None = None, options: Sequence[tuple[str, Any]] = (),
+                 trace: bool = True) -> tuple[grpc.Channel, grpc.Channel]:
     """(channel for stubs, underlying channel to close). Secure when a CA or a client
-    certificate is given (no CA: the system roots verify the server)."""
+    certificate is given (no CA: the system roots verify the server). `trace`: every call
+    carries the caller's OpenTelemetry context (W3C traceparent) and is a client span of the
+    global tracer provider (none configured: no span, the context still travels)."""
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("mutual TLS needs both tls_cert and tls_key")
     opts = channel_options(services, retry) + list(options)
@@ -475,6 +484,8 @@ def open_channel(address: str, services: Sequence[str], *, retry: RetryPolicy | 
     else:
         base = grpc.insecure_channel(address, options=opts)
     channel = grpc.intercept_channel(base, _BearerToken(token)) if token else base
+    if trace:
+        channel = traced_channel(channel, client_interceptor())
     return channel, base
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+from tqdm import tqdm
 
 from clients.crossrec_client import FusionClient
 from clients.datasets import AMAZON, read_items, user_events
@@ -22,30 +23,28 @@ from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 SOURCES = {1: "personalised", 2: "cross-platform", 3: "popularity fallback"}
 
 
-def progress(label: str, done: int, total: int, started: float) -> None:
-    rate = done / max(time.perf_counter() - started, 1e-9)
-    print(f"\r  {label}: {done:>6,}/{total:,}  ({rate:,.0f}/s)", end="", flush=True)
-    if done >= total:
-        print()
+def progress_bar(label: str, total: int, unit: str) -> tqdm:
+    """A progress bar on stderr, shown on a terminal only."""
+    return tqdm(total=total, desc=f"  {label}", unit=unit, disable=None)
 
 
 def load_catalog(ranking, items: list[dict], batch: int = 500) -> None:
-    started = time.perf_counter()
-    for start in range(0, len(items), batch):
-        ranking.UpsertItems(ranking_pb2.UpsertItemsRequest(items=[
-            ranking_pb2.Item(item_id=r["item_id"], platform=r["platform"], title=r["title"],
-                             attributes=r["attributes"]) for r in items[start:start + batch]]),
-            timeout=300)
-        progress("catalogue items", min(start + batch, len(items)), len(items), started)
+    with progress_bar("catalogue items", len(items), "item") as bar:
+        for start in range(0, len(items), batch):
+            chunk = items[start:start + batch]
+            ranking.UpsertItems(ranking_pb2.UpsertItemsRequest(items=[
+                ranking_pb2.Item(item_id=r["item_id"], platform=r["platform"], title=r["title"],
+                                 attributes=r["attributes"]) for r in chunk]), timeout=300)
+            bar.update(len(chunk))
 
 
 def load_events(fusion_address: str, users: dict[str, list[dict]]) -> None:
     total = sum(len(e) for e in users.values())
-    started = time.perf_counter()
-    with FusionClient(fusion_address, timeout_s=600) as fusion:
+    with FusionClient(fusion_address, timeout_s=600) as fusion, \
+            progress_bar("events acknowledged", total, "event") as bar:
         result = fusion.ingest_stream(
             (e for events in users.values() for e in events),
-            progress=lambda r: progress("events acknowledged", r.events, total, started))
+            progress=lambda r: bar.update(r.events - bar.n))
     print(f"  {result.accepted:,} events stored, {result.duplicates:,} already there")
 
 

@@ -344,15 +344,17 @@ def service_args(name: str, model_repo: str, run_dir: Path, addresses: dict[str,
 
 
 def start_stack(run_dir: Path, model_repo: str, names=("embedding", "fusion", "ranking"),
-                extra: dict[str, list[str]] | None = None) -> dict[str, ServiceProcess]:
-    """Start `names` in dependency order on loopback and wait until each is SERVING."""
+                extra: dict[str, list[str]] | None = None, env: dict[str, str] | None = None
+                ) -> dict[str, ServiceProcess]:
+    """Start `names` in dependency order on loopback and wait until each is SERVING; `extra`
+    adds flags per service, `env` variables to every one."""
     procs: dict[str, ServiceProcess] = {}
     try:
         for name in names:
             args = service_args(name, model_repo, run_dir,
                                 {n: p.address for n, p in procs.items()})
             procs[name] = ServiceProcess(name, args + (extra or {}).get(name, []),
-                                         run_dir).start()
+                                         run_dir, env).start()
             procs[name].wait_ready()
     except BaseException:
         for proc in reversed(list(procs.values())):

@@ -35,6 +35,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from clients.datasets import AMAZON, AMAZON_ORIGIN_MS, item_texts
 from export import ranker as rk
@@ -614,21 +616,25 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
         log.warning("no ranker in %s: crossrec systems skipped", repo)
         builders.pop("crossrec")
     results, timings = {}, {}
-    for name in systems:
-        if name not in builders:
-            continue
-        t = time.monotonic()
-        system = builders[name]()
-        build_s = time.monotonic() - t
-        results[name], timings[name] = {}, {"build_s": round(build_s, 1)}
-        for key, cs in cases.items():
+    runs = [name for name in systems if name in builders]
+    # The bar counts (system, setting) runs; log lines print above it.
+    with logging_redirect_tqdm(), tqdm(total=len(runs) * len(cases), desc="evaluation",
+                                       unit="run", disable=None) as bar:
+        for name in runs:
+            bar.set_postfix_str(name)
             t = time.monotonic()
-            results[name][key] = evaluate_system(system, cs, data)
-            timings[name][key] = round(time.monotonic() - t, 1)
-            m = results[name][key]["pooled"]
-            log.info("%-24s %-7s HR@10 %.4f NDCG@10 %.4f R@20 %.4f MRR %.4f (%d cases, %.0fs)",
-                     name, key, m["hr@10"], m["ndcg@10"], m["recall@20"], m["mrr"], m["n"],
-                     timings[name][key])
+            system = builders[name]()
+            build_s = time.monotonic() - t
+            results[name], timings[name] = {}, {"build_s": round(build_s, 1)}
+            for key, cs in cases.items():
+                t = time.monotonic()
+                results[name][key] = evaluate_system(system, cs, data)
+                timings[name][key] = round(time.monotonic() - t, 1)
+                m = results[name][key]["pooled"]
+                log.info("%-24s %-7s HR@10 %.4f NDCG@10 %.4f R@20 %.4f MRR %.4f "
+                         "(%d cases, %.0fs)", name, key, m["hr@10"], m["ndcg@10"],
+                         m["recall@20"], m["mrr"], m["n"], timings[name][key])
+                bar.update()
     targets = targets_report(results)
     report = {
         "command": " ".join(["python -m export.evaluate"] + sys.argv[1:]),

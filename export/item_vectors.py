@@ -14,10 +14,10 @@ import hashlib
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from clients.datasets import AMAZON, read_items
 from services.common.modelrepo import read_meta, resolve
@@ -30,7 +30,7 @@ ENCODER_NAME = "encoder"
 BATCH_SIZE = 64
 # onnxruntime threads: the export machine is small and shared.
 THREADS = 2
-# Texts per engine call between progress lines. fp32 vectors do not depend on it (batch
+# Texts per engine call, one progress bar step. fp32 vectors do not depend on it (batch
 # invariance); dynamic int8 ones depend on their batch anyway (see EmbeddingEngine).
 PROGRESS_TEXTS = 4096
 
@@ -64,8 +64,8 @@ def _texts_digest(ids, texts) -> str:
     return h.hexdigest()
 
 
-def embed_texts(model_dir: Path, meta: dict, texts: list[str], batch_size: int = BATCH_SIZE,
-                progress_every_s: float = 10.0) -> np.ndarray:
+def embed_texts(model_dir: Path, meta: dict, texts: list[str], batch_size: int = BATCH_SIZE
+                ) -> np.ndarray:
     """float32 [len(texts), dim], L2-normalised: what the embedding service returns for each
     text (EmbeddingEngine.tokenize + run_sorted on CPU, `batch_size` texts per model call).
     `meta` is model_dir's meta.json; ValueError if it names another model."""
@@ -74,16 +74,11 @@ def embed_texts(model_dir: Path, meta: dict, texts: list[str], batch_size: int =
         raise ValueError(f"meta names {meta.get('name')} dim {meta['dim']}, but {model_dir} "
                          f"holds {engine.name} dim {engine.dim}")
     out = np.empty((len(texts), engine.dim), dtype=np.float32)
-    start = last = time.monotonic()
-    for b0 in range(0, len(texts), PROGRESS_TEXTS):
-        done = min(b0 + PROGRESS_TEXTS, len(texts))
-        out[b0:done] = engine.run_sorted(engine.tokenize(texts[b0:done]), batch_size)
-        now = time.monotonic()
-        if now - last >= progress_every_s or done == len(texts):
-            rate = done / max(now - start, 1e-9)
-            log.info("embedded %d/%d items (%.0f/s, eta %.0fs)", done, len(texts), rate,
-                     (len(texts) - done) / max(rate, 1e-9))
-            last = now
+    with tqdm(total=len(texts), desc="embedding items", unit="text", disable=None) as bar:
+        for b0 in range(0, len(texts), PROGRESS_TEXTS):
+            done = min(b0 + PROGRESS_TEXTS, len(texts))
+            out[b0:done] = engine.run_sorted(engine.tokenize(texts[b0:done]), batch_size)
+            bar.update(done - b0)
     return out
 
 

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from clients.datasets import AMAZON
 from export import user_data as ud
@@ -487,7 +488,8 @@ def train_ranker(x: np.ndarray, y: np.ndarray, x_dev: np.ndarray, y_dev: np.ndar
         model.train()
         perm = torch.randperm(len(x), generator=gen)
         total = 0.0
-        for b0 in range(0, len(x), cfg.batch):
+        for b0 in tqdm(range(0, len(x), cfg.batch), desc=f"epoch {epoch}/{cfg.epochs}",
+                       unit="batch", leave=False, disable=None):
             idx = perm[b0:b0 + cfg.batch]
             loss = F.cross_entropy(model(xt[idx]), yt[idx])
             opt.zero_grad(set_to_none=True)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from clients.datasets import AMAZON
 from export import user_data as ud
@@ -474,7 +475,8 @@ def train(cfg: TrainConfig, train_seqs: list[ud.UserSeq], vocab: dict[str, int],
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         total, count = 0.0, 0
-        for bi in rng.permutation(len(batches)):
+        for bi in tqdm(rng.permutation(len(batches)), desc=f"epoch {epoch}/{cfg.epochs}",
+                       unit="batch", leave=False, disable=None):
             b = batch_views(arrays, batches[bi], len(vocab), ud.MAX_EVENTS)
             loss, m = training_loss(model, b, item_table, cat_t, cfg.negatives,
                                     cfg.platform_dropout, gen, log_pop)

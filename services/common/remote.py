@@ -21,6 +21,7 @@ from clients.crossrec_client import RetryPolicy, open_channel
 from crossrec.common.v1 import common_pb2
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
+from services.common import tracing
 from services.common.errors import BudgetSpent, InvalidInput, NotReady, Overloaded
 from services.common.security import ClientSecurity
 
@@ -40,10 +41,11 @@ def upstream_channel(address: str, service: str, security: ClientSecurity,
                      retry: RetryPolicy | None = UPSTREAM_RETRY
                      ) -> tuple[grpc.Channel, grpc.Channel]:
     """(channel for stubs, channel to close) to `service` at `address`, built by the client
-    library's open_channel; the token goes in as metadata on every call."""
+    library's open_channel; the token goes in as metadata on every call, and the current
+    trace context when this process traces (services/common/tracing.py)."""
     return open_channel(address, [service], retry=retry, tls_ca=security.tls_ca or None,
                         tls_cert=security.tls_cert or None, tls_key=security.tls_key or None,
-                        token=security.token or None)
+                        token=security.token or None, trace=tracing.enabled())
 
 
 def rpc_error(err: grpc.RpcError, what: str) -> Exception:

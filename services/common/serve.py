@@ -21,7 +21,7 @@ from google.protobuf import message as pb_message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.errors import EngineError, status_name
 from services.common.security import (ClientSecurity, ConfigError, TokenAuthInterceptor,
                                       read_token, server_credentials)
@@ -80,6 +80,11 @@ def add_server_flags(parser: argparse.ArgumentParser, default_port: int,
     add_flag(parser, "--metrics-port", 0, "Prometheus /metrics port; 0 = off (9090 in k8s)")
     add_flag(parser, "--metrics-host", "", "address the /metrics port binds (plaintext, no "
              "token); empty: the same as --host")
+    add_flag(parser, "--otlp-endpoint", "", "OpenTelemetry collector (OTLP/gRPC, e.g. "
+             "http://otel-collector:4317; http:// is plaintext) to export traces to; empty: "
+             "tracing off")
+    add_flag(parser, "--trace-sample-ratio", 1.0, "share of new traces sampled, 0..1 (a "
+             "caller's sampled flag is always honoured)")
     add_flag(parser, "--health-port", 0, "plaintext port serving only grpc.health.v1, without "
              "TLS or token, for probes that cannot do TLS (kubelet); 0 = off (8081 in k8s)")
     add_flag(parser, "--tls-cert", "", "server certificate (PEM); with --tls-key turns TLS on")
@@ -279,6 +284,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     """
     try:
         token = read_token(args.auth_token_file)
+        traced = tracing.setup(name, args.otlp_endpoint, args.trace_sample_ratio)
     except ConfigError as err:
         log.error(str(err))
         return 2
@@ -290,7 +296,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     worker_id = () if worker is None else (WorkerIdInterceptor(worker.index),)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix=name),
-        interceptors=(streams, metrics.MetricsInterceptor(name), *worker_id, *auth,
+        interceptors=(streams, *traced, metrics.MetricsInterceptor(name), *worker_id, *auth,
                       DecodeErrorInterceptor(), *interceptors),
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -310,6 +316,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ["", *services]:
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    metrics.READY.labels(name).set(0)  # a server stuck loading shows as 0, not as absent
     reflection.enable_server_reflection(
         [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
@@ -343,7 +350,6 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
         "metrics_host": args.metrics_host or args.host, "max_streams": args.max_streams,
         "stream_idle_timeout_s": args.stream_idle_timeout_s}})
 
-    metrics.READY.labels(name).set(0)
     started = time.monotonic()
     try:
         engine = load()
@@ -392,5 +398,6 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     close = getattr(engine, "close", None)
     if close:
         close()
+    tracing.shutdown()
     log.info("stopped", extra={"fields": {"service": name}})
     return 0

@@ -11,7 +11,9 @@ with several workers the others keep serving small calls meanwhile.
 
 The queue is bounded in texts: a request that does not fit is refused at once (Overloaded).
 A request whose deadline passed while queued is dropped, its remaining chunks never computed
-(BudgetSpent).
+(BudgetSpent). With tracing on, each request's trace gets its queue wait (until its first
+chunk ran) and the span of the model calls its chunks rode in (one model call serves many
+traces, so each gets its own copy, with the largest batch's size and the chunk count).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.errors import BudgetSpent, NotReady, Overloaded
 
 log = logging.getLogger("crossrec.embedding")
@@ -32,10 +34,11 @@ log = logging.getLogger("crossrec.embedding")
 
 class Pending:
     """A queued request: its items, chunks not yet taken, deadline (monotonic s, or None)
-    and outcome. `costs` are the items' padded token counts."""
+    and outcome. `costs` are the items' padded token counts. For tracing: the wall-clock
+    times (ns) it was queued and its chunks' model calls ran, and the largest batch's size."""
 
     __slots__ = ("items", "chunks", "left", "taken", "deadline", "queued_at", "done", "result",
-                 "error", "abandoned")
+                 "error", "abandoned", "queued_ns", "ran_ns", "batch_texts")
 
     def __init__(self, items: Sequence, costs: Sequence[int], deadline: float | None,
                  max_texts: int, max_tokens: int):
@@ -58,6 +61,9 @@ class Pending:
         self.result: np.ndarray | None = None
         self.error: Exception | None = None
         self.abandoned = False
+        self.queued_ns = time.time_ns()
+        self.ran_ns = (0, 0)  # (first chunk's model call began, last chunk's ended)
+        self.batch_texts = 0
 
     def queued_texts(self) -> int:
         return sum(len(idx) for idx, _ in self.chunks)
@@ -111,7 +117,14 @@ class DynamicBatcher:
         """Block until `pending` ran or its deadline passed; float32 [n, dim]."""
         timeout = (None if pending.deadline is None
                    else max(0.0, pending.deadline - time.monotonic()))
-        if not pending.done.wait(timeout):
+        done = pending.done.wait(timeout)
+        run_start, run_end = pending.ran_ns
+        tracing.record("embedding.queue_wait", pending.queued_ns, run_start or time.time_ns(),
+                       texts=len(pending.items))
+        if run_start:
+            tracing.record("embedding.batch", run_start, run_end,
+                           batch_texts=pending.batch_texts, chunks=pending.taken)
+        if not done:
             pending.abandoned = True
             raise BudgetSpent("deadline passed while waiting for the embedding batch")
         if pending.error is not None:
@@ -188,10 +201,12 @@ class DynamicBatcher:
             return batch
 
     def _finish(self, batch: list[tuple[Pending, list[int]]], vectors: np.ndarray | None,
-                error: Exception | None) -> None:
+                error: Exception | None, ran_ns: tuple[int, int], texts: int) -> None:
         start = 0
         with self._cv:
             for p, idx in batch:
+                p.ran_ns = (p.ran_ns[0] or ran_ns[0], ran_ns[1])
+                p.batch_texts = max(p.batch_texts, texts)
                 if error is not None:
                     self._drop(p, error)
                     if p in self._queue:
@@ -217,11 +232,12 @@ class DynamicBatcher:
                 continue
             items = [p.items[i] for p, idx in batch for i in idx]
             started = time.perf_counter()
+            started_ns = time.time_ns()
             try:
                 vectors = self._run(items)
             except Exception as err:  # noqa: BLE001 - reported to every waiting caller
                 log.exception("embedding batch failed")
-                self._finish(batch, None, err)
+                self._finish(batch, None, err, (started_ns, time.time_ns()), len(items))
                 continue
             metrics.EMBED_BATCH_SECONDS.observe(time.perf_counter() - started)
             metrics.EMBED_BATCH_SIZE.observe(len(items))
@@ -229,4 +245,4 @@ class DynamicBatcher:
                 self.stats["batches"] += 1
                 self.stats["texts"] += len(items)
                 self.batch_sizes[len(items)] += 1
-            self._finish(batch, vectors, None)
+            self._finish(batch, vectors, None, (started_ns, time.time_ns()), len(items))

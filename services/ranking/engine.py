@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.errors import DOWNSTREAM_BUDGET_SHARE, BudgetSpent, InvalidInput, NotReady
 from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
 from services.common.text import compose_item_text, has_visible_text
@@ -212,7 +212,7 @@ class RankingEngine:
             raise InvalidInput(f"diversity_lambda must be in [0, 1], got {diversity_lambda}")
         models = [self.embedder, (self.ranker.name, self.ranker.version)]
         try:
-            with metrics.RANKING_STAGE_SECONDS.labels("profile").time():
+            with tracing.stage(metrics.RANKING_STAGE_SECONDS, "profile"):
                 profile = self._profile(user_id, platform, session_events, budget_s)
         except NotReady as err:
             if not self.fusion_fallback:
@@ -231,10 +231,10 @@ class RankingEngine:
                            profile.per_platform, profile.counts,
                            [(p, i) for p, i, _ in profile.recent], profile.recent_vectors)
         covisit = self.ranker.covisit
-        with metrics.RANKING_STAGE_SECONDS.labels("retrieve").time():
+        with tracing.stage(metrics.RANKING_STAGE_SECONDS, "retrieve"):
             cands = pipeline.candidates(user, table, covisit, max(self.ranker.candidates, k),
                                         self.ranker.covisit_candidates, exclude_seen)
-        with metrics.RANKING_STAGE_SECONDS.labels("rank").time():
+        with tracing.stage(metrics.RANKING_STAGE_SECONDS, "rank"):
             ranked = pipeline.order(user, table, cands, covisit, self.ranker)
         metrics.RANKING_SOURCE.labels("cross_platform" if source == CROSS_PLATFORM
                                       else "personalised").inc()
@@ -244,8 +244,9 @@ class RankingEngine:
                         diversity_lambda or 0.7)
             rows, scores = rows[order], scores[order]
         ids = table.snapshot.ids
-        items = [self._explain(ids[r], platform, float(s), table.vectors[r], source, profile)
-                 for r, s in zip(rows[:k].tolist(), scores[:k].tolist())]
+        with tracing.stage(metrics.RANKING_STAGE_SECONDS, "explain"):
+            items = [self._explain(ids[r], platform, float(s), table.vectors[r], source, profile)
+                     for r, s in zip(rows[:k].tolist(), scores[:k].tolist())]
         return RecommendResult(items, source, profile.weights, models)
 
     def _profile(self, user_id: str, platform: str, session_events, budget_s: float | None):
