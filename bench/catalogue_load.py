@@ -31,17 +31,12 @@ sys.path[:0] = [str(REPO), str(REPO / "gen"), str(REPO / "bench")]
 
 from clients.datasets import AMAZON, data_dir, read_items  # noqa: E402
 from clients.stack import python_env, start_stack  # noqa: E402
+from e2e import cpu_seconds  # noqa: E402  (bench/e2e.py: a process and its workers)
 from machine import cpu_model  # noqa: E402
 from services.common import modelrepo  # noqa: E402
 from services.common.text import compose_item_text  # noqa: E402
 
 TARGET_ITEMS_PER_S = 1000
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ceiling(model_dir: Path, texts: list[str], seconds: float) -> dict:
@@ -65,7 +60,8 @@ def load_once(args, model: str, items_csv: Path, n_items: int, texts: list[str])
                         extra={"embedding": ["--model-name", model]})
     try:
         env = python_env({f"CROSSREC_{n.upper()}_ADDRESS": p.address for n, p in procs.items()})
-        before = {n: cpu_seconds(p.proc.pid) for n, p in procs.items()}
+        pids = {n: p.proc.pid for n, p in procs.items()}
+        before = cpu_seconds(pids)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run(
@@ -74,7 +70,8 @@ def load_once(args, model: str, items_csv: Path, n_items: int, texts: list[str])
             cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = {n: round(cpu_seconds(p.proc.pid) - before[n], 1) for n, p in procs.items()}
+        now = cpu_seconds(pids)
+        cpu = {n: round(now[n] - before[n], 1) for n in pids}
         cpu["cli"] = round(after.ru_utime + after.ru_stime
                            - children.ru_utime - children.ru_stime, 1)
         if done.returncode != 0:

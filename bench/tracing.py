@@ -89,7 +89,7 @@ def git(*args: str) -> str:
                           text=True).stdout.strip()
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, default=200)
@@ -98,7 +98,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=50, help="Recommends per mode first, unmeasured")
     p.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
                                                           str(REPO / "models")))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """The three stacks, the alternating Recommends, the figures (bench/e2e.py runs this too,
+    so its results hold the tracing ratio of the same run)."""
     began = time.perf_counter()
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                "git_sha": git("rev-parse", "--short", "HEAD"),
@@ -173,6 +178,11 @@ def main(argv=None) -> int:
         for mode in MODES if mode != "off"}
     results["wall_s"] = round(time.perf_counter() - began, 1)
     print(json.dumps({"modes": modes, "ratio_to_off": results["ratio_to_off"]}, indent=2))
+    return results
+
+
+def main(argv=None) -> int:
+    results = measure(parse_args(argv))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tracing.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS / 'tracing.json'}")
