@@ -147,7 +147,9 @@ class UserVectorCache:
 
     @staticmethod
     def key(window: Window, for_platform: str) -> bytes:
-        digest = hashlib.sha256(np.ascontiguousarray(window.vectors, np.float32))
+        # The event count first: every field after it then has a length it determines.
+        digest = hashlib.sha256(len(window.events).to_bytes(4, "little"))
+        digest.update(np.ascontiguousarray(window.vectors, np.float32))
         digest.update(window.weights())
         digest.update(np.asarray([e.action for e in window.events], np.int64))
         digest.update("\x1f".join([for_platform, *(e.platform for e in window.events)])
