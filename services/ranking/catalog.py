@@ -18,6 +18,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,21 @@ class MemoryCatalog:
         return len(gone)
 
 
+def _set_wal(db: sqlite3.Connection) -> None:
+    """journal_mode=WAL, retried while another process holds the file: SQLite answers a
+    concurrent journal-mode change with "database is locked" at once, without waiting out the
+    busy timeout (worker processes opening a new catalogue file together)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Catalog(MemoryCatalog):
     """SQLite-backed; thread-safe; see MemoryCatalog for `index`. Several processes may open
     one file (the ranking service's worker processes do): every write also appends a row per
@@ -173,7 +189,7 @@ class Catalog(MemoryCatalog):
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=BUSY_TIMEOUT_S)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _set_wal(self._db)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS items (platform TEXT NOT NULL, item_id TEXT NOT NULL, "

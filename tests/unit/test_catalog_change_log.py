@@ -70,6 +70,31 @@ def _writer(path: str, worker: int, n: int) -> None:
     c.close()
 
 
+def _opener(path: str, start, out) -> None:
+    start.wait(30)
+    try:
+        Catalog(path, DIM, "exact").close()
+        out.put("ok")
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        out.put(repr(err))
+
+
+def test_processes_opening_a_new_catalogue_file_together_all_succeed(tmp_path):
+    """Worker processes start together on a file that does not exist yet: switching it to WAL
+    at the same moment must not fail any of them ("database is locked")."""
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(10):
+        path = str(tmp_path / f"new-{trial}.sqlite3")
+        start, out = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_opener, args=(path, start, out)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        assert results == ["ok"] * 6, results
+
+
 def test_concurrent_writer_processes_lose_no_write(tmp_path):
     path = str(tmp_path / "c.sqlite3")
     watcher = Catalog(path, DIM, "exact")
