@@ -32,7 +32,7 @@ sys.path[:0] = [str(REPO), str(REPO / "gen"), str(REPO / "bench")]
 from clients.datasets import AMAZON, data_dir, read_items  # noqa: E402
 from clients.stack import python_env, start_stack  # noqa: E402
 from e2e import cpu_seconds  # noqa: E402  (bench/e2e.py: a process and its workers)
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model, write_results  # noqa: E402
 from services.common import modelrepo  # noqa: E402
 from services.common.text import compose_item_text  # noqa: E402
 
@@ -133,9 +133,7 @@ def main(argv=None) -> dict:
                "params": {"batch_size": args.batch_size, "concurrency": args.concurrency,
                           "ceiling_items": args.ceiling_items},
                "runs": runs, "wall_s": round(time.perf_counter() - started, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
     return results
 
 

@@ -31,7 +31,7 @@ from clients.stack import ServiceProcess, service_args, start_stack  # noqa: E40
 from crossrec.common.v1 import common_pb2  # noqa: E402
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc  # noqa: E402
 from e2e import cpu_seconds  # noqa: E402  (bench/e2e.py)
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model, write_results  # noqa: E402
 
 CONFIGS = {"cache_on": [], "cache_off": ["--user-vector-cache-items", "0"]}
 TURN = 500
@@ -101,9 +101,7 @@ def main(argv=None) -> dict:
         results["configs"]["cache_on"]["fusion_cpu_ms_per_call"]
         / results["configs"]["cache_off"]["fusion_cpu_ms_per_call"], 3)
     print(json.dumps(results["configs"], indent=2), f"\non/off {results['cpu_ratio_on_vs_off']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
     return results
 
 

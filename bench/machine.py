@@ -3,9 +3,11 @@ extensions (lscpu), core count."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 
@@ -24,3 +26,11 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     return {"cpu": cpu_model(), "cpus": os.cpu_count()}
+
+
+def write_results(path: str | os.PathLike, results: dict) -> None:
+    """A benchmark's results as indented JSON at `path` (its folder made if missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from clients.stack import ServiceProcess, service_args, start_stack  # noqa: E402
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc  # noqa: E402
 from e2e import load_data, results_sha, seed_stores  # noqa: E402
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model, write_results  # noqa: E402
 
 DEADLINE_S = 5.0
 
@@ -133,9 +133,7 @@ def main(argv=None) -> int:
         finally:
             for q in reversed(list(procs.values())):
                 q.stop()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -13,7 +13,6 @@ between the processes sharing them) once every worker is SERVING.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from clients.datasets import AMAZON, read_items  # noqa: E402
 from clients.stack import ServiceProcess, service_args, start_stack  # noqa: E402
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model, write_results  # noqa: E402
 from services.common.text import compose_item_text  # noqa: E402
 from services.ranking.catalog import Catalog, CatalogItem  # noqa: E402
 
@@ -143,9 +142,7 @@ def main(argv=None) -> int:
               flush=True)
         results["memory"] = worker_memory(Path(tmp), full, args.model_repo,
                                           [int(x) for x in args.processes.split(",")])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
     return 0
 
 
