@@ -35,14 +35,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from clients.datasets import AMAZON, AMAZON_ORIGIN_MS, item_texts
 from export import ranker as rk
 from services.common.modelrepo import read_meta, resolve, versions
-from services.fusion.model import BaselineUserModel
+from services.fusion.model import SERVED_THREADS, BaselineUserModel
 from services.ranking import pipeline
+from services.ranking.features import UserContext
 from services.ranking.ranker import OnnxRanker
 
 log = logging.getLogger("export.evaluate")
@@ -388,17 +390,26 @@ class CrossrecSystem(CatalogueSystem):
 
     def _rank_platform(self, queries, platform, targets):
         data = self.data
-        table, rows = data.tables[platform], data.catalogue[platform]
+        rows = data.catalogue[platform]
         top, ranks = [], np.zeros(len(queries), np.int64)
         for i, q in enumerate(queries):
-            ctx = rk.user_context(self.model, data, q)
-            ranked = pipeline.rank(ctx, table, self.ranker.covisit, self.ranker,
-                                   self.ranker.candidates, self.ranker.covisit_candidates)
+            ctx, ranked = self.ranked(q)
             top.append(rows[ranked.rows[:TOP_K]])
             hit = np.flatnonzero(ranked.rows == targets[i])
             ranks[i] = (hit[0] + 1 if len(hit) else
                         rk.candidate_ranks(data, ctx, ranked.rows, int(targets[i])))
         return np.stack(top), ranks
+
+    def ranked(self, query: rk.Query) -> tuple[UserContext, pipeline.Ranked]:
+        """One query's user context and its whole ranked candidate list (table rows of the
+        query's platform, scores), as the served Recommend computes them."""
+        # One BLAS thread, as in the served processes (OPENBLAS_NUM_THREADS=1 in
+        # services/ranking/server.py): the same kernels and splits, the same bits.
+        with threadpool_limits(1, user_api="blas"):
+            ctx = rk.user_context(self.model, self.data, query)
+            return ctx, pipeline.rank(ctx, self.data.tables[query.target_platform],
+                                      self.ranker.covisit, self.ranker,
+                                      self.ranker.candidates, self.ranker.covisit_candidates)
 
 
 def int8_cache_path(repo: str | os.PathLike, dataset: str, version: int) -> Path:
@@ -451,7 +462,7 @@ def rank_fn(system: str, repo: str | os.PathLike = "models", data: rk.RankData |
         return ItemKNNSystem(data)
     if system == "fusion_untrained":
         return UserVectorSystem(data, BaselineUserModel(), system)
-    tower = rk.load_user_model(repo)
+    tower = rk.load_user_model(repo, intra_op_threads=SERVED_THREADS)
     if system == "crossrec_retrieval_only":
         return UserVectorSystem(data, tower, system)
     if system in ("crossrec", "crossrec_int8"):
@@ -570,7 +581,8 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
     log.info("%d validation users; cases: %s; data ready in %.0fs", len(val_users),
              {k: len(v) for k, v in cases.items()}, time.monotonic() - t0)
     models = {}
-    tower = rk.load_user_model(repo, allow_baseline=allow_baseline)
+    tower = rk.load_user_model(repo, allow_baseline=allow_baseline,
+                               intra_op_threads=SERVED_THREADS)
     models["user_tower"] = {"name": tower.name, "version": tower.version}
     ranker_meta, n_cands, n_cov = None, rk.CANDIDATES, 0
     if versions(repo, rk.MODEL_NAME):

@@ -160,11 +160,13 @@ def load_data(repo: str | os.PathLike = "models", dataset: str = AMAZON,
 
 
 def load_user_model(repo: str | os.PathLike, version: int | None = None,
-                    allow_baseline: bool = False):
+                    allow_baseline: bool = False, intra_op_threads: int = 2):
     """The trained user tower (OnnxUserModel); the untrained baseline when none is exported
-    and `allow_baseline` (development only: the ranker's features then come from it)."""
+    and `allow_baseline` (development only: the ranker's features then come from it).
+    `intra_op_threads`: 2 for training's batches; the evaluation passes serving's."""
     if versions(repo, USER_TOWER) or not allow_baseline:
-        return OnnxUserModel(resolve(repo, USER_TOWER, version), intra_op_threads=2)
+        return OnnxUserModel(resolve(repo, USER_TOWER, version),
+                             intra_op_threads=intra_op_threads)
     log.warning("no %s in %s: using the untrained baseline user model", USER_TOWER, repo)
     return BaselineUserModel()
 

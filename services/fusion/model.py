@@ -96,12 +96,17 @@ class BaselineUserModel:
         return np.stack(vecs), weights
 
 
+# Intra-op threads of the fusion service's user-tower session; the offline evaluation runs
+# the tower with the same, so no kernel choice can differ from what is served.
+SERVED_THREADS = 1
+
+
 class OnnxUserModel:
     """The trained user tower (models/user_tower/<N>/), run by ONNX Runtime on the CPU."""
 
     baseline = False
 
-    def __init__(self, model_dir: str | os.PathLike, intra_op_threads: int = 1):
+    def __init__(self, model_dir: str | os.PathLike, intra_op_threads: int = SERVED_THREADS):
         import onnxruntime as ort
         self.model_dir = Path(model_dir)
         self.meta = read_served_meta(self.model_dir, SERVED, "python -m export.user_tower")

@@ -7,9 +7,14 @@ may share the file (the ranking service's worker processes): each write appends 
 item to a `changes` table (an AUTOINCREMENT sequence) in its own transaction, and
 `refresh()`, called before every Recommend, applies the current value of every item named
 in rows past the last one this process reflected, so a write acknowledged by any process is
-served by every process's next Recommend. For a catalogue that replicas on several machines
-share, see redis_catalog.py. Both keep the whole catalogue in memory (MemoryCatalog) and
-offer the same methods.
+served by every process's next Recommend. Every process holds the rows in the order the
+writes were made (the items' `written` column is the seq of their last write), whether it
+took the write, caught up on it or loaded the file: ties between items break by row, and a
+BLAS scan's float sums depend on a row's position (its last rows take another kernel), so
+the same rows in the same order are what make every process, and the offline evaluation of
+a catalogue loaded in its file order, give the same list. For a catalogue that replicas on
+several machines share, see redis_catalog.py. Both keep the whole catalogue in memory
+(MemoryCatalog) and offer the same methods.
 """
 
 from __future__ import annotations
@@ -172,6 +177,19 @@ def _set_wal(db: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
+def _add_write_order(db: sqlite3.Connection) -> None:
+    """The items table's `written` column: the change-log seq of the item's last write, so
+    that a process loading the file holds the rows in the order writes were applied (a file
+    from before it gets the column, NULL: those items load first, in key order)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(items)")}
+    if "written" not in columns:
+        try:
+            db.execute("ALTER TABLE items ADD COLUMN written INTEGER")
+        except sqlite3.OperationalError as err:  # another process added it first
+            if "duplicate column" not in str(err):
+                raise
+
+
 class Catalog(MemoryCatalog):
     """SQLite-backed; thread-safe; see MemoryCatalog for `index`. Several processes may open
     one file (the ranking service's worker processes do): every write also appends a row per
@@ -194,10 +212,12 @@ class Catalog(MemoryCatalog):
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS items (platform TEXT NOT NULL, item_id TEXT NOT NULL, "
             "title TEXT NOT NULL, attributes TEXT NOT NULL, text TEXT NOT NULL, "
-            "vector BLOB NOT NULL, PRIMARY KEY (platform, item_id)) WITHOUT ROWID")
+            "vector BLOB NOT NULL, written INTEGER, PRIMARY KEY (platform, item_id)) "
+            "WITHOUT ROWID")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
             "platform TEXT NOT NULL, item_id TEXT NOT NULL)")
+        _add_write_order(self._db)
         self._seq = 0  # the last change-log row reflected in memory
         self._data_version = None
         self._closed = threading.Event()
@@ -218,10 +238,14 @@ class Catalog(MemoryCatalog):
         """Every item, and the change-log position they reflect (in the caller's read
         transaction)."""
         self._seq = self._db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+        stored: dict[str, list[tuple]] = {}
+        for platform, written, *row in self._db.execute(
+                "SELECT platform, written, item_id, title, attributes, text, vector FROM items"):
+            stored.setdefault(platform, []).append((-1 if written is None else written, row))
         rows: dict[str, list[Row]] = {}
-        for platform, item_id, title, attrs, text, blob in self._db.execute(
-                "SELECT platform, item_id, title, attributes, text, vector FROM items"):
-            rows.setdefault(platform, []).append((item_id, title, attrs, text, blob))
+        for platform, platform_rows in stored.items():
+            platform_rows.sort(key=lambda r: r[0])  # write order; stable: key order before
+            rows[platform] = [tuple(row) for _, row in platform_rows]
         self._replace_all(rows)
 
     def refresh(self) -> None:
@@ -273,36 +297,46 @@ class Catalog(MemoryCatalog):
         self._set_sizes(touched)
 
     def _apply_current(self, platform: str, item_ids: list[str]) -> None:
-        found: dict[str, tuple] = {}
+        """Apply the stored values of `item_ids`, in the order they were written (module
+        docstring: every process holds the rows in one order), absent ones as deletes."""
+        found: list[tuple] = []
         for start in range(0, len(item_ids), _SELECT_CHUNK):
             chunk = item_ids[start:start + _SELECT_CHUNK]
-            for item_id, title, attrs, text, blob in self._db.execute(
-                    "SELECT item_id, title, attributes, text, vector FROM items WHERE "
-                    f"platform=? AND item_id IN ({','.join('?' * len(chunk))})",
-                    (platform, *chunk)):
-                found[item_id] = (title, attrs, text, blob)
+            found += self._db.execute(
+                "SELECT written, item_id, title, attributes, text, vector FROM items WHERE "
+                f"platform=? AND item_id IN ({','.join('?' * len(chunk))})",
+                (platform, *chunk)).fetchall()
+        found.sort(key=lambda row: row[0])
         if found:
             items = [CatalogItem(i, platform, t, json.loads(a), x)
-                     for i, (t, a, x, _) in found.items()]
-            self._apply_upsert(items, np.frombuffer(b"".join(v[-1] for v in found.values()),
+                     for _, i, t, a, x, _ in found]
+            self._apply_upsert(items, np.frombuffer(b"".join(row[-1] for row in found),
                                                     np.float32).reshape(len(items), self.dim))
-        self._apply_delete(platform, [i for i in item_ids if i not in found])
+        stored = {row[1] for row in found}
+        self._apply_delete(platform, [i for i in item_ids if i not in stored])
 
     def _set_sizes(self, platforms) -> None:
         for platform in platforms:
             metrics.CATALOG_ITEMS.labels(platform).set(self.size(platform))
 
-    def _write(self, sql: str, rows: list[tuple], keys: list[tuple[str, str]]) -> int:
-        """Run `sql` over `rows` and log `keys` (platform, item_id) in one durable
-        transaction, then catch up (this write and any other process's before it). Returns
-        the rows `sql` changed."""
+    def _write(self, sql: str, rows: list[tuple], keys: list[tuple[str, str]],
+               numbered: bool = False) -> int:
+        """Log `keys` (platform, item_id, one per row) and run `sql` over `rows` in one
+        durable transaction, then catch up (this write and any other process's before it).
+        `numbered`: each row gets its change-log seq appended (the items' `written`).
+        Returns the rows `sql` changed."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                changed = self._db.executemany(sql, rows).rowcount
                 self._db.executemany("INSERT INTO changes (platform, item_id) VALUES (?,?)",
                                      keys)
                 newest = self._db.execute("SELECT max(seq) FROM changes").fetchone()[0]
+                # One writer holds the file (BEGIN IMMEDIATE): the rows just logged took the
+                # seqs newest - len(keys) + 1 .. newest, in order.
+                first = newest - len(keys) + 1
+                if numbered:
+                    rows = [(*row, first + n) for n, row in enumerate(rows)]
+                changed = self._db.executemany(sql, rows).rowcount
                 self._db.execute("DELETE FROM changes WHERE seq <= ?",
                                  (newest - CHANGE_LOG_ROWS,))
                 self._db.execute("COMMIT")
@@ -318,10 +352,10 @@ class Catalog(MemoryCatalog):
         `timeout_s` is accepted for the interface's sake: a local commit has no remote wait."""
         vectors = np.asarray(vectors, np.float32)
         self._write("INSERT OR REPLACE INTO items (platform, item_id, title, attributes, "
-                    "text, vector) VALUES (?,?,?,?,?,?)",
+                    "text, vector, written) VALUES (?,?,?,?,?,?,?)",
                     [(it.platform, it.item_id, it.title, json.dumps(it.attributes), it.text,
                       vec.tobytes()) for it, vec in zip(items, vectors)],
-                    [(it.platform, it.item_id) for it in items])
+                    [(it.platform, it.item_id) for it in items], numbered=True)
 
     def delete(self, platform: str, item_ids: list[str], timeout_s: float | None = None) -> int:
         """Remove items; the number that existed in the file (`timeout_s`: see upsert)."""

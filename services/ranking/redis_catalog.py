@@ -11,6 +11,8 @@ and an order across logs.
     <prefix>:{catalog}:platforms         SET     platforms that ever held an item
     <prefix>:{catalog}:meta:<platform>   HASH    item_id -> JSON [title, attributes, text]
     <prefix>:{catalog}:vec:<platform>    HASH    item_id -> float32 vector bytes (native order)
+    <prefix>:{catalog}:order:<platform>  HASH    item_id -> its last write's number (below)
+    <prefix>:{catalog}:written           STRING  writes numbered so far (INCR per item)
     <prefix>:{catalog}:log               STREAM  one entry per upsert or delete call:
                                                  op (upsert|delete), items JSON [[platform, id]...]
 
@@ -24,7 +26,11 @@ catalogue does. At start it notes the log's last id, loads every item, then one 
 the log from that id (XREAD BLOCK, so it wakes as an entry lands). For each batch of entries
 it re-reads the named items' current values and applies them (absent: deleted). Applying
 current values, not the entries' contents, makes a replay harmless and order-safe, and that
-thread is the only writer of the in-memory state, in log order. upsert and delete return once
+thread is the only writer of the in-memory state, in log order. Rows are held in the order
+the writes were made (each item's number in `order:<platform>`), on load as when tailing, so
+every replica, like the offline evaluation of the same catalogue, holds the same rows in the
+same order: ties between items, and the float sums of the scans, then agree bit for bit
+(catalog.py). upsert and delete return once
 this replica's thread has applied their own entry: the replica that took a write serves it
 at once, the others within their tail latency (services/ranking/README.md: staleness).
 
@@ -53,27 +59,30 @@ from services.ranking.catalog import CatalogItem, MemoryCatalog, Row
 
 log = logging.getLogger("crossrec.ranking")
 
-# KEYS: platforms, log, then meta:<p>, vec:<p> per platform. ARGV: log cap, items JSON, P,
-# p1..pP, then per item: platform index (1..P), item_id, meta JSON, vector bytes.
+# KEYS: platforms, log, written, then meta:<p>, vec:<p>, order:<p> per platform. ARGV: log
+# cap, items JSON, P, p1..pP, then per item: platform index (1..P), item_id, meta JSON,
+# vector bytes.
 _UPSERT_LUA = """
 local n = tonumber(ARGV[3])
 for p = 1, n do redis.call('SADD', KEYS[1], ARGV[3 + p]) end
 for i = 4 + n, #ARGV, 4 do
   local p = tonumber(ARGV[i])
-  redis.call('HSET', KEYS[1 + 2 * p], ARGV[i + 1], ARGV[i + 2])
-  redis.call('HSET', KEYS[2 + 2 * p], ARGV[i + 1], ARGV[i + 3])
+  redis.call('HSET', KEYS[1 + 3 * p], ARGV[i + 1], ARGV[i + 2])
+  redis.call('HSET', KEYS[2 + 3 * p], ARGV[i + 1], ARGV[i + 3])
+  redis.call('HSET', KEYS[3 + 3 * p], ARGV[i + 1], redis.call('INCR', KEYS[3]))
 end
 return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'op', 'upsert',
                   'items', ARGV[2])
 """
 
-# KEYS: log, meta:<p>, vec:<p>. ARGV: log cap, items JSON, item ids. Returns {number that
-# existed, log entry id or '' when none did}.
+# KEYS: log, meta:<p>, vec:<p>, order:<p>. ARGV: log cap, items JSON, item ids. Returns
+# {number that existed, log entry id or '' when none did}.
 _DELETE_LUA = """
 local gone = 0
 for i = 3, #ARGV do
   gone = gone + redis.call('HDEL', KEYS[2], ARGV[i])
   redis.call('HDEL', KEYS[3], ARGV[i])
+  redis.call('HDEL', KEYS[4], ARGV[i])
 end
 if gone == 0 then return {0, ''} end
 return {gone, redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'op', 'delete',
@@ -91,6 +100,17 @@ def _entry_key(entry_id: str) -> tuple[int, int]:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _in_write_order(items: list[tuple], order: list) -> list[tuple]:
+    """The (item_id, meta, vector) tuples still stored (meta and vector present), sorted by
+    their write numbers `order` (from the order hash; an item written before it existed has
+    none and comes first, by id): every replica holds its rows in one order, the order
+    writes were made, as the SQLite catalogue does (catalog.py)."""
+    kept = [(-1 if n is None else int(n), _text(t[0]), t) for t, n in zip(items, order)
+            if t[1] is not None and t[2] is not None]
+    kept.sort(key=lambda k: k[:2])
+    return [t for *_, t in kept]
 
 
 class RedisCatalog(MemoryCatalog):
@@ -114,6 +134,7 @@ class RedisCatalog(MemoryCatalog):
         base = f"{prefix}:{{catalog}}:"
         self._platforms_key, self._log_key = base + "platforms", base + "log"
         self._meta_prefix, self._vec_prefix = base + "meta:", base + "vec:"
+        self._order_prefix, self._written_key = base + "order:", base + "written"
         self._max_connections = max_connections
         self.log_max_entries, self.apply_wait_s = log_max_entries, apply_wait_s
         self._tail_block_ms = int(tail_block_s * 1000)
@@ -158,9 +179,10 @@ class RedisCatalog(MemoryCatalog):
         vectors = np.asarray(vectors, np.float32)
         names = list(dict.fromkeys(it.platform for it in items))
         slot = {name: n for n, name in enumerate(names, start=1)}
-        keys = [self._platforms_key, self._log_key]
+        keys = [self._platforms_key, self._log_key, self._written_key]
         for name in names:
-            keys += [self._meta_prefix + name, self._vec_prefix + name]
+            keys += [self._meta_prefix + name, self._vec_prefix + name,
+                     self._order_prefix + name]
         args: list = [self.log_max_entries,
                       json.dumps([[it.platform, it.item_id] for it in items]), len(names), *names]
         for it, vec in zip(items, vectors):
@@ -179,7 +201,8 @@ class RedisCatalog(MemoryCatalog):
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._errors(timeout_s, writes=True):
             gone, entry = self._delete_script(
-                keys=[self._log_key, self._meta_prefix + platform, self._vec_prefix + platform],
+                keys=[self._log_key, self._meta_prefix + platform, self._vec_prefix + platform,
+                      self._order_prefix + platform],
                 args=[self.log_max_entries, json.dumps([[platform, i] for i in ids]), *ids])
         if gone:
             self._wait_applied(_text(entry), deadline)
@@ -240,11 +263,11 @@ class RedisCatalog(MemoryCatalog):
             for platform, ids in touched.items():
                 pipe.hmget(self._meta_prefix + platform, ids)
                 pipe.hmget(self._vec_prefix + platform, ids)
+                pipe.hmget(self._order_prefix + platform, ids)
             answers = pipe.execute()
         for n, (platform, ids) in enumerate(touched.items()):
-            metas, vecs = answers[2 * n], answers[2 * n + 1]
-            present = [(i, m, v) for i, m, v in zip(ids, metas, vecs)
-                       if m is not None and v is not None]
+            metas, vecs, order = answers[3 * n], answers[3 * n + 1], answers[3 * n + 2]
+            present = _in_write_order([(i, m, v) for i, m, v in zip(ids, metas, vecs)], order)
             wrong = [i for i, _, v in present if len(v) != 4 * self.dim]
             if wrong:
                 log.error("catalogue vectors of the wrong dimension skipped", extra={"fields": {
@@ -292,30 +315,33 @@ class RedisCatalog(MemoryCatalog):
 
     # --- full load ------------------------------------------------------------------------
     def _reload(self) -> None:
-        """Note the log position, then read every item (HSCAN, chunked); the tail replays
-        what changed meanwhile."""
+        """Note the log position, then read every item (HSCAN, chunked) and hold them in
+        write order; the tail replays what changed meanwhile."""
         position, added, _ = self._log_info()
         rows: dict[str, list[Row]] = {}
         for platform in sorted(_text(p) for p in self._client.smembers(self._platforms_key)):
             meta_key, vec_key = self._meta_prefix + platform, self._vec_prefix + platform
-            cursor = 0
+            order_key = self._order_prefix + platform
+            cursor, found = 0, []
             while True:
                 cursor, chunk = self._client.hscan(meta_key, cursor, count=_LOAD_CHUNK)
-                metas = list(chunk.items())
-                blobs = self._client.hmget(vec_key, [i for i, _ in metas]) if metas else []
-                for (item_id, meta), blob in zip(metas, blobs):
-                    if blob is None:
-                        continue  # deleted meanwhile; the log says so too
-                    if len(blob) != 4 * self.dim:
-                        raise NotReady(
-                            f"catalogue in redis at {self.where} holds {platform} vectors of "
-                            f"dimension {len(blob) // 4}, the embedding model has {self.dim}: "
-                            "re-upsert the catalogue or use another prefix")
-                    title, attributes, text = json.loads(meta)
-                    rows.setdefault(platform, []).append(
-                        (_text(item_id), title, json.dumps(attributes), text, blob))
+                ids = list(chunk)
+                if ids:
+                    found += zip(ids, chunk.values(), self._client.hmget(vec_key, ids),
+                                 self._client.hmget(order_key, ids))
                 if cursor == 0:
                     break
+            # An item deleted meanwhile (no vector) is left out; the log says so too.
+            for item_id, meta, blob in _in_write_order([f[:3] for f in found],
+                                                       [f[3] for f in found]):
+                if len(blob) != 4 * self.dim:
+                    raise NotReady(
+                        f"catalogue in redis at {self.where} holds {platform} vectors of "
+                        f"dimension {len(blob) // 4}, the embedding model has {self.dim}: "
+                        "re-upsert the catalogue or use another prefix")
+                title, attributes, text = json.loads(meta)
+                rows.setdefault(platform, []).append(
+                    (_text(item_id), title, json.dumps(attributes), text, blob))
         self._replace_all(rows)
         for platform in rows:
             metrics.CATALOG_ITEMS.labels(platform).set(self.size(platform))

@@ -76,9 +76,14 @@ def test_served_recommend_equals_the_offline_evaluation_list_for_list(served, se
     cases = cases[setting]
     assert len(cases) == CASES
     off_tops, _ = offline.rank_cases(cases)
-    on_tops = [[r.item_id for r in client.ranking.recommend(c.case_id, c.platform, k=K)]
-               for c in cases]
+    answers = [client.ranking.recommend(c.case_id, c.platform, k=K) for c in cases]
+    on_tops = [[r.item_id for r in recs] for recs in answers]
     differing = [c.case_id for c, a, b in zip(cases, off_tops, on_tops) if a[:K] != b]
+    # Stronger than the lists: every score, bit for bit (a float32 on the wire), so a
+    # difference that moves no list on this model's scores shows here too.
+    off_scores = [offline.ranked(c.query)[1].scores[:K] for c in cases]
+    other_scores = [c.case_id for c, s, recs in zip(cases, off_scores, answers)
+                    if not np.array_equal(s, np.array([r.score for r in recs], np.float32))]
     on = evaluate_system(_lists(cases, on_tops), cases, data)["pooled"]
     off = evaluate_system(_lists(cases, off_tops), cases, data)["pooled"]
     with capsys.disabled():
@@ -86,6 +91,7 @@ def test_served_recommend_equals_the_offline_evaluation_list_for_list(served, se
               f"top-{K} lists; HR@10/NDCG@10 offline {off['hr@10']:.4f}/{off['ndcg@10']:.4f}, "
               f"served over gRPC {on['hr@10']:.4f}/{on['ndcg@10']:.4f}")
     assert not differing, f"{len(differing)} lists differ, e.g. {differing[:3]}"
+    assert not other_scores, f"{len(other_scores)} lists' scores differ, e.g. {other_scores[:3]}"
     assert on["ndcg@10"] == off["ndcg@10"]
 
 

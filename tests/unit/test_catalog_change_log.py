@@ -149,3 +149,78 @@ def test_a_following_catalogue_applies_another_connections_write_without_a_call(
     finally:
         a.close()
         b.close()
+
+
+# Writes whose ids sort unlike their order ("10" < "2" < "a"), a re-upsert (b moves to the
+# end), a repeated id in one call (the last wins) and a delete: live rows in write order.
+WRITES = [("upsert", ["b", "10", "2"]), ("upsert", ["a", "1", "b"]), ("upsert", ["c", "c"]),
+          ("delete", ["10"])]
+WRITE_ORDER = ["2", "a", "1", "b", "c"]
+
+
+def live_rows(catalog) -> tuple[list[str], np.ndarray]:
+    """(item ids, float32 vectors) of the platform's live index rows, in row order."""
+    snap = catalog.index("office").snapshot()
+    rows = np.flatnonzero(snap.alive)
+    return [snap.ids[r] for r in rows], snap.vectors[rows]
+
+
+def apply_writes(catalog, after_each=lambda: None) -> dict[str, np.ndarray]:
+    """WRITES through `catalog`; each item's last vector."""
+    last = {}
+    for n, (op, ids) in enumerate(WRITES):
+        if op == "upsert":
+            vecs = unit_vectors(len(ids), 10 + n)
+            catalog.upsert(items(ids, title=f"v{n}"), vecs)
+            last.update(zip(ids, vecs))
+        else:
+            catalog.delete("office", ids)
+        after_each()
+    return last
+
+
+def test_every_process_holds_the_rows_in_write_order_whatever_the_ids_sort_to(tmp_path):
+    """The writer, a process that caught up write by write, one that caught up at the end
+    and one that loaded the file: the same live rows in the same order, the order of the
+    writes (SQLite returns rows in key order), so ties and scan sums agree on every one."""
+    path = tmp_path / "c.sqlite3"
+    writer, stepwise, late = (Catalog(path, DIM, "exact") for _ in range(3))
+    try:
+        last = apply_writes(writer, stepwise.refresh)
+        late.refresh()
+        loaded = Catalog(path, DIM, "exact")
+        for view in (writer, stepwise, late, loaded):
+            ids, vecs = live_rows(view)
+            assert ids == WRITE_ORDER
+            np.testing.assert_array_equal(vecs, np.stack([last[i] for i in ids]))
+        loaded.close()
+    finally:
+        for view in (writer, stepwise, late):
+            view.close()
+
+
+def test_a_file_from_before_write_order_opens_and_new_writes_follow_its_items(tmp_path):
+    """A catalogue file written before the `written` column: its items load first (in key
+    order), and what is written from then on comes after them in write order."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE items (platform TEXT NOT NULL, item_id TEXT NOT NULL, title TEXT NOT "
+        "NULL, attributes TEXT NOT NULL, text TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY "
+        "(platform, item_id)) WITHOUT ROWID; CREATE TABLE changes (seq INTEGER PRIMARY KEY "
+        "AUTOINCREMENT, platform TEXT NOT NULL, item_id TEXT NOT NULL);")
+    old.executemany("INSERT INTO items VALUES ('office', ?, ?, '{}', ?, ?)",
+                    [(i, i, i, v.tobytes()) for i, v in zip(["z", "y"], unit_vectors(2, 1))])
+    old.commit()
+    old.close()
+    a = Catalog(path, DIM, "exact")
+    try:
+        assert live_rows(a)[0] == ["y", "z"]
+        a.upsert(items(["x", "w"]), unit_vectors(2, 2))
+        b = Catalog(path, DIM, "exact")
+        assert live_rows(a)[0] == live_rows(b)[0] == ["y", "z", "x", "w"]
+        b.close()
+    finally:
+        a.close()
