@@ -1,8 +1,9 @@
 """End-to-end benchmark: all three services on this machine with the real catalogue and real
 users; Recommend latency/throughput at increasing concurrency, a sustained fixed-rate run, and
 in the same run a bare gRPC echo server (same server settings, same load tool) as the ceiling
-for any Python gRPC service on this box, and tracing's cost (bench/tracing.py: Recommend with
-tracing off, on, and on at 10% sampling, on three fresh stacks taking turns). The ranking
+for any Python gRPC service on this box, tracing's cost (bench/tracing.py: Recommend with
+tracing off, on, and on at 10% sampling, on three fresh stacks taking turns), and the
+pipeline's own compute floor per query (bench/pipeline_floor.py). The ranking
 service runs its default worker processes (--processes: the usable cores); the same curve is
 then run against a second ranking with --processes 1 on the same catalogue (the workers
 axis), and the peak ratio reported. Writes bench/results/e2e.{json,png}. About 6 minutes.
@@ -54,6 +55,7 @@ from machine import cpu_model  # noqa: E402  (bench/machine.py)
 
 RESULTS = REPO / "bench" / "results"
 SUSTAINED_P99_MS, CEILING_FRACTION = 25, 0.06
+RANKING_CPU_TARGET_MS, FUSION_CPU_TARGET_MS = 2.0, 1.2  # issue 11, per Recommend at 1 caller
 
 
 def serve_echo(port_file: str) -> int:
@@ -373,6 +375,9 @@ def main(argv=None) -> int:
     p.add_argument("--tracing-calls", type=int, default=900,
                    help="then bench/tracing.py's comparison in the same run: Recommends per "
                         "mode (tracing off, on, on at 10%%) on three fresh stacks; 0 = skip")
+    p.add_argument("--floor-cases", type=int, default=200,
+                   help="then bench/pipeline_floor.py in the same run: the pipeline's CPU per "
+                        "query in-process on this many warm and cold cases each; 0 = skip")
     p.add_argument("--one-process-curve", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the Recommend curve against a ranking with --processes 1 "
                         "(the workers axis) and report the ratio of the peaks")
@@ -470,6 +475,20 @@ def main(argv=None) -> int:
         results["summary"]["processes"] = {
             "default": results["params"]["ranking_processes"], "peak_rps_1_process": one,
             "peak_ratio_default_vs_1": round(peak / max(one, 1e-9), 2)}
+    if args.floor_cases:
+        # The compute floor in the same run (bench/pipeline_floor.py): the pipeline alone,
+        # in-process, per query; issue 11's CPU targets (ranking <= 2.0 ms, fusion <= 1.2 ms
+        # per Recommend at 1 caller) sit against it.
+        import pipeline_floor  # bench/pipeline_floor.py
+        floor = pipeline_floor.measure(args.model_repo, args.floor_cases)
+        results["pipeline_floor"] = floor
+        served = results["recommend_curve"][0]["cpu_ms_per_request"]
+        per_query = floor["cpu_ms_per_query"]
+        results["summary"]["c1_cpu_ms_vs_floor"] = {
+            "ranking": {"served": served["ranking"], "floor": per_query["ranking"],
+                        "target": RANKING_CPU_TARGET_MS},
+            "fusion": {"served": served["fusion"], "floor_model_only": per_query["fusion_model"],
+                       "target": FUSION_CPU_TARGET_MS}}
     if args.tracing_calls:
         # Tracing's cost in the same run: the services stopped above, three fresh stacks
         # (off, on, on at 10%) take turns (bench/tracing.py).

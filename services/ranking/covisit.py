@@ -102,6 +102,19 @@ class CoVisits:
         """int64 row of each (platform, item_id); -1 for items the counts do not know."""
         return np.array([self.row_of.get(k, -1) for k in keys], np.int64)
 
+    def pair_counts(self, row: int, others: np.ndarray) -> np.ndarray:
+        """int64 [len(others)]: counts[row, j] for each row j of `others` (-1 rows: 0)."""
+        out = np.zeros(len(others), np.int64)
+        if row < 0 or not len(others):
+            return out
+        lo, hi = self.indptr[row], self.indptr[row + 1]
+        cols, counts = self.indices[lo:hi], self.counts[lo:hi]
+        at = np.searchsorted(cols, others)  # a CSR row's columns are ascending
+        hit = (others >= 0) & (at < len(cols))
+        hit[hit] = cols[at[hit]] == others[hit]
+        out[hit] = counts[at[hit]]
+        return out
+
     def sums(self, history_rows: np.ndarray, history_platforms: np.ndarray, target: str,
              own_rows: np.ndarray | None = None) -> "Sums":
         """Per item j, float32 [n] each (see Sums), over the user's distinct history items;

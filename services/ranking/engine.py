@@ -16,12 +16,13 @@ from services.common.errors import DOWNSTREAM_BUDGET_SHARE, BudgetSpent, Invalid
 from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
 from services.common.text import compose_item_text, has_visible_text
 from services.ranking.catalog import Catalog, CatalogItem
-from services.ranking import pipeline
-from services.ranking.features import UserContext
+from services.ranking import attribution, pipeline
+from services.ranking.features import FEATURES, UserContext
 
 log = logging.getLogger("crossrec.ranking")
 
 PERSONALISED, CROSS_PLATFORM, POPULARITY = 1, 2, 3  # crossrec.ranking.v1.Source
+SEEN = FEATURES.index("seen")
 MAX_BATCH_ITEMS = 1000
 MAX_TITLE_CHARS = 2048
 MAX_ATTRIBUTES, MAX_ATTRIBUTE_CHARS = 16, 2048
@@ -34,7 +35,10 @@ class Recommendation:
     score: float
     source: int
     explanation: str
-    contributions: list[tuple[str, str, str, float]] = field(default_factory=list)
+    # (platform, item_id, text, cosine, co-visit users) of the history items that show it
+    contributions: list[tuple[str, str, str, float, int]] = field(default_factory=list)
+    driver: str = ""  # attribution.NAMES: the feature group that lifted it most; "": none
+    attributions: list[tuple[str, float]] = field(default_factory=list)  # largest first
 
 
 @dataclass
@@ -238,15 +242,22 @@ class RankingEngine:
             ranked = pipeline.order(user, table, cands, covisit, self.ranker)
         metrics.RANKING_SOURCE.labels("cross_platform" if source == CROSS_PLATFORM
                                       else "personalised").inc()
-        rows, scores = ranked.rows, ranked.scores
+        rows, scores, feats = ranked.rows, ranked.scores, ranked.features
         if diversify:
             order = mmr(np.arange(len(rows)), scores, table.vectors[rows], k,
                         diversity_lambda or 0.7)
-            rows, scores = rows[order], scores[order]
+            rows, scores, feats = rows[order], scores[order], feats[order]
+        rows, scores, feats = rows[:k], scores[:k], feats[:k]
         ids = table.snapshot.ids
         with tracing.stage(metrics.RANKING_STAGE_SECONDS, "explain"):
-            items = [self._explain(ids[r], platform, float(s), table.vectors[r], source, profile)
-                     for r, s in zip(rows[:k].tolist(), scores[:k].tolist())]
+            shares = (attribution.shapley(self.ranker.score, feats, ranked.features.mean(0))
+                      if getattr(self.ranker, "explains", True) and len(rows) else None)
+            history_rows = (covisit.rows([(p, i) for p, i, _ in profile.recent])
+                            if covisit is not None else None)
+            items = [self._explain(ids[r], platform, float(scores[n]), table.vectors[r], source,
+                                   profile, None if shares is None else shares[n],
+                                   bool(feats[n, SEEN]), int(table.covisit_row[r]), history_rows)
+                     for n, r in enumerate(rows.tolist())]
         return RecommendResult(items, source, profile.weights, models)
 
     def _profile(self, user_id: str, platform: str, session_events, budget_s: float | None):
@@ -306,23 +317,25 @@ class RankingEngine:
         metrics.RANKING_SOURCE.labels("popularity").inc()
         return RecommendResult(items, POPULARITY, {}, models, bool(degraded), reason)
 
-    def _explain(self, item_id, platform, score, vector, source, profile) -> Recommendation:
+    def _explain(self, item_id, platform, score, vector, source, profile, shares, seen: bool,
+                 covisit_row: int, history_rows) -> Recommendation:
+        """One returned item: its driver (the feature group with the largest Shapley share,
+        services/ranking/attribution.py) and the line and history items that show it."""
         title = self.catalog.get(platform, item_id).title
-        contributions = []
-        if profile.recent_vectors is not None and len(profile.recent):
-            sims = profile.recent_vectors @ vector
-            for j in np.argsort(-sims)[:3]:
-                p, i, text = profile.recent[j]
-                contributions.append((p, i, text[:120], float(sims[j])))
-        if contributions:
-            p, _, text, _ = contributions[0]
-            lead = "similar to" if source == PERSONALISED else f"from your {p} history: like"
-            extra = {c[0] for c in contributions[1:]} - {p}
-            also = f"; also your {', '.join(sorted(extra))} history" if extra else ""
-            explanation = f"{lead} '{text[:60]}' ({p}){also}"
-        else:
-            explanation = "close to your profile"
-        return Recommendation(item_id, title, score, source, explanation, contributions)
+        driver = "" if shares is None else attribution.NAMES[int(np.argmax(shares))]
+        sims = (profile.recent_vectors @ vector
+                if profile.recent_vectors is not None and len(profile.recent) else None)
+        co_users = (self.ranker.covisit.pair_counts(covisit_row, history_rows)
+                    if driver == attribution.COVISIT and history_rows is not None else None)
+        popularity = (int(self.popularity.counts(platform, [item_id])[0])
+                      if driver == attribution.POPULARITY else 0)
+        explanation, contributions = attribution.explain(
+            driver, platform, source == CROSS_PLATFORM, profile.recent, sims, co_users,
+            popularity, seen)
+        shared = ([] if shares is None else
+                  sorted(zip(attribution.NAMES, shares.tolist()), key=lambda g: -g[1]))
+        return Recommendation(item_id, title, score, source, explanation, contributions,
+                              driver, shared)
 
     def close(self) -> None:
         self.popularity.stop()

@@ -159,15 +159,17 @@ class Ranked:
     rows: np.ndarray          # int64 [N] table rows, best first
     scores: np.ndarray        # float32 [N] the ranker's scores, same order
     candidates: Candidates
+    features: np.ndarray      # float32 [N, N_FEATURES] the ranker's input, same order
 
 
 def order(user: UserContext, table: ItemTable, cands: Candidates, covisit: CoVisits | None,
           ranker) -> Ranked:
     """Features, `ranker.score` (float32 [N, F] -> [N]) and the order by score, ties by
     retrieval position."""
-    scores = ranker.score(features(user, table, cands, covisit))
+    feats = features(user, table, cands, covisit)
+    scores = ranker.score(feats)
     best = np.argsort(-scores, kind="stable")
-    return Ranked(cands.rows[best], scores[best], cands)
+    return Ranked(cands.rows[best], scores[best], cands, feats[best])
 
 
 def rank(user: UserContext, table: ItemTable, covisit: CoVisits | None, ranker, n: int,

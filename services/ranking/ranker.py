@@ -71,6 +71,7 @@ class RetrievalOrder:
     """No trained ranker (--allow-no-ranker): keep the retrieval order."""
 
     name, version, candidates = "retrieval_order", 0, 200
+    explains = False  # its score is the row's position: no feature to attribute it to
     covisit, covisit_candidates, history_events, projection = None, 0, 50, None
 
     def score(self, features: np.ndarray) -> np.ndarray:

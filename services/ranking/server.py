@@ -24,6 +24,7 @@ from services.common.serve import (add_flag, add_server_flags, client_security, 
                                    serve, setup_logging, wait_for)
 from services.common.events import RawEvents
 from services.common.workers import default_processes, supervise
+from services.ranking import attribution
 from services.ranking.catalog import Catalog, MemoryCatalog
 from services.ranking.engine import Popularity, RankingEngine
 from services.ranking.ranker import OnnxRanker, RetrievalOrder
@@ -37,6 +38,11 @@ CATALOG_FOLLOW_S = 1.0
 # waits in the thread pool's queue behind the admission queue; gRPC refuses the rest before
 # any Python handler runs (bench/overload.py, services/ranking/README.md "Refusals").
 MAX_CONCURRENT_RPCS = 64
+# services/ranking/attribution.py's group names -> crossrec.ranking.v1.Driver
+DRIVERS = {attribution.TEXT: ranking_pb2.DRIVER_TEXT,
+           attribution.COVISIT: ranking_pb2.DRIVER_COVISIT,
+           attribution.POPULARITY: ranking_pb2.DRIVER_POPULARITY,
+           attribution.HISTORY: ranking_pb2.DRIVER_HISTORY}
 
 
 @dataclass(frozen=True)
@@ -119,8 +125,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 item_id=r.item_id, platform=request.platform, title=r.title, score=r.score,
                 source=r.source, explanation=r.explanation,
                 contributions=[ranking_pb2.Contribution(platform=p, item_id=i, item_text=t,
-                                                        similarity=s)
-                               for p, i, t, s in r.contributions])
+                                                        similarity=s, co_users=n)
+                               for p, i, t, s, n in r.contributions],
+                driver=DRIVERS.get(r.driver, ranking_pb2.DRIVER_UNSPECIFIED),
+                attributions=[ranking_pb2.Attribution(driver=DRIVERS[g], contribution=v)
+                              for g, v in r.attributions])
                 for r in result.items],
             source=result.source, platform_weights=result.platform_weights,
             models=[common_pb2.ModelRef(name=n, version=v) for n, v in result.models if n],
