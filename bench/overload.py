@@ -8,7 +8,10 @@ same run. All services and the load on this machine's cores, loopback only.
 
 The admission limit is --max-active-recommends + --max-waiting-recommends per worker process
 (4 + 32 by default); --callers (default 10 x 36 x processes) closed-loop callers over
---connections connections flood it after a baseline at --baseline-callers. Data as
+--connections connections flood it after a baseline at --baseline-callers; then an open loop
+offers --open-loop-factor times the baseline's answered rate (calls sent on schedule, as a
+fleet of independent clients would: a closed loop's refused callers re-send at once, so its
+refusal latency is bounded below by callers / refusal rate, Little's law). Data as
 bench/e2e.py: the real catalogue from the encoder's cached vectors, real users.
 """
 
@@ -67,6 +70,39 @@ async def closed_loop(address: str, users: list[str], callers: int, connections:
     return out
 
 
+async def open_loop(address: str, users: list[str], rate: float, connections: int,
+                    seconds: float) -> dict[str, list[float]]:
+    """Recommend calls sent at `rate` per second for `seconds` whatever the answers (each
+    call's time counted from when it was due, so a late send counts against it), round robin
+    over `connections` connections: {status name: [seconds of each call]}."""
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool",
+                                                             1)]) for _ in range(connections)]
+    stubs = [ranking_pb2_grpc.RankingServiceStub(c) for c in channels]
+    out: dict[str, list[float]] = {}
+
+    async def call(n: int, due: float):
+        try:
+            await stubs[n % connections].Recommend(ranking_pb2.RecommendRequest(
+                user_id=users[n % len(users)], platform=("office", "arts_crafts")[n % 2],
+                k=10, exclude_seen=True), timeout=DEADLINE_S)
+            code = "OK"
+        except grpc.aio.AioRpcError as err:
+            code = err.code().name
+        out.setdefault(code, []).append(time.perf_counter() - due)
+
+    start, tasks = time.perf_counter(), []
+    for n in range(int(rate * seconds)):
+        due = start + n / rate
+        wait = due - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.ensure_future(call(n, due)))
+    await asyncio.gather(*tasks)
+    for c in channels:
+        await c.close()
+    return out
+
+
 def summary(calls: dict[str, list[float]], seconds: float) -> dict:
     def pct(values, q):
         return round(float(np.percentile(values, q)) * 1000, 2) if values else None
@@ -88,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--baseline-s", type=float, default=4)
     p.add_argument("--flood-s", type=float, default=8)
+    p.add_argument("--open-loop-factor", type=float, default=10,
+                   help="then an open-loop flood at this many times the baseline's answered "
+                        "rate (calls sent on schedule whatever the answers); 0 = skip")
     p.add_argument("--users", type=int, default=500)
     p.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
                                                           str(REPO / "models")))
@@ -123,11 +162,20 @@ def main(argv=None) -> int:
                                                    args.baseline_s))
                     flood = asyncio.run(closed_loop(ranking.address, users, callers,
                                                     args.connections, args.flood_s))
+                    capacity = len(base.get("OK", [])) / args.baseline_s
+                    offered = args.open_loop_factor * capacity
+                    opened = (asyncio.run(open_loop(ranking.address, users, offered,
+                                                    args.connections, args.flood_s))
+                              if args.open_loop_factor else {})
                 finally:
                     code = ranking.stop()
                 run = {"max_concurrent_rpcs": cap, "exit_code": code,
                        "baseline": summary(base, args.baseline_s),
                        "flood": summary(flood, args.flood_s)}
+                if opened:
+                    run["open_loop"] = {"offered_rps": round(offered, 1),
+                                        "factor_of_capacity": args.open_loop_factor,
+                                        **summary(opened, args.flood_s)}
                 print(json.dumps(run), flush=True)
                 results["runs"].append(run)
         finally:
