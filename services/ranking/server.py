@@ -88,6 +88,32 @@ def load_ranker(config: Config):
         return RetrievalOrder()
 
 
+# A ranker whose co-visit counts know fewer of the stored catalogue's items than this share
+# was trained for another catalogue: its co-visit features would be zeros for nearly every
+# candidate, and its scores meaningless. A catalogue of fewer than MIN_JUDGED_ITEMS is not
+# judged (tests and demos run the real ranker over a few made-up items).
+MIN_KNOWN_SHARE, MIN_JUDGED_ITEMS = 0.5, 1000
+
+
+def check_trained_for(ranker, catalog: MemoryCatalog) -> None:
+    """Refuse (ValueError) a ranker trained for another catalogue than the one stored: when
+    most stored items are unknown to its co-visit counts. An empty catalogue passes (it is
+    being loaded), and so does one below MIN_JUDGED_ITEMS; new items unknown to the counts
+    are normal, a minority of them."""
+    covisit = getattr(ranker, "covisit", None)
+    platforms = catalog.platforms()
+    total = sum(catalog.size(p) for p in platforms)
+    if covisit is None or total < MIN_JUDGED_ITEMS:
+        return
+    known = sum((p, i) in covisit.row_of for p in platforms for i in catalog.item_ids(p))
+    if known < MIN_KNOWN_SHARE * total:
+        raise ValueError(
+            f"ranker v{ranker.version} was trained on {ranker.meta.get('dataset', '?')!r} "
+            f"({len(covisit):,} items), but only {known:,} of this catalogue's {total:,} items "
+            "are among them: it was trained for another catalogue. Export a ranker for this "
+            "one (make models DATASET=...) or point --model-repo at its models")
+
+
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(self, admission: Admission | None = None):
         self.engine: RankingEngine | None = None
@@ -224,6 +250,7 @@ def run(args: argparse.Namespace, config: Config, worker=None) -> int:
                                       f"embedding service at {config.embedding_address}")
         fusion = FusionRemote(config.fusion_address, security)
         catalog = open_catalog(config, dim, ranker.projection)
+        check_trained_for(ranker, catalog)
         if worker is not None:
             catalog.follow(CATALOG_FOLLOW_S)
         popularity = Popularity(fusion.item_stats, catalog, config.popularity_refresh_s)
