@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from crossrec.ranking.v1 import ranking_pb2
 from services.common import metrics, tracing
 from services.common.errors import DOWNSTREAM_BUDGET_SHARE, BudgetSpent, InvalidInput, NotReady
 from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
@@ -21,7 +22,10 @@ from services.ranking.features import UserContext
 
 log = logging.getLogger("crossrec.ranking")
 
-PERSONALISED, CROSS_PLATFORM, POPULARITY = 1, 2, 3  # crossrec.ranking.v1.Source
+# Why an item was recommended: crossrec.ranking.v1.Source numbers, from the generated module.
+PERSONALISED = ranking_pb2.SOURCE_PERSONALISED
+CROSS_PLATFORM = ranking_pb2.SOURCE_CROSS_PLATFORM
+POPULARITY = ranking_pb2.SOURCE_POPULARITY_FALLBACK
 MAX_BATCH_ITEMS = 1000
 MAX_TITLE_CHARS = 2048
 MAX_ATTRIBUTES, MAX_ATTRIBUTE_CHARS = 16, 2048
