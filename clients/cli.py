@@ -237,7 +237,7 @@ class ResumeFile:
 
 
 def cmd_events_load(client: CrossrecClient, args) -> int:
-    from clients.datasets import to_event
+    from dataio import to_event
 
     path = Path(args.path)
     items_path = Path(args.items) if args.items else catalogue_beside(path)

@@ -17,8 +17,8 @@ import termios
 
 import pytest
 
-from clients.datasets import AMAZON, iter_events, read_items
 from clients.stack import REPO, python_env, start_stack
+from dataio import AMAZON, iter_events, read_items
 
 STACK_FLAGS = {"ranking": ["--popularity-refresh-s", "1"]}
 MAIN_USERS, RESUME_USERS, FAILING_USER = slice(0, 5), slice(5, 7), 7
