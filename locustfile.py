@@ -3,9 +3,9 @@
     locust -f locustfile.py --headless -u 8 -r 8 -t 20s \\
         --ranking 127.0.0.1:50053 --fusion 127.0.0.1:50052 [--tags recommend] [--csv out]
 
-Each simulated user holds a CrossrecClient (clients/crossrec_client.py) and, back to back
+Each simulated user holds a CrossrecClient (clients/crossrec_client/) and, back to back
 (`--think-s` apart), sends Recommend (weight 8), Ingest (1) and GetProfile (1) for real users
-and items from ../shared/data (clients/datasets.py, as clients/loadtest.py draws them); every
+and items from ../shared/data (dataio/, as clients/loadtest.py draws them); every
 call goes to locust's request event with its response time and its CrossrecError, if any.
 Retries are off, so every failure shows. Targets must be loopback addresses, as for
 clients/loadtest.py: anything else is refused before a request is sent. Bound the run with

@@ -29,8 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "gen"), str(REPO / "bench")]
 
-from clients.datasets import AMAZON, data_dir, read_items  # noqa: E402
 from clients.stack import python_env, start_stack  # noqa: E402
+from dataio import AMAZON, data_dir, read_items  # noqa: E402
 from e2e import cpu_seconds  # noqa: E402  (bench/e2e.py: a process and its workers)
 from machine import cpu_model, write_results  # noqa: E402
 from services.common import modelrepo  # noqa: E402

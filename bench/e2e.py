@@ -44,12 +44,12 @@ sys.path[:0] = [str(REPO / "gen"), str(REPO)]
 
 import grpc  # noqa: E402
 
-from clients.datasets import AMAZON, item_texts, read_items, user_events  # noqa: E402
 from clients.loadtest import ECHO_METHOD, Workload, parse_args, run_load  # noqa: E402
 from clients.stack import ServiceProcess, python_env, start_stack  # noqa: E402
 from crossrec.common.v1 import common_pb2  # noqa: E402
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc  # noqa: E402
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc  # noqa: E402
+from dataio import AMAZON, item_texts, read_items, user_events  # noqa: E402
 from services.common import modelrepo  # noqa: E402
 from machine import cpu_model  # noqa: E402  (bench/machine.py)
 

@@ -63,7 +63,7 @@ for _path in (REPO / "gen", REPO):
 
 import numpy as np  # noqa: E402
 
-from clients.datasets import sample_titles  # noqa: E402
+from dataio import sample_titles  # noqa: E402
 from export import encoder as enc  # noqa: E402
 from services.common import modelrepo  # noqa: E402
 

@@ -26,10 +26,10 @@ sys.path[:0] = [str(REPO), str(REPO / "gen"), str(REPO / "bench")]
 
 import grpc  # noqa: E402
 
-from clients.datasets import AMAZON, user_events  # noqa: E402
 from clients.stack import ServiceProcess, service_args, start_stack  # noqa: E402
 from crossrec.common.v1 import common_pb2  # noqa: E402
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc  # noqa: E402
+from dataio import AMAZON, user_events  # noqa: E402
 from e2e import cpu_seconds  # noqa: E402  (bench/e2e.py)
 from machine import cpu_model, write_results  # noqa: E402
 

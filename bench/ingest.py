@@ -31,8 +31,7 @@ result, not the absolute rates.
 from __future__ import annotations
 
 import argparse
-import gzip
-import csv
+import itertools
 import json
 import os
 import platform
@@ -48,10 +47,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "gen"), str(REPO)]
 
-from clients.datasets import AMAZON, MOVIELENS, data_dir, item_texts, to_event, user_events  # noqa: E402
 from clients.crossrec_client import FusionClient  # noqa: E402
 from clients.stack import (RedisClusterServers, RedisServer, ServiceProcess,  # noqa: E402
                            service_args, start_stack)
+from dataio import (AMAZON, MOVIELENS, item_texts, iter_events, to_event,  # noqa: E402
+                    user_events)
 from services.common.events import validate_event  # noqa: E402
 from services.fusion.store import SQLiteStore  # noqa: E402
 
@@ -109,11 +109,7 @@ def store_bench(make_store, events, single_n: int) -> dict:
 
 
 def movielens_rows(limit: int):
-    with gzip.open(data_dir() / MOVIELENS / "events.csv.gz", "rt", newline="") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            if limit and i >= limit:
-                return
-            yield row
+    return itertools.islice(iter_events(MOVIELENS), limit or None)
 
 
 def movielens_bulk(run_dir: Path, model_repo: str, limit: int, streams: int = 4) -> dict:

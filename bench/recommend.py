@@ -39,7 +39,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
 
 import numpy as np  # noqa: E402
 
-from clients.datasets import AMAZON, item_texts, read_items, user_events  # noqa: E402
+from dataio import AMAZON, item_texts, read_items, user_events  # noqa: E402
 from export.item_vectors import item_vectors  # noqa: E402
 from services.common import modelrepo  # noqa: E402
 from services.common.remote import RemoteProfile  # noqa: E402

@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "gen"), str(REPO)]
 
 from clients.crossrec_client import CrossrecClient, CrossrecError, Event  # noqa: E402
-from clients.datasets import AMAZON, user_events  # noqa: E402
 from clients.stack import start_stack  # noqa: E402
 from clients.trace_collector import TraceCollector  # noqa: E402
+from dataio import AMAZON, user_events  # noqa: E402
 from e2e import cpu_seconds, seed_stores  # noqa: E402  (bench/e2e.py)
 from machine import machine  # noqa: E402  (bench/machine.py)
 

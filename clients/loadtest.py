@@ -60,7 +60,7 @@ class Workload:
 
     @classmethod
     def from_data(cls, n_users: int = 500, seed: int = 0) -> "Workload":
-        from clients.datasets import AMAZON, user_events
+        from dataio import AMAZON, user_events
         by_user = user_events(AMAZON, users=n_users)
         events = [e for es in by_user.values() for e in es]
         random.Random(seed).shuffle(events)

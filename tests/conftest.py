@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.datasets import AMAZON, sample_titles, user_events
 from clients.stack import ServiceProcess
+from dataio import AMAZON, sample_titles, user_events
 from services.common import modelrepo
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,13 +25,9 @@ class BudgetSpent(EngineError):
     """The caller's deadline passed before the work could be done; the work was dropped."""
 
 
-# Share of a caller's remaining budget an engine gives a downstream call, so that a hung
-# dependency is reported by name before the caller's own deadline fires.
-DOWNSTREAM_BUDGET_SHARE = 0.8
-
-
-# Checked in order; the first matching class wins. grpc is imported lazily so that engines
-# (which import this module) never need grpc.
+# Checked in order; the first matching class wins. Status codes by name, so that engines
+# (which import this module) never need grpc: services/common/serve.py turns the name into a
+# grpc.StatusCode.
 _STATUS_BY_ERROR = (
     (InvalidInput, "INVALID_ARGUMENT"),
     (NotFound, "NOT_FOUND"),

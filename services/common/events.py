@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from crossrec.common.v1 import common_pb2
 from services.common.errors import InvalidInput
 from services.common.text import has_visible_text, normalize_text
 
@@ -21,15 +22,19 @@ MAX_SESSION_EVENTS = 100  # session events per GetProfile / Recommend call
 # Longer item text is refused; shorter text is normalised and cut to MAX_TEXT_CHARS.
 MAX_RAW_TEXT_CHARS = 65536
 
-# Action ids are the crossrec.common.v1.Action enum numbers.
-ACTIONS = {1: "view", 2: "click", 3: "like", 4: "add_to_cart", 5: "purchase", 6: "rate",
-           7: "interact"}
-ACTION_IDS = {name: number for number, name in ACTIONS.items()}
+# The crossrec.common.v1.Action enum, read from the generated module (protos/ is its one
+# source): ACTION_NAMES[number] is the enum name (numbers run 0..n-1: the user tower embeds
+# them as rows), ACTIONS {number: short name} the actions an event may carry (0,
+# ACTION_UNSPECIFIED, is rejected). tests/unit/test_proto_enums.py pins them.
+ACTION_NAMES = tuple(common_pb2.Action.Name(n) for n in range(len(common_pb2.Action.keys())))
+ACTIONS = {n: name.removeprefix("ACTION_").lower() for n, name in enumerate(ACTION_NAMES) if n}
+ACTION_RATE, ACTION_INTERACT = common_pb2.ACTION_RATE, common_pb2.ACTION_INTERACT
 # Weight of an event whose weight is unset, by action number: stronger intent counts more; an
 # interaction of unknown kind (all of the Amazon training data) is the unit. For "rate" the
 # weight is the 1..5 rating itself; 3 is a neutral rating.
-DEFAULT_WEIGHT = {1: 0.5, 2: 1.0, 3: 2.0, 4: 2.0, 5: 3.0, 6: 3.0, 7: 1.0}
-RATE = ACTION_IDS["rate"]
+DEFAULT_WEIGHT = {common_pb2.ACTION_VIEW: 0.5, common_pb2.ACTION_CLICK: 1.0,
+                  common_pb2.ACTION_LIKE: 2.0, common_pb2.ACTION_ADD_TO_CART: 2.0,
+                  common_pb2.ACTION_PURCHASE: 3.0, ACTION_RATE: 3.0, ACTION_INTERACT: 1.0}
 MIN_RATING, MAX_RATING = 1.0, 5.0
 
 
@@ -134,7 +139,7 @@ def validate_event(event_id: str, user_id: str, platform: str, action: int, item
         weight = DEFAULT_WEIGHT[action]
     elif not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
         raise InvalidInput(f"{field}.weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
-    elif action == RATE and not MIN_RATING <= weight <= MAX_RATING:
+    elif action == ACTION_RATE and not MIN_RATING <= weight <= MAX_RATING:
         raise InvalidInput(f"{field}.weight is the rating of an ACTION_RATE event and must be "
                            f"in {MIN_RATING:g}..{MAX_RATING:g}, got {weight}")
     if len(item_text) > MAX_RAW_TEXT_CHARS:

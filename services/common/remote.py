@@ -4,10 +4,11 @@
 gRPC errors become engine errors here, so engines never see grpc: UNAVAILABLE -> NotReady,
 DEADLINE_EXCEEDED -> BudgetSpent, RESOURCE_EXHAUSTED -> Overloaded.
 
-Channels come from the client library's one builder (clients.crossrec_client.open_channel):
-the same message limits, keepalive, bounded reconnect backoff (at most ~1 s, so a restarted
-dependency is found about a second after its port opens, not after gRPC's default backoff of
-up to 120 s) and token handling as a backend's channels.
+Channels come from the client library's one builder (open_channel in
+clients/crossrec_client/channels.py): the same message limits, keepalive, bounded reconnect
+backoff (at most ~1 s, so a restarted dependency is found about a second after its port
+opens, not after gRPC's default backoff of up to 120 s) and token handling as a backend's
+channels.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from clients.crossrec_client import RetryPolicy, open_channel
+from clients.crossrec_client.channels import RetryPolicy, open_channel
 from crossrec.common.v1 import common_pb2
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc

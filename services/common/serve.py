@@ -288,38 +288,8 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     except ConfigError as err:
         log.error(str(err))
         return 2
-    auth = (TokenAuthInterceptor(token, open_reflection=args.open_reflection),) if token else ()
-    streams = StreamGuard(args.max_streams, args.stream_idle_timeout_s, name=name)
-    # The stream guard comes first: its wrapper must be the outermost to run streams on their
-    # own pool. gRPC counts open streams against maximum_concurrent_rpcs like any call (a
-    # non-blocking health Watch excepted); the caps bound how many slots they can take.
-    worker_id = () if worker is None else (WorkerIdInterceptor(worker.index),)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix=name),
-        interceptors=(streams, *traced, metrics.MetricsInterceptor(name), *worker_id, *auth,
-                      DecodeErrorInterceptor(), *interceptors),
-        maximum_concurrent_rpcs=args.max_concurrent_rpcs,
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.so_reuseport", int(worker is not None))])
-    services = register(server)
-    stream_names = streaming_methods([*services, health_pb2.DESCRIPTOR.services_by_name[
-        "Health"].full_name]) + [reflection.SERVICE_NAME]
-    if len(stream_names) > STREAM_METHODS:
-        raise RuntimeError(f"{len(stream_names)} streaming methods ({stream_names}): raise "
-                           "services.common.streams.STREAM_METHODS to match")
-    if args.max_concurrent_rpcs <= args.max_streams * len(stream_names):
-        log.warning("open streams could take every concurrency slot: --max-concurrent-rpcs "
-                    "%d <= --max-streams %d x %d streaming methods", args.max_concurrent_rpcs,
-                    args.max_streams, len(stream_names))
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ["", *services]:
-        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    metrics.READY.labels(name).set(0)  # a server stuck loading shows as 0, not as absent
-    reflection.enable_server_reflection(
-        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+    server, services, streams, health_servicer = _grpc_server(
+        name, args, register, traced, interceptors, token, worker)
     credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     address = f"{args.host}:{args.port}"
     port = (server.add_secure_port(address, credentials) if credentials
@@ -360,6 +330,61 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
         if health_server is not None:
             health_server.stop(0)
         return 1
+    follower = _start_serving(name, args, port, services, health_servicer, worker, stop)
+    log.info("serving", extra={"fields": {"service": name, "port": port,
+                                           "load_s": round(time.monotonic() - started, 2)}})
+    stop.wait()
+    if follower is not None:
+        follower.join()
+    _drain(name, args, server, health_servicer, health_server, streams, engine)
+    return 0
+
+
+def _grpc_server(name: str, args: argparse.Namespace,
+                 register: Callable[[grpc.Server], list[str]], traced: tuple,
+                 interceptors: tuple, token: str | None, worker):
+    """The server before it binds: interceptors (`traced` from tracing.setup, `interceptors`
+    the service's own, innermost), concurrency caps, the servicers `register` adds, health
+    (NOT_SERVING) and reflection. (server, service names, stream guard, health servicer)."""
+    auth = (TokenAuthInterceptor(token, open_reflection=args.open_reflection),) if token else ()
+    streams = StreamGuard(args.max_streams, args.stream_idle_timeout_s, name=name)
+    # The stream guard comes first: its wrapper must be the outermost to run streams on their
+    # own pool. gRPC counts open streams against maximum_concurrent_rpcs like any call (a
+    # non-blocking health Watch excepted); the caps bound how many slots they can take.
+    worker_id = () if worker is None else (WorkerIdInterceptor(worker.index),)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix=name),
+        interceptors=(streams, *traced, metrics.MetricsInterceptor(name), *worker_id, *auth,
+                      DecodeErrorInterceptor(), *interceptors),
+        maximum_concurrent_rpcs=args.max_concurrent_rpcs,
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.so_reuseport", int(worker is not None))])
+    services = register(server)
+    stream_names = streaming_methods([*services, health_pb2.DESCRIPTOR.services_by_name[
+        "Health"].full_name]) + [reflection.SERVICE_NAME]
+    if len(stream_names) > STREAM_METHODS:
+        raise RuntimeError(f"{len(stream_names)} streaming methods ({stream_names}): raise "
+                           "services.common.streams.STREAM_METHODS to match")
+    if args.max_concurrent_rpcs <= args.max_streams * len(stream_names):
+        log.warning("open streams could take every concurrency slot: --max-concurrent-rpcs "
+                    "%d <= --max-streams %d x %d streaming methods", args.max_concurrent_rpcs,
+                    args.max_streams, len(stream_names))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ["", *services]:
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    metrics.READY.labels(name).set(0)  # a server stuck loading shows as 0, not as absent
+    reflection.enable_server_reflection(
+        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    return server, services, streams, health_servicer
+
+
+def _start_serving(name: str, args: argparse.Namespace, port: int, services: list[str],
+                   health_servicer, worker, stop: threading.Event) -> threading.Thread | None:
+    """Health SERVING and the port file, or for a worker process: ready in the group's page
+    and a thread that follows the group's state until `stop` (returned, to join)."""
 
     def set_serving(serving: bool) -> None:
         for service in ["", *services]:
@@ -367,24 +392,24 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
                                 else health_pb2.HealthCheckResponse.NOT_SERVING)
         metrics.READY.labels(name).set(int(serving))
 
-    follower = None
     if worker is None:
         set_serving(True)
         if args.port_file:
             tmp = Path(args.port_file).with_suffix(".tmp")
             tmp.write_text(str(port))
             os.replace(tmp, args.port_file)
-    else:
-        worker.mark_ready()
-        follower = threading.Thread(target=follow_group, args=(worker, set_serving, stop),
-                                    name=f"{name}-group", daemon=True)
-        follower.start()
-    log.info("serving", extra={"fields": {"service": name, "port": port,
-                                           "load_s": round(time.monotonic() - started, 2)}})
+        return None
+    worker.mark_ready()
+    follower = threading.Thread(target=follow_group, args=(worker, set_serving, stop),
+                                name=f"{name}-group", daemon=True)
+    follower.start()
+    return follower
 
-    stop.wait()
-    if follower is not None:
-        follower.join()
+
+def _drain(name: str, args: argparse.Namespace, server: grpc.Server, health_servicer,
+           health_server: grpc.Server | None, streams: StreamGuard, engine) -> None:
+    """Graceful shutdown: NOT_SERVING, in-flight calls finish within the grace, then the
+    health port, the stream pool, the engine and the tracer close."""
     log.info("draining", extra={"fields": {"service": name, "grace_s": args.grace_s}})
     health_servicer.enter_graceful_shutdown()
     metrics.READY.labels(name).set(0)
@@ -400,4 +425,3 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
         close()
     tracing.shutdown()
     log.info("stopped", extra={"fields": {"service": name}})
-    return 0

@@ -115,28 +115,7 @@ def supervise(name: str, processes: int, host: str, port: int,
         signal.signal(sig, lambda signum, _: stop.append(signum))
 
     def fork(index: int) -> int:
-        page[1 + index] = 0
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL)
-                _die_with_parent()
-                reserved.close()
-                code = run_worker(Worker(index, page), port)
-            except SystemExit as err:  # e.g. a refusal to start, with its reason
-                if not isinstance(err.code, int):
-                    log.error(str(err.code), extra={"fields": {"worker": index}})
-                code = err.code if isinstance(err.code, int) else 1
-            except BaseException:  # noqa: BLE001 - a worker reports, never unwinds the parent's stack
-                log.exception("worker failed", extra={"fields": {"worker": index}})
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        log.info("worker started", extra={"fields": {"service": name, "worker": index,
-                                                     "pid": pid}})
-        return pid
+        return _fork_worker(name, index, page, reserved, port, run_worker)
 
     pids = {fork(i): i for i in range(processes)}
     started_at = {i: time.monotonic() for i in range(processes)}
@@ -177,6 +156,34 @@ def supervise(name: str, processes: int, host: str, port: int,
         reserved.close()
         if metrics_dir is not None:
             metrics_dir.close()
+
+
+def _fork_worker(name: str, index: int, page: mmap.mmap, reserved: socket.socket, port: int,
+                 run_worker: Callable[[Worker, int], int]) -> int:
+    """Fork worker `index`: the child runs `run_worker` and exits with its code (never
+    returns); the parent gets the child's pid."""
+    page[1 + index] = 0
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            _die_with_parent()
+            reserved.close()
+            code = run_worker(Worker(index, page), port)
+        except SystemExit as err:  # e.g. a refusal to start, with its reason
+            if not isinstance(err.code, int):
+                log.error(str(err.code), extra={"fields": {"worker": index}})
+            code = err.code if isinstance(err.code, int) else 1
+        except BaseException:  # noqa: BLE001 - a worker reports, never unwinds the parent's stack
+            log.exception("worker failed", extra={"fields": {"worker": index}})
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    log.info("worker started", extra={"fields": {"service": name, "worker": index,
+                                                 "pid": pid}})
+    return pid
 
 
 def _reap(pids: dict[int, int]) -> list[tuple[int, int, int]]:

@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from services.common import metrics
-from services.common.errors import DOWNSTREAM_BUDGET_SHARE, BudgetSpent, InvalidInput
+from services.common.deadlines import downstream_deadline, time_left
+from services.common.errors import InvalidInput
 from services.common.events import (MAX_BATCH_EVENTS, MAX_SESSION_EVENTS, Event, check_id,
                                     check_platform, validate_event)
 from services.fusion.model import UserVectors, Window, encode_user
@@ -30,23 +31,6 @@ MAX_NEW_SESSION_TEXTS = 16
 
 # (texts, budget_s) -> float32 [n, dim] L2-normalised vectors
 EmbedFn = Callable[[list[str], "float | None"], np.ndarray]
-
-
-def downstream_deadline(budget_s: float | None) -> float | None:
-    """Monotonic time by which every downstream call of one RPC (store, embedding) must be
-    done: a share of the caller's budget, so that a hung dependency is named before the
-    caller's own deadline fires. None: no budget."""
-    return None if budget_s is None else time.monotonic() + budget_s * DOWNSTREAM_BUDGET_SHARE
-
-
-def time_left(deadline: float | None, before: str) -> float | None:
-    """Seconds to `deadline` (None: unbounded); BudgetSpent naming the step if none are left."""
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise BudgetSpent(f"deadline passed before {before}")
-    return left
 
 
 @dataclass

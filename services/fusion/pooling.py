@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.common.events import DEFAULT_WEIGHT
-
-# Index = crossrec.common.v1.Action enum value; 0 (ACTION_UNSPECIFIED) is rejected upstream.
-ACTION_NAMES = ("ACTION_UNSPECIFIED", "ACTION_VIEW", "ACTION_CLICK", "ACTION_LIKE",
-                "ACTION_ADD_TO_CART", "ACTION_PURCHASE", "ACTION_RATE", "ACTION_INTERACT")
-ACTION_INTERACT = 7
-ACTION_RATE = 6
+# The Action enum's names and numbers (index = number, from the generated protobuf module)
+# and the default weights are services.common.events'; the model's conventions are read here.
+from services.common.events import (  # noqa: F401 - re-exported for export/ and model.py
+    ACTION_INTERACT, ACTION_NAMES, ACTION_RATE, DEFAULT_WEIGHT)
 
 # Weight of an event whose BehaviorEvent.weight is unset, by Action number (one table for
 # ingest validation, the baseline and the model's features).
@@ -35,13 +32,6 @@ HALF_LIFE_EVENTS = 10.0
 def rank_ages(n: int) -> np.ndarray:
     """float32 [n] ages of a window of `n` events ordered oldest first: n-1, ..., 1, 0."""
     return np.arange(n - 1, -1, -1, dtype=np.float32)
-
-
-def event_weight(action: int, weight: float | None = None) -> float:
-    """The weight fed for one event: `weight` when given, else the action's default."""
-    if weight is not None:
-        return float(weight)
-    return DEFAULT_ACTION_WEIGHT[int(action)]
 
 
 def baseline_user_vec(item_vecs: np.ndarray, weights: np.ndarray, ages: np.ndarray,

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from crossrec.ranking.v1 import ranking_pb2
 from services.common import metrics, tracing
-from services.common.errors import DOWNSTREAM_BUDGET_SHARE, BudgetSpent, InvalidInput, NotReady
+from services.common.deadlines import deadline, downstream_deadline, time_left
+from services.common.errors import InvalidInput, NotReady
 from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
 from services.common.text import compose_item_text, has_visible_text
 from services.ranking.catalog import Catalog, CatalogItem
@@ -21,7 +22,10 @@ from services.ranking.features import FEATURES, UserContext
 
 log = logging.getLogger("crossrec.ranking")
 
-PERSONALISED, CROSS_PLATFORM, POPULARITY = 1, 2, 3  # crossrec.ranking.v1.Source
+# Why an item was recommended: crossrec.ranking.v1.Source numbers, from the generated module.
+PERSONALISED = ranking_pb2.SOURCE_PERSONALISED
+CROSS_PLATFORM = ranking_pb2.SOURCE_CROSS_PLATFORM
+POPULARITY = ranking_pb2.SOURCE_POPULARITY_FALLBACK
 SEEN = FEATURES.index("seen")
 MAX_BATCH_ITEMS = 1000
 MAX_TITLE_CHARS = 2048
@@ -133,7 +137,7 @@ class RankingEngine:
         """Validate, embed (only new or changed texts) and store items; all-or-nothing.
         A (platform, item_id) repeated in the batch: the last one wins, stored once. Returns
         the number of distinct items stored."""
-        started = time.monotonic()
+        end = deadline(budget_s)
         if not raw:
             raise InvalidInput("items must hold at least 1 item, got 0")
         if len(raw) > MAX_BATCH_ITEMS:
@@ -177,10 +181,11 @@ class RankingEngine:
             else:
                 todo.append(n)
         if todo:
-            vectors[todo] = self.embed([items[n].text for n in todo],
-                                       None if budget_s is None
-                                       else budget_s * DOWNSTREAM_BUDGET_SHARE)
-        self.catalog.upsert(items, vectors, _left(budget_s, started))
+            # The downstream share is taken as the embedding call starts: validation and the
+            # vector look-up are not charged to it.
+            vectors[todo] = self.embed([items[n].text for n in todo], time_left(
+                downstream_deadline(budget_s), "the item texts were embedded"))
+        self.catalog.upsert(items, vectors, time_left(end, "the catalogue write"))
         for platform in {it.platform for it in items}:
             metrics.CATALOG_ITEMS.labels(platform).set(self.catalog.size(platform))
         return len(items)
@@ -199,7 +204,7 @@ class RankingEngine:
                   session_events: list[dict] = (), diversify: bool = False,
                   diversity_lambda: float = 0.0, budget_s: float | None = None
                   ) -> RecommendResult:
-        started = time.monotonic()
+        end = deadline(budget_s)
         if not user_id and not session_events:
             raise InvalidInput("user_id is required unless session_events are given")
         check_id(user_id, "user_id", required=False)
@@ -227,8 +232,7 @@ class RankingEngine:
             seen = {i for p, i, _ in profile.recent if p == platform}
             return self._popular(platform, k, seen if exclude_seen else set(), models)
         source = PERSONALISED if profile.counts.get(platform, 0) else CROSS_PLATFORM
-        if budget_s is not None and time.monotonic() - started > budget_s:
-            raise BudgetSpent("deadline passed after the profile was read")
+        time_left(end, "the candidates were retrieved")
 
         table = self.item_table(platform)
         user = UserContext(platform, profile.for_platform, profile.fused,
@@ -266,15 +270,15 @@ class RankingEngine:
         for history items too), so the answer is a tenth of the size. Only when the catalogue
         lacks a recent item (a session item it does not list, one deleted since) is fusion
         asked again, with the vectors."""
-        share = None if budget_s is None else budget_s * DOWNSTREAM_BUDGET_SHARE
         profile = self.profile_fn(user_id, platform, session_events[:], self.history_events,
-                                  share, item_vectors=False)
+                                  _profile_share(budget_s), item_vectors=False)
         if profile.recent and profile.recent_vectors is None:
             profile.recent_vectors = self._catalogue_vectors(
                 [(p, i) for p, i, _ in profile.recent])
             if profile.recent_vectors is None:
                 profile = self.profile_fn(user_id, platform, session_events[:],
-                                          self.history_events, share, item_vectors=True)
+                                          self.history_events, _profile_share(budget_s),
+                                          item_vectors=True)
         return profile
 
     def _catalogue_vectors(self, keys: list[tuple[str, str]]) -> np.ndarray | None:
@@ -342,14 +346,10 @@ class RankingEngine:
         self.catalog.close()
 
 
-def _left(budget_s: float | None, started: float) -> float | None:
-    """What is left of a call's budget that began at `started` (time.monotonic)."""
-    if budget_s is None:
-        return None
-    left = budget_s - (time.monotonic() - started)
-    if left <= 0:
-        raise BudgetSpent("deadline passed before the catalogue write")
-    return left
+def _profile_share(budget_s: float | None) -> float | None:
+    """Timeout of one profile call: a downstream share of the budget as the call starts (the
+    second call, when the catalogue lacks a recent item, gets a share of its own)."""
+    return time_left(downstream_deadline(budget_s), "the profile was read")
 
 
 def mmr(order: np.ndarray, scores: np.ndarray, vectors: np.ndarray, k: int,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from clients.crossrec_client import CrossrecClient, Item
-from clients.datasets import AMAZON, iter_events, item_texts, read_items, to_event
 from clients.stack import start_stack
+from dataio import AMAZON, iter_events, item_texts, read_items, to_event
 from export.evaluate import build_cases, default_data, evaluate_system, rank_fn, validation_users
 
 CASES = 200            # warm and cold-platform validation cases each, every list compared

@@ -40,7 +40,7 @@ def test_cuda_vectors_match_the_torch_reference(cuda_engine, encoder_dir, titles
 
 
 def test_cuda_throughput_on_real_titles(cuda_engine, capsys):
-    from clients.datasets import sample_titles
+    from dataio import sample_titles
     texts = sample_titles(4096, seed=5)
     encoded = cuda_engine.tokenize(texts)
     figures = {}

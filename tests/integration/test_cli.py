@@ -17,8 +17,8 @@ import termios
 
 import pytest
 
-from clients.datasets import AMAZON, iter_events, read_items
 from clients.stack import REPO, python_env, start_stack
+from dataio import AMAZON, iter_events, read_items, read_items_csv
 
 STACK_FLAGS = {"ranking": ["--popularity-refresh-s", "1"]}
 MAIN_USERS, RESUME_USERS, FAILING_USER = slice(0, 5), slice(5, 7), 7
@@ -193,6 +193,42 @@ def test_a_failed_batch_leaves_only_acknowledged_rows_in_the_resume_file(
     assert report["total_accepted"] == 20 and report["duplicates"] == 0
 
 
+def test_events_load_maps_the_columns_of_a_csv_of_another_layout(env, loaded, data, tmp_path):
+    """Other column names, no platform column, action names and a rating, ISO 8601 times, an
+    event id column: the flags map them; without them the header is refused."""
+    office = [i["item_id"] for i in read_items_csv(data["items"]) if i["platform"] == "office"]
+    path, user = tmp_path / "shop.csv", "cli-other-layout-user"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([
+            ["ref", "customer", "product", "event", "at"],
+            ["shop-1", user, office[0], "purchase", "2024-05-01T10:00:00Z"],
+            ["shop-2", user, office[1], "view", "2024-05-01T10:05:00Z"],
+            ["shop-3", user, office[2], "4", "2024-05-01T12:10:00+02:00"]])
+    flags = ("--items", data["items"], "--user-column", "customer", "--item-column", "product",
+             "--platform", "office", "--action-column", "event", "--time-column", "at",
+             "--event-id-column", "ref", "--json")
+
+    refused = crossrec(env, "events", "load", path, "--items", data["items"])
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: INVALID_ARGUMENT: {path}: missing column(s) user_id, platform, item_id, "
+        "rating_or_action in the header")
+
+    first = crossrec(env, "events", "load", path, *flags)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["accepted"] == 3
+    profile = json.loads(crossrec(env, "profile", "--user", user, "--recent", 3,
+                                  "--json").stdout)
+    assert profile["known"] and list(profile["platforms"]) == ["office"]
+    recent = [e["event"] for e in profile["recent_events"]]
+    assert [(e["event_id"], e["action"], e["weight"], e["event_time_ms"]) for e in recent] == [
+        ("shop-3", "rate", 4.0, 1_714_558_200_000), ("shop-2", "view", 0.5, 1_714_557_900_000),
+        ("shop-1", "purchase", 3.0, 1_714_557_600_000)]
+    assert all(e["item_text"] for e in recent)
+    again = json.loads(crossrec(env, "events", "load", path, *flags).stdout)
+    assert (again["accepted"], again["duplicates"]) == (0, 3)
+
+
 def test_recommend_prints_an_aligned_table_with_source_and_explanation(env, loaded,
                                                                        rows_by_user):
     user = next(iter(rows_by_user))
@@ -226,7 +262,9 @@ def test_recommend_json_carries_every_field(env, loaded, rows_by_user):
         assert item["source"] == "personalised" and item["explanation"]
         assert item["item_id"] not in seen and item["contributions"]
         assert set(item["contributions"][0]) == {"platform", "item_id", "item_text",
-                                                 "similarity"}
+                                                 "similarity", "co_users"}
+        assert item["driver"] in {"text", "covisit", "popularity", "history"}
+        assert set(item["attributions"]) == {"text", "covisit", "popularity", "history"}
 
 
 def test_profile_shows_platforms_and_recent_events(env, loaded, rows_by_user):

@@ -19,9 +19,9 @@ from clients.crossrec_client import (
     Action, Contribution, CrossrecClient, CrossrecError, DeadlineExceeded, EmbeddingClient,
     Event, IngestResult, InvalidArgument, Item, ModelRef, NotFound, RankingClient,
     ResourceExhausted, RetryPolicy, Source, Unauthenticated, Unavailable, error_from_rpc)
-from clients.datasets import AMAZON, read_items
 from clients.stack import ServiceProcess, health_status, start_stack
 from crossrec.ranking.v1 import ranking_pb2
+from dataio import AMAZON, read_items
 
 # The client does not depend on model quality: these let the stack start before `make models`
 # has trained the user tower and the ranker (with them exported, the flags change nothing).

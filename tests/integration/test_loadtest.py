@@ -8,12 +8,12 @@ import sys
 import grpc
 import pytest
 
-from clients.datasets import AMAZON, read_items
 from clients.loadtest import Workload, parse_args, run_load
 from clients.stack import REPO, python_env, start_stack
 from crossrec.common.v1 import common_pb2
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from dataio import AMAZON, read_items
 
 LOCUST_RUN_S = 4
 

@@ -6,11 +6,11 @@ import time
 import grpc
 import pytest
 
-from clients.datasets import AMAZON, read_items
 from clients.stack import ServiceProcess, start_stack
 from crossrec.common.v1 import common_pb2
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from dataio import AMAZON, read_items
 
 NOW_MS = int(time.time() * 1000)
 PERSONALISED = ranking_pb2.SOURCE_PERSONALISED

@@ -12,9 +12,9 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from clients.crossrec_client import CrossrecClient, EmbeddingClient, Event, Item
-from clients.datasets import AMAZON, read_items
 from clients.stack import REPO, python_env, start_stack
 from clients.trace_collector import TraceCollector
+from dataio import AMAZON, read_items
 
 RECOMMEND = "/crossrec.ranking.v1.RankingService/Recommend"
 GET_PROFILE = "/crossrec.fusion.v1.FusionService/GetProfile"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from clients.datasets import AMAZON, read_items
 from clients.stack import start_stack
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from dataio import AMAZON, read_items
 from tests.reliability.support import pb_event, pb_item
 
 PLATFORMS = ("arts_crafts", "office")

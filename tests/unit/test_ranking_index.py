@@ -10,7 +10,7 @@ from services.ranking.index import EXACT, HNSW, PlatformIndex
 @pytest.fixture(scope="module")
 def real_vectors(encoder_dir, titles):
     from services.embedding.engine import EmbeddingEngine
-    from clients.datasets import sample_titles
+    from dataio import sample_titles
     engine = EmbeddingEngine(encoder_dir, device="cpu")
     texts = sample_titles(1500, seed=3)
     return texts, engine.run_sorted(engine.tokenize(texts), 64)

@@ -1,0 +1,68 @@
+"""The Action and Source numbers every layer uses come from the generated protobuf modules,
+and the contract's enums are pinned: a change to either enum in protos/ fails here first.
+
+A new or renumbered Action changes what the trained user tower embeds (its action vocabulary
+is the enum's numbers) and needs a default weight (services/common/events.py), a client
+`Action` member and a new user tower export; a new Source needs a client `Source` member."""
+
+from clients.crossrec_client import Action, Source
+from crossrec.common.v1 import common_pb2
+from crossrec.ranking.v1 import ranking_pb2
+from services.common import events
+from services.fusion import pooling
+from services.ranking import engine
+
+PINNED_ACTIONS = {"ACTION_UNSPECIFIED": 0, "ACTION_VIEW": 1, "ACTION_CLICK": 2,
+                  "ACTION_LIKE": 3, "ACTION_ADD_TO_CART": 4, "ACTION_PURCHASE": 5,
+                  "ACTION_RATE": 6, "ACTION_INTERACT": 7}
+PINNED_SOURCES = {"SOURCE_UNSPECIFIED": 0, "SOURCE_PERSONALISED": 1,
+                  "SOURCE_CROSS_PLATFORM": 2, "SOURCE_POPULARITY_FALLBACK": 3}
+
+
+def enum_values(enum_wrapper) -> dict[str, int]:
+    return {v.name: v.number for v in enum_wrapper.DESCRIPTOR.values}
+
+
+def test_the_contracts_action_enum_is_the_pinned_one():
+    assert enum_values(common_pb2.Action) == PINNED_ACTIONS
+
+
+def test_the_contracts_source_enum_is_the_pinned_one():
+    assert enum_values(ranking_pb2.Source) == PINNED_SOURCES
+
+
+def test_engine_action_tables_are_the_protos():
+    proto = enum_values(common_pb2.Action)
+    assert events.ACTION_NAMES == tuple(sorted(proto, key=proto.get))
+    assert {f"ACTION_{name.upper()}": n for n, name in events.ACTIONS.items()} == {
+        name: n for name, n in proto.items() if n}
+    assert (events.ACTION_RATE, events.ACTION_INTERACT) == (proto["ACTION_RATE"],
+                                                            proto["ACTION_INTERACT"])
+    assert set(events.DEFAULT_WEIGHT) == set(events.ACTIONS)
+
+
+def test_the_user_models_action_conventions_are_the_engines():
+    assert pooling.ACTION_NAMES is events.ACTION_NAMES
+    assert pooling.DEFAULT_ACTION_WEIGHT is events.DEFAULT_WEIGHT
+    assert (pooling.ACTION_RATE, pooling.ACTION_INTERACT) == (events.ACTION_RATE,
+                                                              events.ACTION_INTERACT)
+
+
+def test_ranking_sources_are_the_protos():
+    proto = enum_values(ranking_pb2.Source)
+    assert (engine.PERSONALISED, engine.CROSS_PLATFORM, engine.POPULARITY) == (
+        proto["SOURCE_PERSONALISED"], proto["SOURCE_CROSS_PLATFORM"],
+        proto["SOURCE_POPULARITY_FALLBACK"])
+
+
+def test_client_action_members_are_the_protos_actions():
+    proto = enum_values(common_pb2.Action)
+    assert {f"ACTION_{a.name}": a.number for a in Action} == {
+        name: n for name, n in proto.items() if n}
+    assert [a.value for a in Action] == [events.ACTIONS[a.number] for a in Action]
+
+
+def test_client_source_members_are_the_protos_sources():
+    proto = enum_values(ranking_pb2.Source)
+    assert {f"SOURCE_{s.name}": s.value for s in Source} == {
+        name: name.removeprefix("SOURCE_").lower() for name in proto}
