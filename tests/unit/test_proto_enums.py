@@ -66,3 +66,16 @@ def test_client_source_members_are_the_protos_sources():
     proto = enum_values(ranking_pb2.Source)
     assert {f"SOURCE_{s.name}": s.value for s in Source} == {
         name: name.removeprefix("SOURCE_").lower() for name in proto}
+
+
+def test_every_attribution_group_has_its_proto_driver_and_client_member():
+    from clients.crossrec_client import Driver
+    from services.ranking import attribution
+    from services.ranking.server import DRIVERS
+
+    proto = enum_values(ranking_pb2.Driver)
+    assert {f"DRIVER_{d.name}": d.value for d in Driver} == {
+        name: name.removeprefix("DRIVER_").lower() for name in proto}
+    assert set(DRIVERS) == set(attribution.NAMES)
+    assert {ranking_pb2.Driver.Name(n) for n in DRIVERS.values()} == {
+        f"DRIVER_{g.upper()}" for g in attribution.NAMES} == set(proto) - {"DRIVER_UNSPECIFIED"}
