@@ -13,7 +13,8 @@ import onnxruntime as ort
 import pytest
 
 from services.common.modelrepo import read_meta
-from services.embedding.engine import CUDA, EmbeddingEngine
+from services.common.ortsession import CUDA
+from services.embedding.engine import EmbeddingEngine
 
 pytestmark = [
     pytest.mark.gpu,
