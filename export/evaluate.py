@@ -13,10 +13,12 @@ pooled over both platforms. Our copy withholds the source's test users, so proto
 on our validation users, not on their test split.
 
 A system is a callable(user_events, platform) -> ranked item ids (TOP_K), user_events being
-BehaviorEvent fields (clients.datasets.to_event) oldest first; in-process systems also offer
-rank_cases(cases) -> (top lists, full ranks) for batched evaluation and exact MRR. To evaluate
-another system (e.g. Recommend over running services) on the same users and metrics:
+BehaviorEvent fields (clients.datasets.to_event) oldest first; in-process systems
+(export/systems.py) also offer rank_cases(cases) -> (top lists, full ranks) for batched
+evaluation and exact MRR. To evaluate another system (e.g. Recommend over running services) on
+the same users and metrics:
 
+    from export.cases import build_cases, validation_users
     cases = build_cases("A", "cold", validation_users()[:200])
     metrics = evaluate_system(my_rank, cases)
 """
