@@ -65,7 +65,9 @@ import numpy as np  # noqa: E402
 
 from dataio import sample_titles  # noqa: E402
 from export import encoder as enc  # noqa: E402
+from export import encoder_reference as encref  # noqa: E402
 from services.common import modelrepo  # noqa: E402
+from services.common.ortsession import ort_session  # noqa: E402
 
 TARGETS = {
     "ort_fp32_vs_torch_batch32": 2.0,
@@ -213,11 +215,11 @@ class Workload:
                  pad_to: int | None = None, shuffle_seed: int | None = None):
         self.batch_size = batch_size
         self.feeds, self.real_tokens, self.shapes = [], [], []
-        chunks = list(enc.batches(titles, batch_size))
+        chunks = list(encref.batches(titles, batch_size))
         if shuffle_seed is not None:
             np.random.default_rng(shuffle_seed).shuffle(chunks)
         for chunk in chunks:
-            feeds = enc.encode_batch(tokenizer, chunk, input_names, pad_id, pad_to=pad_to)
+            feeds = encref.encode_batch(tokenizer, chunk, input_names, pad_id, pad_to=pad_to)
             self.feeds.append(feeds)
             self.real_tokens.append(int(feeds["attention_mask"].sum()))
             self.shapes.append(feeds["input_ids"].shape)
@@ -325,7 +327,7 @@ def _shares(ms_by_op: dict[str, float], top: int = 10) -> dict:
 
 def tokenization_us_per_title(tokenizer, titles: list[str], batch_size: int = 32) -> float:
     start = time.perf_counter()
-    for chunk in enc.batches(titles, batch_size):
+    for chunk in encref.batches(titles, batch_size):
         tokenizer.encode_batch(chunk)
     return (time.perf_counter() - start) / len(titles) * 1e6
 
@@ -673,13 +675,14 @@ def main(argv=None) -> dict:
     int8_dir = modelrepo.resolve(args.model_repo, enc.INT8_NAME)
     meta = modelrepo.read_meta(fp32_dir)
     source = Path(meta["source_model"]["path"])
-    reference = enc.TorchReference(source if source.is_dir() else None)
+    reference = encref.TorchReference(source if source.is_dir() else None)
     # The tokenizer the server loads, with the server's settings.
-    tokenizer = enc.load_tokenizer(fp32_dir / meta["tokenizer_file"], meta["max_sequence_tokens"])
+    tokenizer = encref.load_tokenizer(fp32_dir / meta["tokenizer_file"],
+                                      meta["max_sequence_tokens"])
     names, pad_id = meta["input_names"], meta["pad_token_id"]
     spinning = args.ort_spinning
-    fp32 = enc.ort_session(fp32_dir / "model.onnx", threads, spinning=spinning)
-    int8 = enc.ort_session(int8_dir / "model.onnx", threads, spinning=spinning)
+    fp32 = ort_session(fp32_dir / "model.onnx", threads, spinning=spinning, inter_op_threads=1)
+    int8 = ort_session(int8_dir / "model.onnx", threads, spinning=spinning, inter_op_threads=1)
     titles = sample_titles(args.titles, seed=args.seed)
     print(f"loaded in {time.perf_counter() - load_start:.1f}s: {len(titles)} titles, "
           f"{cpu['cores']} cores, {threads} threads", flush=True)
@@ -690,7 +693,7 @@ def main(argv=None) -> dict:
     sgemm = measured_sgemm_gflops()
 
     def ort_runner(session):
-        return lambda feeds: session.run([enc.OUTPUT_NAME], feeds)[0]
+        return lambda feeds: session.run([encref.OUTPUT_NAME], feeds)[0]
 
     offline = {}
     for b in batch_sizes:
@@ -700,7 +703,7 @@ def main(argv=None) -> dict:
                     "ort_int8": (ort_runner(int8), "longest")}
         if b == 32:
             # What serving the source tokenizer.json unchanged would do: truncate and pad to 128.
-            fixed = enc.load_tokenizer(fp32_dir / meta["tokenizer_file"], 128)
+            fixed = encref.load_tokenizer(fp32_dir / meta["tokenizer_file"], 128)
             workloads["fixed128"] = Workload(fixed, titles, b, names, pad_id, pad_to=128)
             backends["ort_fp32_pad128"] = (ort_runner(fp32), "fixed128")
             # Length-sorted batches (the bulk-job layout, and what a length-aware batcher could
@@ -763,8 +766,8 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         torch.set_num_threads(1)
         share = CpuShare(cpu["cores"])
-        fp32_1 = enc.ort_session(fp32_dir / "model.onnx", 1, spinning=spinning)
-        int8_1 = enc.ort_session(int8_dir / "model.onnx", 1, spinning=spinning)
+        fp32_1 = ort_session(fp32_dir / "model.onnx", 1, spinning=spinning, inter_op_threads=1)
+        int8_1 = ort_session(int8_dir / "model.onnx", 1, spinning=spinning, inter_op_threads=1)
         control = run_offline(
             {"torch_fp32": (reference.run, "longest"), "ort_fp32": (ort_runner(fp32_1), "longest"),
              "ort_int8": (ort_runner(int8_1), "longest")},
@@ -799,7 +802,7 @@ def main(argv=None) -> dict:
     served = None
     if args.served:
         if (REPO / "services/embedding/server.py").is_file():
-            served = run_served(args, titles, lambda texts: enc.run_session(
+            served = run_served(args, titles, lambda texts: encref.run_session(
                 fp32, tokenizer, texts, names, pad_id), cpu["cores"])
         else:
             served = {"skipped": "services/embedding/server.py does not exist yet"}

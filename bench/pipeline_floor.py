@@ -6,9 +6,9 @@ runs it in its own run, beside the served CPU per Recommend by process.
 
     .venv/bin/python bench/pipeline_floor.py [--cases 200]    (bench/results/pipeline_floor.json)
 
-Stages (export/evaluate.py's CrossrecSystem runs the same calls):
+Stages (export/systems.py's CrossrecSystem runs the same calls):
 - `user_tower`: fusion's model call for one profile (services/fusion/model.encode_user through
-  export.ranker.user_context: the windows the ranker reads, one ONNX call);
+  export.rank_data.user_context: the windows the ranker reads, one ONNX call);
 - `candidates`: ranking's retrieval (the pca scan, its shortlist re-scored exactly) and the
   co-visit sums and merge (services/ranking/pipeline.candidates);
 - `features`: pipeline.features over the candidates;
@@ -31,8 +31,9 @@ sys.path[:0] = [str(REPO / "gen"), str(REPO)]
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from export import ranker as rk  # noqa: E402
-from export.evaluate import build_cases, default_data, rank_fn, validation_users  # noqa: E402
+from export import rank_data as rk  # noqa: E402
+from export.cases import build_cases, default_data, validation_users  # noqa: E402
+from export.systems import rank_fn  # noqa: E402
 from machine import machine, write_results  # noqa: E402  (bench/machine.py)
 from services.ranking import pipeline  # noqa: E402
 

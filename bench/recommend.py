@@ -179,8 +179,8 @@ def index_comparison(repo: str, n_items: int, cases_per_setting: int, big_cases:
                      seed: int) -> dict:
     """Part 2 (see the module docstring): each index kind by the end NDCG@10 of the whole
     Recommend pipeline against exact float32, at the real catalogue and at n_items."""
-    from export import evaluate as ev
-    from export import ranker as rk
+    from export import cases as ev
+    from export import rank_data as rk
 
     data = ev.default_data(repo)
     ranker = OnnxRanker(modelrepo.resolve(repo, "ranker"))

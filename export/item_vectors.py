@@ -1,4 +1,4 @@
-"""Item text vectors of a whole catalogue from the exported ONNX encoder, cached under models/cache.
+"""Item text vectors of a whole catalogue from an exported ONNX encoder, cached under models/cache.
 
 The text is `compose_item_text(title, attributes)`, the one the serving side embeds, and the
 vectors come from the serving code itself (services.embedding.engine.EmbeddingEngine on
@@ -9,7 +9,6 @@ models/encoder/<N>/), so training and evaluation see, bit for bit, the vectors s
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from clients.datasets import AMAZON, read_items
+from dataio import AMAZON, read_items
+from export import cli
 from services.common.modelrepo import read_meta, resolve
 from services.common.text import compose_item_text
 from services.embedding.engine import EmbeddingEngine, embedding_function_id
@@ -35,14 +35,16 @@ THREADS = 2
 PROGRESS_TEXTS = 4096
 
 
-def encoder_ref(repo: str | os.PathLike, version: int | None = None) -> tuple[Path, int, dict]:
-    """(directory, version, meta) of the encoder at `version` (None: the highest)."""
-    model_dir = resolve(repo, ENCODER_NAME, version)
+def encoder_ref(repo: str | os.PathLike, version: int | None = None,
+                encoder: str = ENCODER_NAME) -> tuple[Path, int, dict]:
+    """(directory, version, meta) of `encoder` at `version` (None: the highest)."""
+    model_dir = resolve(repo, encoder, version)
     return model_dir, int(model_dir.name), read_meta(model_dir)
 
 
-def cache_path(repo: str | os.PathLike, dataset: str, version: int) -> Path:
-    return Path(repo) / "cache" / f"item_vectors-{dataset}-{ENCODER_NAME}-v{version}.npz"
+def cache_path(repo: str | os.PathLike, dataset: str, version: int,
+               encoder: str = ENCODER_NAME) -> Path:
+    return Path(repo) / "cache" / f"item_vectors-{dataset}-{encoder}-v{version}.npz"
 
 
 def catalogue_texts(dataset: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -54,7 +56,7 @@ def catalogue_texts(dataset: str) -> tuple[list[tuple[str, str]], list[str]]:
     return ids, texts
 
 
-def _texts_digest(ids, texts) -> str:
+def texts_digest(ids, texts) -> str:
     """Cache key of the vectors of `texts`: the texts, and what decides a vector's bits besides
     the model (padding rule, ONNX Runtime version), so a change to either re-embeds."""
     h = hashlib.sha256()
@@ -83,24 +85,30 @@ def embed_texts(model_dir: Path, meta: dict, texts: list[str], batch_size: int =
 
 
 def item_vectors(dataset: str = AMAZON, repo: str | os.PathLike = "models",
-                 version: int | None = None) -> tuple[list[tuple[str, str]], np.ndarray]:
+                 version: int | None = None, encoder: str = ENCODER_NAME, build: bool = True
+                 ) -> tuple[list[tuple[str, str]], np.ndarray] | None:
     """Every catalogue item of `dataset` as (platform, item_id), in items.csv order, and its
-    float32 [n, dim] L2-normalised text vector from encoder `version` (None: the highest).
+    float32 [n, dim] L2-normalised text vector from `encoder` (encoder or encoder_int8) at
+    `version` (None: the highest).
 
-    Cached in models/cache/item_vectors-<dataset>-encoder-v<N>.npz; the cache is reused only
-    when it was built from the same item texts by the same embedding function (_texts_digest)."""
-    model_dir, version, meta = encoder_ref(repo, version)
+    Cached in models/cache/item_vectors-<dataset>-<encoder>-v<N>.npz; the cache is reused only
+    when it was built from the same item texts by the same embedding function (texts_digest).
+    Without a usable cache and with `build` False: None."""
+    model_dir, version, meta = encoder_ref(repo, version, encoder)
     ids, texts = catalogue_texts(dataset)
-    digest = _texts_digest(ids, texts)
-    path = cache_path(repo, dataset, version)
+    digest = texts_digest(ids, texts)
+    path = cache_path(repo, dataset, version, encoder)
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             if str(z["texts_sha256"]) == digest and z["vecs"].shape == (len(ids), meta["dim"]):
                 log.info("item vectors from cache %s", path)
                 return ids, z["vecs"].astype(np.float32)
-        log.warning("cache %s is stale (item texts or embedding function changed); "
-                    "re-embedding", path)
-    log.info("embedding %d %s items with %s v%d", len(texts), dataset, ENCODER_NAME, version)
+        if build:
+            log.warning("cache %s is stale (item texts or embedding function changed); "
+                        "re-embedding", path)
+    if not build:
+        return None
+    log.info("embedding %d %s items with %s v%d", len(texts), dataset, encoder, version)
     vecs = embed_texts(model_dir, meta, texts)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -113,13 +121,10 @@ def item_vectors(dataset: str = AMAZON, repo: str | os.PathLike = "models",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO", "models"))
-    parser.add_argument("--dataset", default=AMAZON)
+    parser = cli.parser(__doc__.splitlines()[0])
     parser.add_argument("--encoder-version", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(message)s")
+    cli.setup_logging()
     ids, vecs = item_vectors(args.dataset, args.model_repo, args.encoder_version)
     log.info("%d item vectors, dim %d", len(ids), vecs.shape[1])
     return 0

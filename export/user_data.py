@@ -1,7 +1,8 @@
-"""Event sequences, the user-level validation split and full-ranking metrics for the user tower.
+"""Event sequences, the user-level validation split, the user tower's validation windows, the
+untrained baselines' user vectors and item popularity (metrics: export/metrics.py).
 
-Torch-free (numpy only) so that later evaluations, e.g. of the ranking service, can reuse the
-same split, windows and metric definitions.
+Torch-free (numpy only): the ranker and the offline evaluation reuse the same split and
+sequences.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clients.datasets import iter_events
-from services.fusion.pooling import (ACTION_INTERACT, ACTION_RATE, DEFAULT_ACTION_WEIGHT,
+from dataio import action_and_weight, iter_events
+from services.fusion.pooling import (DEFAULT_ACTION_WEIGHT,
                                      baseline_user_vec, rank_ages)
 
 # The user's most recent events, across platforms, the model sees (newest last).
@@ -23,7 +24,6 @@ VAL_FRACTION = 0.10
 SPLIT_SEED = 0
 UNKNOWN_PLATFORM = "<other>"
 HISTORY, HELDOUT_TARGET = "history", "heldout_target"
-K = 10
 
 
 @dataclass
@@ -39,11 +39,11 @@ class UserSeq:
 
 
 def _action_and_weight(value: str) -> tuple[int, float]:
-    """Amazon rows say `interact`; MovieLens rows carry the 1..5 star rating."""
-    try:
-        return ACTION_RATE, float(value)
-    except ValueError:
-        return ACTION_INTERACT, DEFAULT_ACTION_WEIGHT[ACTION_INTERACT]
+    """The one reading of a data row's action column (dataio.action_and_weight: Amazon rows
+    say `interact`, MovieLens rows carry the 1..5 star rating), the action's default weight
+    filled in."""
+    action, weight = action_and_weight(value)
+    return action, DEFAULT_ACTION_WEIGHT[action] if weight is None else weight
 
 
 def load_sequences(dataset: str, ids: list[tuple[str, str]]) -> tuple[list[dict], int]:
@@ -155,53 +155,6 @@ def same_platform_baseline_vectors(w: Windows, item_vecs: np.ndarray) -> np.ndar
     # Ages are re-ranked within the events kept, as a per-platform profile would see them.
     ages = np.flip(np.cumsum(np.flip(use, 1), 1), 1) - use
     return baseline_user_vec(item_vecs[w.items], w.weights * use, ages)
-
-
-def rank_of_targets(user_vecs: np.ndarray, w: Windows, item_vecs: np.ndarray,
-                    catalogue: dict[int, np.ndarray], item_bias: np.ndarray | None = None,
-                    scale: float = 1.0, chunk: int = 512) -> np.ndarray:
-    """1-based rank of each target among its platform's whole catalogue by
-    scale * dot(user, item) (+ item_bias[item], float [n_items], when given).
-
-    Ties count against the target (an item with the same score ranks above it), so identical
-    item texts cannot make a ranking look better than it is."""
-    ranks = np.zeros(len(w), dtype=np.int64)
-    for pid, rows in catalogue.items():
-        sel = np.flatnonzero(w.target_platform == pid)
-        mat = item_vecs[rows]
-        for c0 in range(0, len(sel), chunk):
-            q = sel[c0:c0 + chunk]
-            scores = scale * (user_vecs[q] @ mat.T)
-            target = scale * np.einsum("qd,qd->q", user_vecs[q], item_vecs[w.target_item[q]])
-            if item_bias is not None:
-                scores = scores + item_bias[rows][None, :]
-                target = target + item_bias[w.target_item[q]]
-            # The target itself is among the >= (1e-5 absorbs matmul vs einsum rounding).
-            ranks[q] = np.maximum((scores >= target[:, None] - 1e-5 * max(scale, 1.0)).sum(1), 1)
-    return ranks
-
-
-def rank_by_score(scores_by_platform: dict[int, np.ndarray], w: Windows,
-                  catalogue: dict[int, np.ndarray]) -> np.ndarray:
-    """1-based rank of each target under a user-independent score per catalogue row (e.g.
-    popularity); ties are broken by catalogue order, deterministically."""
-    ranks = np.zeros(len(w), dtype=np.int64)
-    for pid, rows in catalogue.items():
-        order = np.lexsort((np.arange(len(rows)), -scores_by_platform[pid]))
-        position = np.empty(len(rows), dtype=np.int64)
-        position[order] = np.arange(1, len(rows) + 1)
-        local = {int(r): i for i, r in enumerate(rows)}
-        for q in np.flatnonzero(w.target_platform == pid):
-            ranks[q] = position[local[int(w.target_item[q])]]
-    return ranks
-
-
-def metrics_from_ranks(ranks: np.ndarray, k: int = K) -> dict:
-    """Recall@k (one target per query, so = HR@k) and NDCG@k, averaged over queries."""
-    hit = ranks <= k
-    ndcg = np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
-    return {f"recall@{k}": float(hit.mean()), f"ndcg@{k}": float(ndcg.mean()),
-            "mrr": float((1.0 / ranks).mean()), "n": int(len(ranks))}
 
 
 def catalogue_rows(ids: list[tuple[str, str]], vocab: dict[str, int]) -> dict[int, np.ndarray]:

@@ -13,12 +13,11 @@ from tokenizers import Tokenizer
 
 from services.common.errors import InvalidInput
 from services.common.modelrepo import read_meta
+from services.common.ortsession import ort_session
 from services.common.text import has_visible_text
 
 log = logging.getLogger("crossrec.embedding")
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 # A token is rarely longer than this many characters; text beyond max_tokens * this is cut
 # before tokenising so a megabyte of text costs no more than a full-length one.
 _CHARS_PER_TOKEN_CAP = 16
@@ -49,21 +48,6 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def choose_providers(device: str) -> list[str]:
-    """ORT providers for `device` ("auto": CUDA when ONNX Runtime has it, else CPU)."""
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return [CPU]
-    if device == "cuda":
-        if CUDA not in available:
-            raise RuntimeError(f"--device cuda asked for, but ONNX Runtime offers only {available}"
-                               " (install with GPU=1 on a machine with CUDA)")
-        return [CUDA, CPU]
-    if device != "auto":
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    return [CUDA, CPU] if CUDA in available else [CPU]
 
 
 @dataclass(frozen=True)
@@ -108,19 +92,13 @@ class EmbeddingEngine:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=self.max_tokens)
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.intra_op_threads = intra_op_threads or usable_cpus()
-        options.intra_op_num_threads = self.intra_op_threads
         # ORT's ReduceSum (the mean pooling over the sequence) takes its batched fast path only
         # for at least max(2, intra-op threads) rows; below that it sums in another order and
         # vectors move by ~3e-8. From there up the bits depend neither on the batch size nor on
         # the thread count (measured: ORT 1.32 CPU, 1 to 16 threads); run pads calls to it.
         self.min_rows = max(2, self.intra_op_threads)
-        # Spinning threads steal the shared cores from gRPC and numpy between calls.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.model_dir / "model.onnx"), options,
-                                            providers=choose_providers(device))
+        self.session = ort_session(self.model_dir / "model.onnx", self.intra_op_threads, device)
         self.provider = self.session.get_providers()[0]
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name

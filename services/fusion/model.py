@@ -13,6 +13,7 @@ import numpy as np
 
 from services.common.events import Event
 from services.common.modelrepo import read_served_meta
+from services.common.ortsession import ort_session
 from services.fusion.pooling import (ACTION_NAMES, DEFAULT_ACTION_WEIGHT, HALF_LIFE_EVENTS,
                                      baseline_user_vec, rank_ages)
 
@@ -107,7 +108,6 @@ class OnnxUserModel:
     baseline = False
 
     def __init__(self, model_dir: str | os.PathLike, intra_op_threads: int = SERVED_THREADS):
-        import onnxruntime as ort
         self.model_dir = Path(model_dir)
         self.meta = read_served_meta(self.model_dir, SERVED, "python -m export.user_tower")
         self.name = self.meta["name"]
@@ -126,11 +126,7 @@ class OnnxUserModel:
                              "default weights than serving uses; export a new version")
         self.input_names = list(self.meta["input_names"])
         self.output_names = list(self.meta["output_names"])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.model_dir / self.meta["model_file"]),
-                                            options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(self.model_dir / self.meta["model_file"], intra_op_threads)
         log.info("user model loaded", extra={"fields": {
             "model": self.name, "version": self.version, "platforms": self.platform_ids}})
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.modelrepo import read_served_meta
+from services.common.ortsession import ort_session
 from services.ranking.covisit import CoVisits
 from services.ranking.features import FEATURES
 
@@ -29,7 +30,6 @@ class OnnxRanker:
     """Scores candidates from their features: float32 [N, F] -> float32 [N], higher better."""
 
     def __init__(self, model_dir: str | os.PathLike, intra_op_threads: int = 1):
-        import onnxruntime as ort
         self.model_dir = Path(model_dir)
         self.meta = read_served_meta(self.model_dir, SERVED, "python -m export.ranker")
         self.name, self.version = self.meta["name"], int(self.meta["version"])
@@ -49,12 +49,7 @@ class OnnxRanker:
         if self.covisit is None and any(f.startswith("covisit") for f in FEATURES):
             raise ValueError(f"ranker {self.model_dir} has no co-visit counts (covisit_file "
                              "in meta.json)")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.model_dir / self.meta["model_file"]),
-                                            options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort_session(self.model_dir / self.meta["model_file"], intra_op_threads)
         # The item vectors' principal directions (index kind pca), float32 [dim, r].
         with np.load(self.model_dir / self.meta["retrieval_file"]) as z:
             self.projection = np.ascontiguousarray(z["projection"], dtype=np.float32)

@@ -12,7 +12,9 @@ import pytest
 from clients.crossrec_client import CrossrecClient, Item
 from clients.stack import start_stack
 from dataio import AMAZON, iter_events, item_texts, read_items, to_event
-from export.evaluate import build_cases, default_data, evaluate_system, rank_fn, validation_users
+from export.cases import build_cases, default_data, validation_users
+from export.evaluate import evaluate_system
+from export.systems import rank_fn
 
 CASES = 200            # warm and cold-platform validation cases each, every list compared
 INGESTED_USERS = 1500  # training users whose events give the served popularity

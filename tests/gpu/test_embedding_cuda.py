@@ -13,7 +13,8 @@ import onnxruntime as ort
 import pytest
 
 from services.common.modelrepo import read_meta
-from services.embedding.engine import CUDA, EmbeddingEngine
+from services.common.ortsession import CUDA
+from services.embedding.engine import EmbeddingEngine
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,7 +33,7 @@ def cuda_engine(encoder_dir):
 
 
 def test_cuda_vectors_match_the_torch_reference(cuda_engine, encoder_dir, titles):
-    from export.encoder import torch_reference
+    from export.encoder_reference import torch_reference
     served = cuda_engine.run_sorted(cuda_engine.tokenize(titles), 32)
     reference = torch_reference(read_meta(encoder_dir)["source_model"]["path"])(titles)
     assert np.abs(served - reference).max() <= 1e-4

@@ -50,7 +50,7 @@ def test_health_is_serving_and_reflection_lists_the_service(server):
 
 
 def test_served_vectors_match_the_torch_reference_on_real_titles(stub, titles, encoder_dir):
-    from export.encoder import torch_reference
+    from export.encoder_reference import torch_reference
     from services.common.modelrepo import read_meta
     served, reply = embed(stub, titles[:32])
     reference = torch_reference(read_meta(encoder_dir)["source_model"]["path"])(titles[:32])

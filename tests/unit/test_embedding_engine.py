@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidInput
-from services.embedding.engine import CPU, EmbeddingEngine, choose_providers, padded_length
+from services.common.ortsession import CPU, choose_providers
+from services.embedding.engine import EmbeddingEngine, padded_length
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
 from export import item_vectors
 from export.encoder import (FP32_NAME, INT8_GATE_MEAN_COSINE, PARITY_MAX_ABS_DIFF,
-                            PARITY_MIN_COSINE, TorchReference, _files, _stage, batch_invariance,
-                            check_int8, check_parity, max_sequence_tokens, serving_vectors)
+                            PARITY_MIN_COSINE, batch_invariance, check_int8, check_parity,
+                            serving_vectors, stage_version, staged_files)
+from export.encoder_reference import TorchReference, max_sequence_tokens
 from services.common import modelrepo
+from services.common.ortsession import ort_session
 from services.embedding.engine import EmbeddingEngine
 
 META_KEYS = {"name", "version", "format", "precision", "opset", "input_names", "output_names",
@@ -61,8 +62,7 @@ def test_exported_int8_meta_records_quantization_and_passes_its_gate(model_repo)
 def test_exported_graph_io_and_tokenizer_match_meta(model_repo, name):
     model_dir = modelrepo.resolve(model_repo, name)
     meta = modelrepo.read_meta(model_dir)
-    session = ort.InferenceSession(str(model_dir / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort_session(model_dir / "model.onnx", 1)
     assert [i.name for i in session.get_inputs()] == meta["input_names"]
     assert all(i.type == "tensor(int64)" for i in session.get_inputs())
     (output,) = session.get_outputs()
@@ -168,8 +168,8 @@ def test_a_staged_version_gives_the_published_vectors(tmp_path, encoder_dir, ser
     base = {k: v for k, v in meta.items() if k not in ("name", "version", "parity")}
     (tmp_path / "model.onnx").symlink_to((encoder_dir / "model.onnx").resolve())
     source = Path(meta["source_model"]["path"])
-    _stage(source, tmp_path, FP32_NAME, base, meta["max_sequence_tokens"])
-    assert "meta.json" not in _files(tmp_path) and "tokenizer.json" in _files(tmp_path)
+    stage_version(source, tmp_path, FP32_NAME, base, meta["max_sequence_tokens"])
+    assert "meta.json" not in staged_files(tmp_path) and "tokenizer.json" in staged_files(tmp_path)
     staged = EmbeddingEngine(tmp_path, device="cpu")
     assert np.array_equal(serving_vectors(staged, titles), serving_vectors(serving, titles))
 

@@ -5,8 +5,9 @@ rank the same user alike, list for list."""
 import numpy as np
 import pytest
 
-from export import evaluate as ev
-from export import ranker as rk
+from export.cases import build_cases
+from export.systems import CrossrecSystem
+from export import rank_data as rd
 from export import user_data as ud
 from services.fusion.model import BaselineUserModel, Window, encode_user
 from services.ranking import pipeline
@@ -114,7 +115,7 @@ def test_every_index_kind_returns_exact_scores_in_order_ties_by_row():
     vecs = _unit(300, seed=2)
     vecs[7] = vecs[3]  # a tie: row 3 comes first
     for kind in KINDS:
-        index = PlatformIndex(DIM, kind, projection=rk.retrieval_projection(vecs, 4))
+        index = PlatformIndex(DIM, kind, projection=rd.retrieval_projection(vecs, 4))
         index.upsert([str(i) for i in range(300)], vecs)
         rows = index.snapshot().search(vecs[3], 10)
         scores = vecs[rows] @ vecs[3]
@@ -124,7 +125,7 @@ def test_every_index_kind_returns_exact_scores_in_order_ties_by_row():
 
 def test_pca_search_is_the_same_for_a_catalogue_loaded_in_batches_or_at_once():
     vecs = _unit(2000, seed=4)
-    projection = rk.retrieval_projection(vecs, 4)
+    projection = rd.retrieval_projection(vecs, 4)
     ids = [str(i) for i in range(2000)]
     at_once = PlatformIndex(DIM, PCA, projection=projection)
     at_once.upsert(ids, vecs)
@@ -174,7 +175,7 @@ def _tiny_data():
 
     seqs = [seq(f"u{i}", 6 + i % 5) for i in range(30)]
     counts = rng.integers(0, 9, len(ids)).astype(float)
-    return rk.RankData("tiny-in-memory", ids, vecs, {"name": "test", "version": 0}, vocab,
+    return rd.RankData("tiny-in-memory", ids, vecs, {"name": "test", "version": 0}, vocab,
                        seqs, {s.user_id for s in seqs[:20]}, {s.user_id for s in seqs[20:]},
                        counts)
 
@@ -194,18 +195,18 @@ def test_the_serving_engine_and_the_offline_evaluation_give_identical_lists(sett
 
     popularity = Popularity(Stats(), catalog, 3600)
     popularity.refresh()
-    cases = ev.build_cases("A", setting, sorted(data.val_ids), data)
+    cases = build_cases("A", setting, sorted(data.val_ids), data)
 
     def profile(user_id, platform, session, recent_limit, budget_s, item_vectors=True):
         case = next(c for c in cases if c.case_id == user_id)
-        ctx = rk.user_context(model, data, case.query)
+        ctx = rd.user_context(model, data, case.query)
         from services.common.remote import RemoteProfile
         return RemoteProfile(True, ctx.for_platform, ctx.fused, ctx.per_platform, ctx.counts,
                              {}, [(p, i, "") for p, i in ctx.history_keys],
                              ctx.history_vectors)
 
     engine = RankingEngine(catalog, None, profile, ranker, popularity)
-    offline = ev.CrossrecSystem(data, model, ranker)
+    offline = CrossrecSystem(data, model, ranker)
     tops, _ = offline.rank_cases(cases)
     assert cases
     for case, top in zip(cases, tops):

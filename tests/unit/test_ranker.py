@@ -6,9 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from export import evaluate as ev
+from export import candidates, metrics, ranker_training
+from export import rank_data as rd
 from export import ranker as rk
 from export import user_data as ud
+from export.cases import build_cases
+from export.evaluate import evaluate_system
+from services.common.ortsession import ort_session
 from services.ranking.features import N_FEATURES, UserContext
 
 ARTS, OFFICE = "arts_crafts", "office"
@@ -18,58 +22,58 @@ ARTS, OFFICE = "arts_crafts", "office"
 
 def test_hit_rate_ndcg_and_mrr_follow_their_definitions_on_hand_made_ranks():
     ranks = np.array([1, 2, 10, 11, np.inf])
-    assert ev.hit_rate(ranks, 10) == pytest.approx(3 / 5)
-    assert ev.hit_rate(ranks, 20) == pytest.approx(4 / 5)
-    assert ev.hit_rate(ranks, 1) == pytest.approx(1 / 5)
+    assert metrics.hit_rate(ranks, 10) == pytest.approx(3 / 5)
+    assert metrics.hit_rate(ranks, 20) == pytest.approx(4 / 5)
+    assert metrics.hit_rate(ranks, 1) == pytest.approx(1 / 5)
     expected = (1 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(11)) / 5
-    assert ev.ndcg(ranks, 10) == pytest.approx(expected)
-    assert ev.mrr(ranks) == pytest.approx((1 + 1 / 2 + 1 / 10 + 1 / 11 + 0) / 5)
+    assert metrics.ndcg(ranks, 10) == pytest.approx(expected)
+    assert metrics.mrr(ranks) == pytest.approx((1 + 1 / 2 + 1 / 10 + 1 / 11 + 0) / 5)
 
 
 def test_ranks_from_lists_marks_a_missing_target_as_unranked():
-    ranks = ev.ranks_from_lists([["a", "b", "c"], ["x", "y"]], ["c", "z"])
+    ranks = metrics.ranks_from_lists([["a", "b", "c"], ["x", "y"]], ["c", "z"])
     assert ranks[0] == 3 and np.isinf(ranks[1])
 
 
 def test_coverage_counts_distinct_items_in_the_top_k_only():
     tops = [["a", "b", "c"], ["a", "d", "e"]]
-    assert ev.coverage(tops, catalogue_size=10, k=2) == pytest.approx(3 / 10)  # a, b, d
-    assert ev.coverage(tops, catalogue_size=10, k=3) == pytest.approx(5 / 10)
+    assert metrics.coverage(tops, catalogue_size=10, k=2) == pytest.approx(3 / 10)  # a, b, d
+    assert metrics.coverage(tops, catalogue_size=10, k=3) == pytest.approx(5 / 10)
 
 
 def test_novelty_is_the_mean_negative_log2_share():
     share = {"a": 0.5, "b": 0.25}.get
-    assert ev.novelty([["a", "b"]], share, k=2) == pytest.approx((1 + 2) / 2)
+    assert metrics.novelty([["a", "b"]], share, k=2) == pytest.approx((1 + 2) / 2)
 
 
 def test_intra_list_diversity_is_zero_for_identical_items_and_one_for_orthogonal():
     same = np.ones((3, 4), np.float32)
     ortho = np.eye(3, 4, dtype=np.float32)
-    assert ev.intra_list_diversity([same]) == pytest.approx(0.0, abs=1e-6)
-    assert ev.intra_list_diversity([ortho]) == pytest.approx(1.0)
+    assert metrics.intra_list_diversity([same]) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.intra_list_diversity([ortho]) == pytest.approx(1.0)
     # Two lists average; a one-item list has no pairs and is skipped.
-    assert ev.intra_list_diversity([same, ortho, ortho[:1]]) == pytest.approx(0.5)
+    assert metrics.intra_list_diversity([same, ortho, ortho[:1]]) == pytest.approx(0.5)
 
 
 def test_top_and_rank_break_ties_by_catalogue_order_and_agree_with_each_other():
     scores = np.array([[0.5, 0.9, 0.5, 0.1, 0.9]])
-    top, ranks = rk.top_and_rank(scores, 4, np.array([2]))
+    top, ranks = candidates.top_and_rank(scores, 4, np.array([2]))
     assert top.tolist() == [[1, 4, 0, 2]]
     assert ranks.tolist() == [4]
-    _, last = rk.top_and_rank(scores, 2, np.array([3]))
+    _, last = candidates.top_and_rank(scores, 2, np.array([3]))
     assert last.tolist() == [5]
 
 
 def test_rerank_keeps_retrieval_rank_below_the_candidates():
     cands = np.array([[10, 11, 12], [10, 11, 12]])
     scores = np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]], np.float32)
-    ranks = rk.rerank_ranks(scores, np.array([1, 57]), cands, np.array([10, 99]))
+    ranks = metrics.rerank_ranks(scores, np.array([1, 57]), cands, np.array([10, 99]))
     assert ranks.tolist() == [3, 57]
 
 
 # ---------------------------------------------------------------------------- cases
 
-def _tiny_data() -> rk.RankData:
+def _tiny_data() -> rd.RankData:
     """Two users, items unique per event, so a leaked target would show as an input item."""
     ids = [(ARTS, f"a{i}") for i in range(20)] + [(OFFICE, f"o{i}") for i in range(20)]
     vecs = np.random.default_rng(0).standard_normal((len(ids), 8)).astype(np.float32)
@@ -88,7 +92,7 @@ def _tiny_data() -> rk.RankData:
     u2 = seq("u2", [(OFFICE, "o5"), (ARTS, "a5"), (OFFICE, "o6"), (OFFICE, "o7"),
                     (ARTS, "a6")], n_history=3)
     counts = np.zeros(len(ids))
-    return rk.RankData("tiny-in-memory", ids, vecs, {"name": "test", "version": 0}, vocab,
+    return rd.RankData("tiny-in-memory", ids, vecs, {"name": "test", "version": 0}, vocab,
                        [u1, u2], {"u1"}, {"u2"}, counts)
 
 
@@ -96,7 +100,7 @@ def _tiny_data() -> rk.RankData:
 @pytest.mark.parametrize("setting", ["warm", "cold"])
 def test_build_cases_never_put_the_target_or_a_later_event_in_the_input(protocol, setting):
     data = _tiny_data()
-    cases = ev.build_cases(protocol, setting, ["u1", "u2"], data)
+    cases = build_cases(protocol, setting, ["u1", "u2"], data)
     assert cases
     by_id = {s.user_id: s for s in data.seqs}
     for c in cases:
@@ -113,7 +117,7 @@ def test_build_cases_never_put_the_target_or_a_later_event_in_the_input(protocol
 def test_cold_cases_have_no_event_on_the_target_platform():
     data = _tiny_data()
     for protocol in ("A", "B"):
-        cases = ev.build_cases(protocol, "cold", ["u1", "u2"], data)
+        cases = build_cases(protocol, "cold", ["u1", "u2"], data)
         assert cases
         for c in cases:
             assert all(e["platform"] != c.platform for e in c.events)
@@ -122,7 +126,7 @@ def test_cold_cases_have_no_event_on_the_target_platform():
 
 def test_protocol_a_targets_the_last_event_of_each_platform_and_warm_keeps_both():
     data = _tiny_data()
-    cases = ev.build_cases("A", "warm", ["u1"], data)
+    cases = build_cases("A", "warm", ["u1"], data)
     assert sorted((c.platform, c.target) for c in cases) == [(ARTS, "a3"), (OFFICE, "o2")]
     office = next(c for c in cases if c.platform == OFFICE)
     assert [e["item_id"] for e in office.events] == ["a0", "o0", "a1", "o1", "a2"]
@@ -130,7 +134,7 @@ def test_protocol_a_targets_the_last_event_of_each_platform_and_warm_keeps_both(
 
 def test_protocol_b_targets_the_held_out_rows_given_the_history_rows():
     data = _tiny_data()
-    cases = ev.build_cases("B", "warm", ["u2"], data)
+    cases = build_cases("B", "warm", ["u2"], data)
     assert [c.target for c in cases] == ["o7", "a6"]
     for c in cases:
         assert [e["item_id"] for e in c.events] == ["o5", "a5", "o6"]
@@ -138,13 +142,13 @@ def test_protocol_b_targets_the_held_out_rows_given_the_history_rows():
 
 def test_evaluate_system_accepts_a_plain_callable():
     data = _tiny_data()
-    cases = ev.build_cases("A", "warm", ["u1", "u2"], data)
+    cases = build_cases("A", "warm", ["u1", "u2"], data)
     perfect = {(c.platform, tuple(e["item_id"] for e in c.events)): c.target for c in cases}
 
     def rank(events, platform):
         return [perfect[(platform, tuple(e["item_id"] for e in events))]]
 
-    result = ev.evaluate_system(rank, cases, data)
+    result = evaluate_system(rank, cases, data)
     assert result["pooled"]["hr@10"] == 1.0 and result["pooled"]["mrr"] == 1.0
     assert set(result) == {"pooled", ARTS, OFFICE}
 
@@ -157,7 +161,7 @@ torch = pytest.importorskip("torch")
 def _tiny_ranker(seed=0):
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    model = rk.make_ranker(rng.standard_normal(N_FEATURES).astype(np.float32),
+    model = ranker_training.make_ranker(rng.standard_normal(N_FEATURES).astype(np.float32),
                            rng.uniform(0.5, 2.0, N_FEATURES).astype(np.float32), hidden=(8,))
     return model.eval(), rng
 
@@ -171,8 +175,8 @@ def test_ranker_export_matches_torch_for_any_batch_and_candidate_count(tmp_path)
     on_disk = json.loads((path / "meta.json").read_text())
     assert on_disk["parity"]["max_abs_diff"] <= rk.PARITY_TOLERANCE
     assert on_disk["input_names"] == ["features"] and on_disk["output_names"] == ["scores"]
-    assert on_disk["candidates"] == rk.CANDIDATES and len(on_disk["features"]) == N_FEATURES
-    session = rk.ort_session(path / "model.onnx", threads=1)
+    assert on_disk["candidates"] == candidates.CANDIDATES and len(on_disk["features"]) == N_FEATURES
+    session = ort_session(path / "model.onnx", 1)
     other = rng.standard_normal((3, 11, N_FEATURES)).astype(np.float32)
     got = rk.ort_scores(session, other)
     with torch.no_grad():
@@ -204,12 +208,12 @@ def test_batched_training_retrieval_equals_the_served_search_and_ranks_the_rest_
     data = _tiny_data()
     table = data.tables[ARTS]
     users = data.vecs[data.catalogue[ARTS][[0, 3]]]
-    top = rk.batch_retrieve(data, users, [ARTS, ARTS], 3)
+    top = candidates.batch_retrieve(data, users, [ARTS, ARTS], 3)
     for user, rows in zip(users, top):
         assert rows.tolist() == table.snapshot.search(user, 3).tolist()
     scores = table.vectors @ users[0]
     by_dot = np.argsort(-scores, kind="stable")
     ctx = UserContext(ARTS, users[0], users[0])
     # Below the candidates the order is by dot product, skipping the candidates themselves.
-    assert rk.candidate_ranks(data, ctx, top[0], int(by_dot[5])) == 6
-    assert rk.candidate_ranks(data, ctx, top[0][::-1], int(top[0][0])) == 3
+    assert candidates.candidate_ranks(data, ctx, top[0], int(by_dot[5])) == 6
+    assert candidates.candidate_ranks(data, ctx, top[0][::-1], int(top[0][0])) == 3

@@ -5,11 +5,14 @@ import json
 import numpy as np
 import pytest
 
+from export import metrics
 from export import user_data as ud
 from services.fusion.pooling import baseline_user_vec, rank_ages
 
 torch = pytest.importorskip("torch")
 from export import user_tower as ut  # noqa: E402
+from export import user_tower_model as utm  # noqa: E402
+from export import user_tower_training as utt  # noqa: E402
 
 DIM = 8
 
@@ -47,9 +50,9 @@ def test_baseline_of_a_user_without_events_is_all_zeros_in_a_batch():
 
 def _tiny_model(seed=0, self_attention=True):
     torch.manual_seed(seed)
-    cfg = ut.TrainConfig(d_model=16, heads=2, ffn=32, out_hidden=16,
+    cfg = utm.TrainConfig(d_model=16, heads=2, ffn=32, out_hidden=16,
                          self_attention=self_attention)
-    model = ut.UserTower(DIM, 3, cfg)
+    model = utm.UserTower(DIM, 3, cfg)
     # Non-zero output layer so the learned path is exercised, not only the weighted mean.
     torch.nn.init.normal_(model.out[-1].weight, std=0.1)
     return model.eval()
@@ -77,7 +80,7 @@ def _windows(lengths, width, seed=0):
 
 def _forward(model, feeds):
     with torch.no_grad():
-        out = model(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in ut.INPUT_NAMES))
+        out = model(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in utm.INPUT_NAMES))
     return out[0].numpy(), out[1].numpy()
 
 
@@ -121,7 +124,7 @@ def test_training_examples_see_exactly_what_serving_feeds(self_attention, max_ev
                      np.array([1, 2, 1, 1, 2, 2, 1, 2, 1], np.int64), np.full(n, 7, np.int64),
                      rng.uniform(0.5, 2.0, n).astype(np.float32), n_history=7)
     model = _tiny_model(seed=3, self_attention=self_attention)
-    b = ut.batch_views(ut.train_arrays([seq]), np.array([0]), n_platforms=3,
+    b = utt.batch_views(utt.train_arrays([seq]), np.array([0]), n_platforms=3,
                        max_events=max_events)
     x = torch.from_numpy(item_vecs)[b["items"]]
     v = b["n_views"]
@@ -159,9 +162,9 @@ def test_ranks_count_ties_against_the_target_and_metrics_follow():
     w = ud.Windows(*(np.zeros((2, 1), t) for t in (np.int64, np.int64, np.int64, np.float32,
                                                    np.float32, np.float32)),
                    target_platform=np.array([1, 1]), target_item=np.array([0, 2]))
-    ranks = ud.rank_of_targets(_unit([[1, 0], [1, 0]]), w, item_vecs, {1: np.arange(4)})
+    ranks = metrics.rank_of_targets(_unit([[1, 0], [1, 0]]), w, item_vecs, {1: np.arange(4)})
     assert ranks.tolist() == [2, 4]
-    m = ud.metrics_from_ranks(np.array([1, 3, 20]), k=10)
+    m = metrics.metrics_from_ranks(np.array([1, 3, 20]), k=10)
     assert m["recall@10"] == pytest.approx(2 / 3)
     assert m["ndcg@10"] == pytest.approx((1 + 1 / np.log2(4)) / 3)
 
