@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dataio import action_and_weight, iter_events
-from services.fusion.pooling import (DEFAULT_ACTION_WEIGHT,
-                                     baseline_user_vec, rank_ages)
+from services.fusion.pooling import DEFAULT_ACTION_WEIGHT, baseline_user_vec, rank_ages
 
 # The user's most recent events, across platforms, the model sees (newest last).
 MAX_EVENTS = 50
