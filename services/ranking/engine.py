@@ -251,18 +251,25 @@ class RankingEngine:
             order = mmr(np.arange(len(rows)), scores, table.vectors[rows], k,
                         diversity_lambda or 0.7)
             rows, scores, feats = rows[order], scores[order], feats[order]
-        rows, scores, feats = rows[:k], scores[:k], feats[:k]
-        ids = table.snapshot.ids
         with tracing.stage(metrics.RANKING_STAGE_SECONDS, "explain"):
-            shares = (attribution.shapley(self.ranker.score, feats, ranked.features.mean(0))
-                      if getattr(self.ranker, "explains", True) and len(rows) else None)
-            history_rows = (covisit.rows([(p, i) for p, i, _ in profile.recent])
-                            if covisit is not None else None)
-            items = [self._explain(ids[r], platform, float(scores[n]), table.vectors[r], source,
-                                   profile, None if shares is None else shares[n],
-                                   bool(feats[n, SEEN]), int(table.covisit_row[r]), history_rows)
-                     for n, r in enumerate(rows.tolist())]
+            items = self._explain_all(table, rows[:k], scores[:k], feats[:k],
+                                      ranked.features.mean(0), source, profile)
         return RecommendResult(items, source, profile.weights, models)
+
+    def _explain_all(self, table: pipeline.ItemTable, rows, scores, feats, mean_features,
+                     source: int, profile) -> list[Recommendation]:
+        """The returned items, each with its score's attribution (against the mean
+        candidate's features) and the explanation written from it."""
+        shares = (attribution.shapley(self.ranker.score, feats, mean_features)
+                  if getattr(self.ranker, "explains", True) and len(rows) else None)
+        covisit = self.ranker.covisit
+        history_rows = (covisit.rows([(p, i) for p, i, _ in profile.recent])
+                        if covisit is not None else None)
+        ids = table.snapshot.ids
+        return [self._explain(ids[r], table.platform, float(scores[n]), table.vectors[r],
+                              source, profile, None if shares is None else shares[n],
+                              bool(feats[n, SEEN]), int(table.covisit_row[r]), history_rows)
+                for n, r in enumerate(rows.tolist())]
 
     def _profile(self, user_id: str, platform: str, session_events, budget_s: float | None):
         """The user's profile from fusion, asked without the recent items' vectors: they are
