@@ -43,6 +43,15 @@ def _action(value: Action | str | int) -> Action:
                           f"{', '.join(a.value for a in Action)}, got {value!r}")
 
 
+def _proto_member(cls, proto_enum, prefix: str, number: int):
+    """The member of `cls` (lower-case proto names without `prefix`) for a proto enum
+    number; UNSPECIFIED for one added to the contract after this client was built."""
+    try:
+        return cls(proto_enum.Name(number).removeprefix(prefix).lower())
+    except ValueError:
+        return cls.UNSPECIFIED
+
+
 class Source(enum.StrEnum):
     """Why an item was recommended (crossrec.ranking.v1.Source)."""
     UNSPECIFIED = "unspecified"
@@ -52,10 +61,7 @@ class Source(enum.StrEnum):
 
     @classmethod
     def from_pb(cls, number: int) -> Source:
-        try:
-            return cls(ranking_pb2.Source.Name(number).removeprefix("SOURCE_").lower())
-        except ValueError:  # a value added to the contract after this client was built
-            return cls.UNSPECIFIED
+        return _proto_member(cls, ranking_pb2.Source, "SOURCE_", number)
 
 
 class Driver(enum.StrEnum):
@@ -68,10 +74,7 @@ class Driver(enum.StrEnum):
 
     @classmethod
     def from_pb(cls, number: int) -> Driver:
-        try:
-            return cls(ranking_pb2.Driver.Name(number).removeprefix("DRIVER_").lower())
-        except ValueError:  # a value added to the contract after this client was built
-            return cls.UNSPECIFIED
+        return _proto_member(cls, ranking_pb2.Driver, "DRIVER_", number)
 
 
 @dataclass(frozen=True)
