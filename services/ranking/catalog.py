@@ -48,7 +48,7 @@ log = logging.getLogger("crossrec.ranking")
 def index_kind(requested: str, size: int, hnsw_threshold: int, has_projection: bool) -> str:
     """The index kind of a platform with `size` items: `requested` unless "auto", which is
     pca (exact without the ranker's projection) up to `hnsw_threshold` items, HNSW above.
-    The same rule for serving and the offline evaluation (export/evaluate.py)."""
+    The same rule for serving and the offline evaluation (export/rank_data.py)."""
     if requested != "auto":
         return requested
     if size > hnsw_threshold:

@@ -1,7 +1,7 @@
 """Co-visitation: how many training users interacted with both of two items (any platforms).
 
-The collaborative signal the text-based user tower lacks: export/ranker.py counts it over the
-training users, writes it beside the ranker (models/ranker/<N>/covisit.npz), and the ranker
+The collaborative signal the text-based user tower lacks: export/rank_data.py counts it over
+the training users, writes it beside the ranker (models/ranker/<N>/covisit.npz), and the ranker
 reads it as features (`CoVisits.features`) and as a second candidate source
 (services/ranking/pipeline.covisit_top). Numpy only:
 serving loads it without torch or scipy.

@@ -14,8 +14,8 @@ NDCG@10 and latency):
   float32: the returned rows and their order are exact dot products, only which rows make
   the borderline of the k can differ from `exact`.
 - `pca`: the rows projected onto the item vectors' top principal directions (a dim x r
-  projection that export/ranker.py writes beside the ranker, so every replica and the
-  offline evaluation project alike) are scanned exactly in r dimensions; PCA_SHORTLIST x k
+  projection that the ranker export writes beside the ranker, export/rank_data.py, so every
+  replica and the offline evaluation project alike) are scanned exactly in r dimensions; PCA_SHORTLIST x k
   rows by that score are re-scored exactly in float32: a quarter of the bytes of `exact`
   scanned, plus the shortlist's rows.
 - `ivf`: faiss IndexIVFFlat (nlist ~ 4 sqrt(n) lists, nprobe of them searched), trained on

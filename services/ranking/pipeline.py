@@ -1,6 +1,6 @@
 """The ranking pipeline, the one implementation that serving (RankingEngine.recommend),
-training (export/ranker.py) and evaluation (export/evaluate.py) call: a user's context and
-one platform's catalogue in, candidates, features, scores and the final order out.
+training (export/ranker_training.py) and evaluation (export/systems.py) call: a user's
+context and one platform's catalogue in, candidates, features, scores and the final order out.
 
     table = item_table(platform, index.snapshot(), counts, covisit)   # catalogue as rows
     ranked = rank(user, table, covisit, ranker, n, m)                 # best first
