@@ -15,9 +15,9 @@ NDCG@10 and latency):
   the borderline of the k can differ from `exact`.
 - `pca`: the rows projected onto the item vectors' top principal directions (a dim x r
   projection that the ranker export writes beside the ranker, export/rank_data.py, so every
-  replica and the offline evaluation project alike) are scanned exactly in r dimensions; PCA_SHORTLIST x k
-  rows by that score are re-scored exactly in float32: a quarter of the bytes of `exact`
-  scanned, plus the shortlist's rows.
+  replica and the offline evaluation project alike) are scanned exactly in r dimensions;
+  PCA_SHORTLIST x k rows by that score are re-scored exactly in float32: a quarter of the
+  bytes of `exact` scanned, plus the shortlist's rows.
 - `ivf`: faiss IndexIVFFlat (nlist ~ 4 sqrt(n) lists, nprobe of them searched), trained on
   the rows present when it is (re)built; a shortlist re-scored the same way.
 - `hnsw`: faiss IndexHNSWFlat; its top max(k, ef_search) rows re-scored the same way.
