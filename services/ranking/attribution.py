@@ -4,12 +4,13 @@ groups of its features, against the request's mean candidate.
 The ranker scores each candidate from its own feature row (a per-row MLP,
 export/ranker_training.py), so for the k items returned the value of a coalition S of groups
 is the score of the item's row with the groups outside S set to the mean candidate's values.
-With four groups there are 16 coalitions: one ranker call of 16 k rows gives every value, and
-the Shapley values follow exactly from them (no sampling). They add up to the item's score minus the mean candidate's
-(the efficiency property), so a group's share says how much it lifted this item above the
-average candidate of the same request. A group whose features are the same for every
-candidate (the user's own counts) can only act through the others and gets what it changes
-there, usually little: the explanation is about why this item rather than another.
+With four groups there are 16 coalitions: one ranker call of 16 k rows gives every value,
+and the Shapley values follow exactly from them (no sampling). They add up to the item's
+score minus the mean candidate's (the efficiency property), so a group's share says how much
+it lifted this item above the average candidate of the same request. A group whose features
+are the same for every candidate (the user's own counts) can only act through the others and
+gets what it changes there, usually little: the explanation is about why this item rather
+than another.
 
 Groups (FEATURES in features.py):
 - text: the item's similarity to the user's vectors and history items, and its retrieval
