@@ -82,8 +82,9 @@ def explain(driver: str, platform: str, source_cross: bool, history: list[tuple[
     if driver == COVISIT and co_users is not None and co_users.max(initial=0) > 0:
         top = [j for j in np.argsort(-co_users, kind="stable")[:3] if co_users[j] > 0]
         p, _, text = history[top[0]]
-        return (f"chosen by {int(co_users[top[0]])} users who also chose "
-                f"'{text[:60].rstrip()}' ({p})",
+        n = int(co_users[top[0]])
+        who = "1 user who" if n == 1 else f"{n} users who"
+        return (f"chosen by {who} also chose '{text[:60].rstrip()}' ({p})",
                 [(*history[j][:2], history[j][2][:120], float(sims[j]), int(co_users[j]))
                  for j in top])
     contributions = [(*history[j][:2], history[j][2][:120], float(sims[j]), 0) for j in by_sim]

@@ -64,6 +64,8 @@ def test_an_item_covisitation_drove_is_explained_by_its_co_users():
         False)
     assert line == "chosen by 37 users who also chose 'blue gel pens' (office)"
     assert contributions == [("office", "h1", "blue gel pens", pytest.approx(0.2), 37)]
+    assert attribution.explain(COVISIT, "office", False, HISTORY_ITEMS, np.array([0.2, 0.6]),
+                               np.array([1, 0]), 0, False)[0].startswith("chosen by 1 user who")
 
 
 def test_text_popularity_and_own_history_drivers_each_say_so():
