@@ -40,12 +40,28 @@ from machine import cpu_model, write_results  # noqa: E402
 DEADLINE_S = 5.0
 
 
+def _channels(address: str, connections: int) -> list:
+    """`connections` channels of their own (not one shared connection) to `address`."""
+    return [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(connections)]
+
+
+async def _recommend(stub, users: list[str], n: int) -> str:
+    """The n-th user's Recommend (platforms alternate): its status name."""
+    try:
+        await stub.Recommend(ranking_pb2.RecommendRequest(
+            user_id=users[n % len(users)], platform=("office", "arts_crafts")[n % 2], k=10,
+            exclude_seen=True), timeout=DEADLINE_S)
+        return "OK"
+    except grpc.aio.AioRpcError as err:
+        return err.code().name
+
+
 async def closed_loop(address: str, users: list[str], callers: int, connections: int,
                       seconds: float) -> dict[str, list[float]]:
     """`callers` closed-loop Recommend callers round robin over `connections` connections
     for `seconds`: {status name: [seconds of each call]}."""
-    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool",
-                                                             1)]) for _ in range(connections)]
+    channels = _channels(address, connections)
     stubs = [ranking_pb2_grpc.RankingServiceStub(c) for c in channels]
     out: dict[str, list[float]] = {}
     stop_at = time.monotonic() + seconds
@@ -54,13 +70,7 @@ async def closed_loop(address: str, users: list[str], callers: int, connections:
         n = i
         while time.monotonic() < stop_at:
             started = time.perf_counter()
-            try:
-                await stubs[i % connections].Recommend(ranking_pb2.RecommendRequest(
-                    user_id=users[n % len(users)], platform=("office", "arts_crafts")[n % 2],
-                    k=10, exclude_seen=True), timeout=DEADLINE_S)
-                code = "OK"
-            except grpc.aio.AioRpcError as err:
-                code = err.code().name
+            code = await _recommend(stubs[i % connections], users, n)
             out.setdefault(code, []).append(time.perf_counter() - started)
             n += callers
             await asyncio.sleep(0)
@@ -75,19 +85,12 @@ async def open_loop(address: str, users: list[str], rate: float, connections: in
     """Recommend calls sent at `rate` per second for `seconds` whatever the answers (each
     call's time counted from when it was due, so a late send counts against it), round robin
     over `connections` connections: {status name: [seconds of each call]}."""
-    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool",
-                                                             1)]) for _ in range(connections)]
+    channels = _channels(address, connections)
     stubs = [ranking_pb2_grpc.RankingServiceStub(c) for c in channels]
     out: dict[str, list[float]] = {}
 
     async def call(n: int, due: float):
-        try:
-            await stubs[n % connections].Recommend(ranking_pb2.RecommendRequest(
-                user_id=users[n % len(users)], platform=("office", "arts_crafts")[n % 2],
-                k=10, exclude_seen=True), timeout=DEADLINE_S)
-            code = "OK"
-        except grpc.aio.AioRpcError as err:
-            code = err.code().name
+        code = await _recommend(stubs[n % connections], users, n)
         out.setdefault(code, []).append(time.perf_counter() - due)
 
     start, tasks = time.perf_counter(), []
