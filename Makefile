@@ -8,7 +8,12 @@ PY := $(BIN)/python
 # GPU=1 installs onnxruntime-gpu instead of onnxruntime (the two packages conflict).
 GPU ?= 0
 ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
-MODEL_REPO ?= models
+# The data models are trained and evaluated on, and the demo loads: a folder of ../shared/data
+# or a path to one in that layout (events.csv[.gz] + items.csv). Each dataset has its own model
+# repository: models for the Amazon data, models-<dataset's folder name> for any other.
+AMAZON := amazon-arts-office-urllm
+DATASET ?= $(AMAZON)
+MODEL_REPO ?= $(if $(filter $(AMAZON),$(DATASET)),models,models-$(notdir $(DATASET)))
 RUN_DIR ?= var/run
 PROTOS := $(shell find protos -name '*.proto')
 
@@ -60,16 +65,17 @@ encoder: setup
 	@ls $(MODEL_REPO)/encoder/*/meta.json >/dev/null 2>&1 || $(PY) -m export.encoder --model-repo $(MODEL_REPO)
 
 user_tower: encoder
-	@ls $(MODEL_REPO)/user_tower/*/meta.json >/dev/null 2>&1 || $(PY) -m export.user_tower --model-repo $(MODEL_REPO)
+	@ls $(MODEL_REPO)/user_tower/*/meta.json >/dev/null 2>&1 || $(PY) -m export.user_tower --model-repo $(MODEL_REPO) --dataset $(DATASET)
 
 ranker: user_tower
-	@ls $(MODEL_REPO)/ranker/*/meta.json >/dev/null 2>&1 || $(PY) -m export.ranker --model-repo $(MODEL_REPO)
+	@ls $(MODEL_REPO)/ranker/*/meta.json >/dev/null 2>&1 || $(PY) -m export.ranker --model-repo $(MODEL_REPO) --dataset $(DATASET)
 
 models: encoder user_tower ranker
 
-# Offline evaluation on the held-out users: bench/results/eval.{json,png}.
+# Offline evaluation on the held-out targets: bench/results/eval.{json,png} (Amazon),
+# bench/results/eval-<dataset>.{json,png} (any other dataset).
 evaluate: protos models
-	$(PY) -m export.evaluate --model-repo $(MODEL_REPO)
+	$(PY) -m export.evaluate --model-repo $(MODEL_REPO) --dataset $(DATASET)
 
 up: protos models
 	$(PY) -m clients.stack up --run-dir $(RUN_DIR)
@@ -78,7 +84,7 @@ down:
 	@test -x $(PY) && $(PY) -m clients.stack down --run-dir $(RUN_DIR) || true
 
 demo: protos models
-	$(PY) -m clients.demo --run-dir $(RUN_DIR)
+	$(PY) -m clients.demo --run-dir $(RUN_DIR) --model-repo $(MODEL_REPO) --dataset $(DATASET)
 
 test: protos models
 	$(PY) -m pytest

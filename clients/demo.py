@@ -1,6 +1,8 @@
-"""`make demo`: start the three services on loopback, load the real Amazon Arts/Office
-catalogue and a set of real users' events over gRPC, and print recommendations for one user
-on both platforms, then for the same user with the target platform's history hidden."""
+"""`make demo`: start the three services on loopback, load a real dataset's catalogue (the
+Amazon Arts/Office data unless --dataset names another, e.g. movielens-1m) and a set of real
+users' events over gRPC, and print recommendations for one user on each of their platforms,
+then, where they have two or more, for the same user with the target platform's history
+hidden."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from clients.stack import start_stack
 from crossrec.common.v1 import common_pb2
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from dataio import AMAZON, read_items, user_events
+from dataio import AMAZON, dataset_name, read_items, user_events
 
 SOURCES = {1: "personalised", 2: "cross-platform", 3: "popularity fallback"}
 
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default="var/run")
     parser.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO", "models"))
     parser.add_argument("--users", type=int, default=600, help="real users whose events to load")
+    parser.add_argument("--dataset", default=AMAZON,
+                        help="a dataset of ../shared/data, or a path to one in that layout")
     args = parser.parse_args(argv)
 
     print("starting embedding, fusion and ranking on 127.0.0.1 ...")
@@ -74,30 +78,34 @@ def main(argv: list[str] | None = None) -> int:
                 grpc.insecure_channel(procs["fusion"].address) as fch:
             ranking = ranking_pb2_grpc.RankingServiceStub(rch)
             fusion = fusion_pb2_grpc.FusionServiceStub(fch)
-            print("loading the real Amazon Arts & Crafts + Office catalogue")
-            load_catalog(ranking, read_items(AMAZON))
-            users = user_events(AMAZON, users=args.users)
-            print(f"ingesting the history of {len(users)} real users on both platforms")
+            items = read_items(args.dataset)
+            print(f"loading the real {dataset_name(args.dataset)} catalogue "
+                  f"({len(items):,} items)")
+            load_catalog(ranking, items)
+            users = user_events(args.dataset, users=args.users)
+            print(f"ingesting the history of {len(users)} real users")
             load_events(procs["fusion"].address, users)
             time.sleep(11)  # let ranking re-read item popularity once
 
             user, events = max(list(users.items())[-50:], key=lambda kv: len(kv[1]))
+            platforms = sorted({e["platform"] for e in events})
             print(f"\nuser {user}: {len(events)} events; newest on each platform:")
-            for platform in ("arts_crafts", "office"):
+            for platform in platforms:
                 mine = [e for e in events if e["platform"] == platform]
                 print(f"  {platform:12s} {len(mine):3d} events, e.g. "
                       f"'{mine[-1]['item_text'][:70]}'")
-            show(ranking, user, "office", "recommended on office (history on both platforms):")
-            show(ranking, user, "arts_crafts", "recommended on arts_crafts:")
-
-            hidden = f"{user}-no-office"
-            fusion.Ingest(fusion_pb2.IngestRequest(events=[
-                common_pb2.BehaviorEvent(**{k: v for k, v in dict(e, user_id=hidden).items()
-                                            if v is not None})
-                for e in events if e["platform"] == "arts_crafts"]), timeout=60)
-            show(ranking, hidden, "office",
-                 "recommended on office with the office history hidden (cross-platform):")
-            show(ranking, "someone-new", "office", "a user unknown everywhere:", k=3)
+            for platform in reversed(platforms):
+                show(ranking, user, platform, f"recommended on {platform}:")
+            target = platforms[-1]
+            if len(platforms) > 1:
+                hidden = f"{user}-no-{target}"
+                fusion.Ingest(fusion_pb2.IngestRequest(events=[
+                    common_pb2.BehaviorEvent(**{k: v for k, v in dict(e, user_id=hidden).items()
+                                                if v is not None})
+                    for e in events if e["platform"] != target]), timeout=60)
+                show(ranking, hidden, target, f"recommended on {target} with the {target} "
+                     "history hidden (cross-platform):")
+            show(ranking, "someone-new", target, "a user unknown everywhere:", k=3)
     finally:
         codes = {name: p.stop() for name, p in reversed(list(procs.items()))}
         print(f"\nservices stopped: {codes}")

@@ -9,12 +9,13 @@ from dataio.files import (ITEM_BASE_COLUMNS, csv_rows, item_texts_csv, open_csv,
                           read_items_csv)
 from dataio.rows import (AMAZON_ORIGIN_MS, ORDER_STEP_MS, SHARED_COLUMNS, TIME_UNITS_MS,
                          EventColumns, action_and_weight, time_ms, to_event)
-from dataio.shared import (AMAZON, MOVIELENS, data_dir, dataset_file, item_texts, iter_events,
-                           read_items, sample_titles, user_events)
+from dataio.shared import (AMAZON, MOVIELENS, data_dir, dataset_dir, dataset_file, dataset_name,
+                           item_texts, iter_events, read_items, sample_titles, user_events)
 
 __all__ = [
     "AMAZON", "AMAZON_ORIGIN_MS", "ITEM_BASE_COLUMNS", "MOVIELENS", "ORDER_STEP_MS",
     "SHARED_COLUMNS", "TIME_UNITS_MS", "EventColumns", "action_and_weight", "csv_rows",
-    "data_dir", "dataset_file", "item_texts", "item_texts_csv", "iter_events", "open_csv",
-    "read_items", "read_items_csv", "sample_titles", "time_ms", "to_event", "user_events",
+    "data_dir", "dataset_dir", "dataset_file", "dataset_name", "item_texts", "item_texts_csv",
+    "iter_events", "open_csv", "read_items", "read_items_csv", "sample_titles", "time_ms",
+    "to_event", "user_events",
 ]

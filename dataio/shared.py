@@ -1,5 +1,6 @@
 """The real interaction data in ../shared/data/<dataset>/ (never copied into the repo):
-events.csv[.gz] and items.csv[.gz] per dataset, the layout of ../shared/data/README.md."""
+events.csv[.gz] and items.csv[.gz] per dataset, the layout of ../shared/data/README.md. A
+dataset is named by its folder there, or given as a path to any folder in that layout."""
 
 from __future__ import annotations
 
@@ -23,9 +24,19 @@ def data_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def dataset_dir(dataset: str) -> Path:
+    """The folder of `dataset`: a path (it holds a "/") as given, else data_dir()/dataset."""
+    return Path(dataset) if "/" in dataset else data_dir() / dataset
+
+
+def dataset_name(dataset: str) -> str:
+    """The name a dataset goes by in caches, meta.json and result files: its folder's name."""
+    return Path(dataset).name if "/" in dataset else dataset
+
+
 def dataset_file(dataset: str, name: str) -> Path:
-    """data_dir()/dataset/name, or its .gz beside it when only that exists."""
-    path = data_dir() / dataset / name
+    """dataset_dir(dataset)/name, or its .gz beside it when only that exists."""
+    path = dataset_dir(dataset) / name
     gzipped = path.with_suffix(path.suffix + ".gz")
     return gzipped if not path.exists() and gzipped.exists() else path
 

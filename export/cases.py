@@ -1,6 +1,6 @@
-"""Evaluation cases: a validation user's input events, the platform to rank and the true item,
-for protocol A (leave-last-out per platform, warm or cold) and protocol B (URLLM's held-out
-targets given the history rows); see export/evaluate.py for the protocols."""
+"""Evaluation cases: a validation (or test) user's input events, the platform to rank and the
+true item, for protocol A (leave-last-out per platform, warm or cold) and protocol B (URLLM's
+held-out targets given the history rows); see export/evaluate.py for the protocols."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class Case:
     query: Query       # the same input as catalogue rows (in-process systems)
 
 
+PARTS = ("val", "test")
 _DATA: dict = {}
 
 
@@ -50,9 +51,15 @@ def _texts(dataset: str) -> dict:
     return _TEXTS[dataset]
 
 
+def held_out_users(data: RankData | None = None, part: str = "val") -> list[str]:
+    """The users of the split's validation ("val") or test ("test") sequences, sorted
+    (export.user_data.SPLIT_RULES; the URLLM copy has no test users)."""
+    return sorted(s.user_id for s in getattr((data or default_data()).split, part))
+
+
 def validation_users(data: RankData | None = None) -> list[str]:
-    """The user tower's validation users (held out from every training), sorted."""
-    return sorted((data or default_data()).val_ids)
+    """held_out_users(data, "val")."""
+    return held_out_users(data, "val")
 
 
 def _events(data: RankData, q: Query, case_id: str) -> list[dict]:
@@ -68,16 +75,19 @@ def _events(data: RankData, q: Query, case_id: str) -> list[dict]:
     return out
 
 
-def build_cases(protocol: str, setting: str, users, data: RankData | None = None) -> list[Case]:
+def build_cases(protocol: str, setting: str, users, data: RankData | None = None,
+                part: str = "val") -> list[Case]:
     """Cases of `users` (user ids) for protocol "A" (leave-last-out per platform) or "B"
     (URLLM held-out targets given the history rows); setting "warm", or "cold" (every event
-    on the target platform removed from the input). Users without a usable input are skipped."""
-    if protocol not in ("A", "B") or setting not in ("warm", "cold"):
-        raise ValueError(f"protocol must be A or B and setting warm or cold, got "
-                         f"{protocol!r}, {setting!r}")
+    on the target platform removed from the input); `part` "val" or "test": the split's
+    sequences they come from. Users without a usable input are skipped."""
+    if protocol not in ("A", "B") or setting not in ("warm", "cold") or part not in PARTS:
+        raise ValueError(f"protocol must be A or B, setting warm or cold and part val or "
+                         f"test, got {protocol!r}, {setting!r}, {part!r}")
     data = data or default_data()
     cold = setting == "cold"
-    by_id = {s.user_id: s for s in data.seqs}
+    by_id = {s.user_id: s for s in getattr(data.split, part)}
+    tag = setting if part == "val" else f"{setting}-test"
     cases = []
     for user_id in users:
         s = by_id[user_id]
@@ -87,7 +97,7 @@ def build_cases(protocol: str, setting: str, users, data: RankData | None = None
             queries = [q for t in range(s.n_history, len(s.items))
                        if (q := seq_query(data, s, t, cold, end=s.n_history)) is not None]
         for j, q in enumerate(queries):
-            case_id = f"eval-{protocol}-{setting}-{user_id}-{j}"
+            case_id = f"eval-{protocol}-{tag}-{user_id}-{j}"
             cases.append(Case(case_id, protocol, setting, user_id, q.target_platform,
                               data.ids[q.target_row][1], _events(data, q, case_id), q))
     return cases

@@ -1,7 +1,8 @@
 """Offline evaluation: full-catalogue ranking quality of crossrec and baselines on the user
-tower's validation users, written to bench/results/eval.json and bench/results/eval.png.
+tower's validation (and, where the split has them, test) targets, written to
+bench/results/eval.{json,png} for the Amazon data and eval-<dataset>.{json,png} for any other.
 
-    python -m export.evaluate --model-repo models [--users N]
+    python -m export.evaluate --model-repo models [--users N] [--dataset movielens-1m]
 
 Protocol A (ours): leave-last-out per platform. For each validation user and platform P the
 target is the user's last event on P (all rows, history and held-out targets, in seq_index
@@ -11,6 +12,11 @@ Protocol B (URLLM, arXiv 2406.03085, Table 3): input = the user's merged role=hi
 target = each role=heldout_target row, ranked against its platform's whole catalogue, one row
 pooled over both platforms. Our copy withholds the source's test users, so protocol B here is
 on our validation users, not on their test split.
+Data without its own held-out targets (MovieLens-1M) is split leave-one-out by time
+(export/user_data.py SPLIT_RULES): each user's last event is the test target, the one before it
+the validation target, input = every earlier event; protocol A on those sequences is exactly
+that protocol (one platform: no cold setting). The test figures ("A_warm_test") are the ones
+to report; the validation ones ("A_warm") are what anything is chosen on.
 
 A system is a callable(user_events, platform) -> ranked item ids (TOP_K), user_events being
 BehaviorEvent fields (dataio.to_event) oldest first; in-process systems
@@ -38,10 +44,11 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dataio import AMAZON
+from dataio import AMAZON, dataset_name
 from export import cli
+from export import user_data as ud
 from export.candidates import CANDIDATES
-from export.cases import Case, build_cases, default_data, validation_users
+from export.cases import Case, build_cases, default_data, held_out_users, validation_users
 from export.metrics import K, hit_rate, intra_list_diversity, mrr, ndcg, novelty, ranks_from_lists
 from export.rank_data import RankData, load_user_model
 from export.ranker import MODEL_NAME as RANKER
@@ -58,6 +65,10 @@ SETTINGS = (("A", "warm"), ("A", "cold"), ("B", "warm"))
 # arXiv 2406.03085 Table 3, Amazon Arts/Office, (HR@10, NDCG@10) on their test users.
 PUBLISHED = {"C2DSR": (0.0320, 0.0234), "UniSRec": (0.0375, 0.0242),
              "GPT4Rec": (0.0435, 0.0287), "URLLM": (0.0485, 0.0371)}
+# MovieLens-1M, leave-one-out by time, full ranking: SASRec-style models' HR@10 in the
+# literature, and gSASRec's reproduced Recall@10 (Petrov & Macdonald, RecSys 2023).
+ANCHORS = {"movielens-1m": {"sasrec_style_hr@10_band": (0.22, 0.31),
+                            "gsasrec_recall@10": 0.3134}}
 RESULTS_DIR = Path("bench/results")
 # eval.json's descriptions of what it measured.
 PROTOCOLS = {
@@ -216,19 +227,47 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def _label(protocol: str, setting: str) -> str:
-    return f"{protocol}_{setting}"
+def _label(protocol: str, setting: str, part: str = "val") -> str:
+    return f"{protocol}_{setting}" + ("" if part == "val" else f"_{part}")
 
 
-def plot(results: dict, path: Path) -> None:
+def case_sets(data: RankData, users: int | None = None) -> dict[str, list[Case]]:
+    """{label: cases} of every setting the data has (cold: more than one platform; B: data
+    with its own held-out targets) on the validation users and, where the split has them, the
+    test users (the first `users` of each when given)."""
+    settings = [(p, s) for p, s in SETTINGS
+                if (s != "cold" or len(data.catalogue) > 1)
+                and (p != "B" or data.split.rule == ud.SPLIT_USERS)]
+    out = {}
+    for part, ids in (("val", validation_users(data)), ("test", held_out_users(data, "test"))):
+        ids = ids[:users] if users else ids
+        for p, s in settings if ids else ():
+            out[_label(p, s, part)] = build_cases(p, s, ids, data, part)
+    return out
+
+
+PANEL_TITLES = {"A_warm": "Protocol A, warm", "A_cold": "Protocol A, cold platform",
+                "B_warm": "Protocol B (URLLM targets), our val users"}
+
+
+def _title(key: str) -> str:
+    base = key.removesuffix("_test")
+    title = PANEL_TITLES.get(base, base)
+    return title + (", test targets" if key.endswith("_test") else
+                    (", validation targets" if base != "B_warm" else ""))
+
+
+def plot(results: dict, path: Path, dataset: str = AMAZON) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("A_warm", "Protocol A, warm"), ("A_cold", "Protocol A, cold platform"),
-              ("B_warm", "Protocol B (URLLM targets), our val users")]
     systems = [s for s in SYSTEMS if s in results]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    keys = list(results[systems[0]])
+    panels = [(k, _title(k)) for k in keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.7 * len(panels), 5.2), squeeze=False)
+    axes = axes[0]
+    anchors = ANCHORS.get(dataset_name(dataset))
     x = np.arange(len(systems))
     for ax, (key, title) in zip(axes, panels):
         ndcg_v = [results[s].get(key, {}).get("pooled", {}).get("ndcg@10", 0) for s in systems]
@@ -239,14 +278,17 @@ def plot(results: dict, path: Path) -> None:
             hr_u, ndcg_u = PUBLISHED["URLLM"]
             ax.axhline(ndcg_u, color="C0", ls="--", lw=1, label=f"URLLM NDCG@10 {ndcg_u}")
             ax.axhline(hr_u, color="C1", ls="--", lw=1, label=f"URLLM HR@10 {hr_u}")
+        if anchors and key.startswith("A_warm"):
+            lo, hi = anchors["sasrec_style_hr@10_band"]
+            ax.axhspan(lo, hi, color="C1", alpha=0.12, label=f"SASRec-style HR@10 {lo}-{hi}")
         ax.set_xticks(x, systems, rotation=35, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
     counts = [results[systems[0]].get(k, {}).get("pooled", {}).get("n") for k, _ in panels]
-    fig.suptitle("Full-catalogue ranking, pooled over arts_crafts + office "
-                 f"(validation users, n per panel: {counts})",
-                 fontsize=10)
+    platforms = sorted({g for r in results.values() for m in r.values() for g in m} - {"pooled"})
+    fig.suptitle(f"{dataset_name(dataset)}: full-catalogue ranking, pooled over "
+                 f"{' + '.join(platforms)} (n per panel: {counts})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -254,7 +296,7 @@ def plot(results: dict, path: Path) -> None:
 
 def _table(results: dict) -> str:
     lines = []
-    for key in [_label(*s) for s in SETTINGS]:
+    for key in dict.fromkeys(k for r in results.values() for k in r):
         groups = sorted({g for r in results.values() for g in r.get(key, {})},
                         key=lambda g: (g != "pooled", g))
         for g in groups:
@@ -270,11 +312,23 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def targets_report(results: dict) -> dict:
+def targets_report(results: dict, dataset: str = AMAZON) -> dict:
     def n(system, key):
         return results.get(system, {}).get(key, {}).get("pooled", {}).get("ndcg@10")
 
     out = {}
+    anchors = ANCHORS.get(dataset_name(dataset))
+    test = results.get("crossrec", {}).get("A_warm_test", {}).get("pooled")
+    if anchors and test:
+        lo, hi = anchors["sasrec_style_hr@10_band"]
+        out["test_vs_published_band"] = {
+            "ours": {k: test[k] for k in ("hr@10", "ndcg@10", "mrr", "n")},
+            "sasrec_style_hr@10_band": [lo, hi],
+            "gsasrec_recall@10": anchors["gsasrec_recall@10"],
+            "position": ("above" if test["hr@10"] > hi else
+                         "within" if test["hr@10"] >= lo else "below"),
+            "caveat": "published figures are other papers' runs of the same protocol "
+                      "(leave-one-out by time, full ranking), not reproduced here"}
     if n("crossrec", "A_warm") is not None:
         best = max((b for b in BASELINES if n(b, "A_warm") is not None),
                    key=lambda b: n(b, "A_warm"))
@@ -336,12 +390,12 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
         dataset: str = AMAZON, seed: int = 0, allow_baseline: bool = False) -> dict:
     t0 = time.monotonic()
     data = default_data(repo, dataset)
-    val_users = validation_users(data)
-    if users:
-        val_users = val_users[:users]
-    cases = {_label(p, s): build_cases(p, s, val_users, data) for p, s in SETTINGS}
-    log.info("%d validation users; cases: %s; data ready in %.0fs", len(val_users),
-             {k: len(v) for k, v in cases.items()}, time.monotonic() - t0)
+    cases = case_sets(data, users)
+    val_users = {c.user_id for k, cs in cases.items() if not k.endswith("_test") for c in cs}
+    test_n = len({c.user_id for k, cs in cases.items() if k.endswith("_test") for c in cs})
+    log.info("%d validation users, %d test users (split %s); cases: %s; data ready in %.0fs",
+             len(val_users), test_n, data.split.rule, {k: len(v) for k, v in cases.items()},
+             time.monotonic() - t0)
     tower, ranker, models = load_models(repo, allow_baseline)
     n_cands, n_cov = (CANDIDATES, 0) if ranker is None else (ranker.candidates,
                                                               ranker.covisit_candidates)
@@ -355,25 +409,30 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
         log.warning("no ranker in %s: crossrec systems skipped", repo)
     results, timings = evaluate_all({n: available[n] for n in systems if n in available},
                                     cases, data)
-    targets = targets_report(results)
+    targets = targets_report(results, dataset)
     report = {
         "command": " ".join(["python -m export.evaluate"] + sys.argv[1:]),
         "git_sha": _git_sha(), "cpus": os.cpu_count(), "python": _platform.python_version(),
-        "dataset": dataset, "seed": seed, "top_k": TOP_K, "candidates": n_cands,
-        "validation_users": len(val_users), "cases": {k: len(v) for k, v in cases.items()},
+        "dataset": dataset_name(dataset), "seed": seed, "top_k": TOP_K, "candidates": n_cands,
+        "split": {"rule": data.split.rule, "doc": ud.SPLIT_RULES[data.split.rule]},
+        "validation_users": len(val_users), "test_users": test_n,
+        "cases": {k: len(v) for k, v in cases.items()},
         "models": models, "item_encoder": data.encoder, "int8": int8_note,
         "protocols": PROTOCOLS, "metrics": METRICS_DOC, "systems": systems_doc(n_cands, n_cov),
-        "published_protocol_b": {k: {"hr@10": v[0], "ndcg@10": v[1]}
-                                 for k, v in PUBLISHED.items()},
+        "published": ({k: {"hr@10": v[0], "ndcg@10": v[1]} for k, v in PUBLISHED.items()}
+                      if dataset_name(dataset) == AMAZON else
+                      ANCHORS.get(dataset_name(dataset), {})),
         "targets": targets, "results": results, "timings_s": timings,
         "total_s": round(time.monotonic() - t0, 1),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, out_dir / "eval.png")
+    stem = "eval" if dataset_name(dataset) == AMAZON else f"eval-{dataset_name(dataset)}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, out_dir / f"{stem}.png", dataset)
     log.info("results:\n%s", _table(results))
     log.info("targets: %s", json.dumps(targets, indent=1))
-    log.info("wrote %s and eval.png (total %.0fs)", out_dir / "eval.json", report["total_s"])
+    log.info("wrote %s and %s.png (total %.0fs)", out_dir / f"{stem}.json", stem,
+             report["total_s"])
     return report
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dataio import AMAZON, read_items
+from dataio import AMAZON, dataset_name, read_items
 from export import cli
 from services.common.modelrepo import read_meta, resolve
 from services.common.text import compose_item_text
@@ -44,7 +44,8 @@ def encoder_ref(repo: str | os.PathLike, version: int | None = None,
 
 def cache_path(repo: str | os.PathLike, dataset: str, version: int,
                encoder: str = ENCODER_NAME) -> Path:
-    return Path(repo) / "cache" / f"item_vectors-{dataset}-{encoder}-v{version}.npz"
+    name = dataset_name(dataset)
+    return Path(repo) / "cache" / f"item_vectors-{name}-{encoder}-v{version}.npz"
 
 
 def catalogue_texts(dataset: str) -> tuple[list[tuple[str, str]], list[str]]:

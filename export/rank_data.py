@@ -36,17 +36,16 @@ RETRIEVAL_DIMS = 96
 
 @dataclass
 class RankData:
-    """The catalogue, its item vectors, every user's sequence and the user split."""
+    """The catalogue, its item vectors and the users' sequences as the split gives them."""
     dataset: str
     ids: list[tuple[str, str]]         # catalogue rows: (platform, item_id)
     vecs: np.ndarray                   # float32 [n_items, dim], L2-normalised
     encoder: dict                      # {"name", "version"} of the item vectors
-    vocab: dict[str, int]              # platform vocabulary (the user tower's construction)
-    seqs: list[ud.UserSeq]             # every user, sorted by user id
-    train_ids: set[str]
-    val_ids: set[str]
-    counts: np.ndarray                 # float64 [n_items] events per item, training users
+    split: ud.Split                    # train / validation / test sequences, sorted by user
+    counts: np.ndarray                 # float64 [n_items] events per item, training sequences
     row_of: dict[tuple[str, str], int] = field(default_factory=dict)
+    vocab: dict[str, int] = field(default_factory=dict)         # the split's platform vocab
+    train_ids: set[str] = field(default_factory=set)            # users of split.train
     names: dict[int, str] = field(default_factory=dict)          # vocab id -> platform
     catalogue: dict[str, np.ndarray] = field(default_factory=dict)  # platform -> rows
     covisit: CoVisits | None = None    # co-visit counts of the training users (same rows)
@@ -59,9 +58,10 @@ class RankData:
 
     def __post_init__(self):
         self.row_of = {key: i for i, key in enumerate(self.ids)}
+        self.vocab = self.split.vocab
+        self.train_ids = {s.user_id for s in self.split.train}
         if self.covisit is None:
-            self.covisit = CoVisits.from_users(
-                self.ids, [s.items for s in self.seqs if s.user_id in self.train_ids])
+            self.covisit = CoVisits.from_users(self.ids, [s.items for s in self.split.train])
         if self.projection is None:
             self.projection = retrieval_projection(self.vecs)
         self.names = {i: name for name, i in self.vocab.items()}
@@ -98,7 +98,7 @@ def retrieval_projection(vecs: np.ndarray, dims: int = RETRIEVAL_DIMS) -> np.nda
 
 def load_data(repo: str | os.PathLike = "models", dataset: str = AMAZON,
               encoder_version: int | None = None) -> RankData:
-    """Item vectors (export.item_vectors cache), sequences and the user tower's user split."""
+    """Item vectors (export.item_vectors cache), sequences and the user tower's split."""
     from export.item_vectors import ENCODER_NAME, encoder_ref, item_vectors
 
     _, enc_version, _ = encoder_ref(repo, encoder_version)
@@ -106,15 +106,9 @@ def load_data(repo: str | os.PathLike = "models", dataset: str = AMAZON,
     users, missing = ud.load_sequences(dataset, ids)
     if missing:
         log.warning("%d events dropped: item not in the catalogue", missing)
-    train_ids, val_ids = ud.split_users([u["user_id"] for u in users])
-    vocab = ud.platform_vocab([u for u in users if u["user_id"] in train_ids])
-    seqs = [ud.to_seq(u, vocab) for u in users]
-    counts = np.zeros(len(ids), np.float64)
-    for s in seqs:
-        if s.user_id in train_ids:
-            np.add.at(counts, s.items, 1.0)
+    split = ud.split_sequences(users)
     return RankData(dataset, ids, vecs, {"name": ENCODER_NAME, "version": enc_version},
-                    vocab, seqs, train_ids, val_ids, counts)
+                    split, ud.item_counts(split.train, len(ids)))
 
 
 def load_user_model(repo: str | os.PathLike, version: int | None = None,

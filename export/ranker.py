@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataio import AMAZON
+from dataio import AMAZON, dataset_name
 from export import cli, metrics, publish
 from export import user_data as ud
 from export.candidates import CANDIDATES, COVISIT_CANDIDATES, query_features
@@ -131,10 +131,11 @@ def validation_metrics(session, model, data: RankData, n: int = CANDIDATES,
                        covisit: int = COVISIT_CANDIDATES) -> dict:
     """Protocol A (last event per platform, full catalogue) on the validation users:
     retrieval order vs re-ranked, warm and cold platform."""
-    val = [s for s in data.seqs if s.user_id in data.val_ids]
     out = {}
     for setting, cold in (("warm", False), ("cold", True)):
-        queries = [q for s in val for q in last_on_platform_queries(data, s, cold)]
+        queries = [q for s in data.split.val for q in last_on_platform_queries(data, s, cold)]
+        if not queries:  # one platform: no user is cold on it
+            continue
         feats, cands, ranks = query_features(model, data, queries, n, covisit)
         targets = np.array([local_row(data, q) for q in queries])
         reranked = metrics.rerank_ranks(ort_scores(session, feats), ranks, cands, targets)
@@ -158,7 +159,7 @@ def split_training_users(data: RankData, cfg: TrainConfig, rng: np.random.Genera
                          ) -> tuple[list[ud.UserSeq], list[ud.UserSeq], list[ud.UserSeq]]:
     """(training users, fit users, dev users): a seeded dev_fraction of the training users is
     kept for early stopping; the validation users are never among them."""
-    train = [s for s in data.seqs if s.user_id in data.train_ids]
+    train = data.split.train
     dev_n = round(cfg.dev_fraction * len(train))
     order = rng.permutation(len(train))
     return (train, [train[i] for i in sorted(order[dev_n:])],
@@ -168,8 +169,7 @@ def split_training_users(data: RankData, cfg: TrainConfig, rng: np.random.Genera
 def parity_sets(model, data: RankData, cfg: TrainConfig, x_dev: np.ndarray) -> list[np.ndarray]:
     """Feature sets the ONNX file must match torch on: the first 64 validation users' protocol
     A queries, 5 of them cut to 37 candidates, and 64 dev examples."""
-    val = [s for s in data.seqs if s.user_id in data.val_ids]
-    queries = [q for s in val[:64] for q in last_on_platform_queries(data, s, False)]
+    queries = [q for s in data.split.val[:64] for q in last_on_platform_queries(data, s, False)]
     pf, _, _ = query_features(model, data, queries, cfg.candidates, cfg.covisit_candidates)
     return [pf, pf[:5, :37], x_dev[:64]]
 
@@ -180,7 +180,7 @@ def ranker_meta(cfg: TrainConfig, data: RankData, model, dataset: str, users: tu
     (added on export). `users`: split_training_users' (train, fit, dev)."""
     train, fit, dev = users
     return {
-        "dataset": dataset,
+        "dataset": dataset_name(dataset),
         "user_tower": {"name": model.name, "version": model.version,
                        "baseline": bool(model.baseline)},
         "encoder": data.encoder,
@@ -189,8 +189,8 @@ def ranker_meta(cfg: TrainConfig, data: RankData, model, dataset: str, users: tu
                    f"repeats once), {len(data.covisit)} items, "
                    f"{len(data.covisit.indices)} non-zeros; each training example's own user "
                    "is left out of them",
-        "split": {"rule": "export.user_data.split_users (the user tower's)",
-                  "train_users": len(train), "val_users": len(data.val_ids),
+        "split": {"rule": data.split.rule, "doc": ud.SPLIT_RULES[data.split.rule],
+                  "train_users": len(train), "val_users": len(data.split.val),
                   "fit_users": len(fit), "dev_users": len(dev),
                   "dev_rule": f"seeded {cfg.dev_fraction} of training users (early stopping)"},
         "examples": examples,
@@ -208,13 +208,13 @@ def run(cfg: TrainConfig, repo: str | os.PathLike, dataset: str = AMAZON,
     data = load_data(repo, dataset)
     model = load_user_model(repo, user_tower_version, allow_baseline)
     if not model.baseline and model.meta.get("split", {}).get("val_users") not in (
-            None, len(data.val_ids)):
+            None, len(data.split.val)):
         raise RuntimeError("user split differs from the user tower's: "
-                           f"{model.meta['split']} vs {len(data.val_ids)} validation users")
+                           f"{model.meta['split']} vs {len(data.split.val)} validation users")
     rng = np.random.default_rng(cfg.seed)
     train, fit, dev = users = split_training_users(data, cfg, rng)
     log.info("%d training users (%d fit, %d dev), %d validation users untouched; user model "
-             "%s v%s; data ready in %.0fs", len(train), len(fit), len(dev), len(data.val_ids),
+             "%s v%s; data ready in %.0fs", len(train), len(fit), len(dev), len(data.split.val),
              model.name, model.version, time.monotonic() - t0)
     t1 = time.monotonic()
     x, y, stats = build_examples(model, data, fit, cfg, rng, label="fit")

@@ -1,5 +1,5 @@
-"""Event sequences, the user-level validation split, the user tower's validation windows, the
-untrained baselines' user vectors and item popularity (metrics: export/metrics.py).
+"""Event sequences, the train / validation / test split, the user tower's validation windows,
+the untrained baselines' user vectors and item popularity (metrics: export/metrics.py).
 
 Torch-free (numpy only): the ranker and the offline evaluation reuse the same split and
 sequences.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataio import action_and_weight, iter_events
+from dataio import action_and_weight, iter_events, to_event
 from services.fusion.pooling import DEFAULT_ACTION_WEIGHT, baseline_user_vec, rank_ages
 
 # The user's most recent events, across platforms, the model sees (newest last).
@@ -23,6 +23,18 @@ VAL_FRACTION = 0.10
 SPLIT_SEED = 0
 UNKNOWN_PLATFORM = "<other>"
 HISTORY, HELDOUT_TARGET = "history", "heldout_target"
+# The two split rules (split_sequences): data that marks its own held-out targets (rows with
+# role=heldout_target, the URLLM copy) is split by user; any other data leave-one-out by time.
+SPLIT_USERS, SPLIT_LAST = "users", "last"
+SPLIT_RULES = {
+    SPLIT_USERS: "split_users: a seeded VAL_FRACTION of the sorted user ids is held out whole "
+                 "(random.Random(SPLIT_SEED).sample); training sees every other user's rows; "
+                 "the held-out users' role=heldout_target rows are their targets",
+    SPLIT_LAST: "leave-one-out by time: per user (events ordered by time, ties as fusion "
+                "orders them), the last event is the test target and the one before it the "
+                "validation target, each given every earlier event; training sees each "
+                "user's events before both (users with under 3 events: all of them)",
+}
 
 
 @dataclass
@@ -46,8 +58,10 @@ def _action_and_weight(value: str) -> tuple[int, float]:
 
 
 def load_sequences(dataset: str, ids: list[tuple[str, str]]) -> tuple[list[dict], int]:
-    """Per-user raw sequences ordered by seq_index (else timestamp), and how many events were
-    dropped because their item is missing from the catalogue `ids`."""
+    """Per-user raw sequences in the order fusion keeps a profile in, (event_time_ms,
+    event_id) of the row as the CLI ingests it (dataio.to_event: seq_index order when the data
+    has no times), and how many events were dropped because their item is missing from the
+    catalogue `ids`."""
     row_of = {key: i for i, key in enumerate(ids)}
     by_user: dict[str, list] = collections.defaultdict(list)
     missing = 0
@@ -56,10 +70,10 @@ def load_sequences(dataset: str, ids: list[tuple[str, str]]) -> tuple[list[dict]
         if row is None:
             missing += 1
             continue
-        order = ev.get("seq_index") or ev.get("timestamp") or "0"
+        event = to_event(ev, {})
         action, weight = _action_and_weight(ev["rating_or_action"])
-        by_user[ev["user_id"]].append((float(order), row, ev["platform"], action, weight,
-                                       ev.get("role") or HISTORY))
+        by_user[ev["user_id"]].append(((event["event_time_ms"], event["event_id"]), row,
+                                       ev["platform"], action, weight, ev.get("role") or HISTORY))
     users = []
     for user_id in sorted(by_user):
         events = sorted(by_user[user_id], key=lambda e: e[0])
@@ -75,16 +89,50 @@ def split_users(user_ids: list[str], fraction: float = VAL_FRACTION,
     return set(ordered) - val, val
 
 
+@dataclass
+class Split:
+    """What training, validation and test see (SPLIT_RULES[rule]). A validation or test
+    sequence's targets are its events from n_history on, each given the events before it
+    (protocol A: its last event per platform given every earlier one)."""
+    rule: str
+    vocab: dict[str, int]
+    train: list[UserSeq]
+    val: list[UserSeq]
+    test: list[UserSeq]   # empty where the data withholds its test users (the URLLM copy)
+
+
+def split_sequences(users: list[dict]) -> Split:
+    """load_sequences' users split by the rule their data calls for (SPLIT_RULES)."""
+    if any(e[5] == HELDOUT_TARGET for u in users for e in u["events"]):
+        train_ids, val_ids = split_users([u["user_id"] for u in users])
+        vocab = platform_vocab([u for u in users if u["user_id"] in train_ids])
+        seqs = [to_seq(u, vocab) for u in users]
+        return Split(SPLIT_USERS, vocab, [s for s in seqs if s.user_id in train_ids],
+                     [s for s in seqs if s.user_id in val_ids], [])
+    held = [u for u in users if len(u["events"]) >= 3]
+    seen = [{"user_id": u["user_id"], "events": u["events"][:-2] if len(u["events"]) >= 3
+             else u["events"]} for u in users]
+    vocab = platform_vocab(seen)
+    train = [to_seq(u, vocab) for u in seen]
+    val = [to_seq({"user_id": u["user_id"], "events": u["events"][:-1]}, vocab,
+                  len(u["events"]) - 2) for u in held]
+    test = [to_seq(u, vocab, len(u["events"]) - 1) for u in held]
+    return Split(SPLIT_LAST, vocab, train, val, test)
+
+
 def platform_vocab(users: list[dict]) -> dict[str, int]:
     """{platform: id}; 0 is any platform the training data does not have."""
     names = sorted({e[2] for u in users for e in u["events"]})
     return {UNKNOWN_PLATFORM: 0, **{name: i + 1 for i, name in enumerate(names)}}
 
 
-def to_seq(user: dict, vocab: dict[str, int]) -> UserSeq:
+def to_seq(user: dict, vocab: dict[str, int], n_history: int | None = None) -> UserSeq:
+    """A load_sequences user as arrays; n_history defaults to the events before the first
+    role=heldout_target row (all of them when there is none)."""
     ev = user["events"]
     roles = [e[5] for e in ev]
-    n_history = roles.index(HELDOUT_TARGET) if HELDOUT_TARGET in roles else len(ev)
+    if n_history is None:
+        n_history = roles.index(HELDOUT_TARGET) if HELDOUT_TARGET in roles else len(ev)
     return UserSeq(user["user_id"],
                    np.array([e[1] for e in ev], dtype=np.int64),
                    np.array([vocab.get(e[2], 0) for e in ev], dtype=np.int64),

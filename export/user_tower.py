@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataio import AMAZON
+from dataio import AMAZON, dataset_name
 from export import cli, metrics, publish
 from export import user_data as ud
 from export.user_tower_model import INPUT_NAMES, N_ACTIONS, OUTPUT_NAMES, TrainConfig, UserTower
@@ -86,8 +86,6 @@ SCORE_DOC = ("dot(user_vec, item_vec); temperature is the training softmax tempe
              "(dot / temperature is a logit)")
 PRIOR_SCORE_DOC = ("dot(user_vec, item_vec) / temperature + log1p(count), count from "
                    "item_popularity.npz (events among training users; 0 if absent)")
-SPLIT_RULE = ("export.user_data.split_users: random.Random(split_seed).sample of sorted user "
-              "ids")
 EVALUATION_DOC = ("each validation user's heldout_target rows, each ranked among its "
                   "platform's whole catalogue given the user's history rows (last "
                   "max_events); hidden: the target platform's events removed from the input")
@@ -106,6 +104,7 @@ class TowerData:
     val_seqs: list[ud.UserSeq]
     catalogue: dict[int, np.ndarray]   # platform id -> catalogue rows
     val: dict[str, ud.Windows]         # "visible" | "hidden" -> validation windows
+    split_rule: str = ud.SPLIT_USERS   # the key of ud.SPLIT_RULES
 
 
 def load_data(repo: str | os.PathLike, dataset: str, encoder_version: int | None = None,
@@ -123,14 +122,14 @@ def load_data(repo: str | os.PathLike, dataset: str, encoder_version: int | None
     else:
         ids, item_vecs, encoder = item_data
     users, missing = ud.load_sequences(dataset, ids)
-    train_ids, val_ids = ud.split_users([u["user_id"] for u in users])
-    vocab = ud.platform_vocab([u for u in users if u["user_id"] in train_ids])
-    seqs = [ud.to_seq(u, vocab) for u in users]
-    val_seqs = [s for s in seqs if s.user_id in val_ids]
-    data = TowerData(ids, item_vecs, encoder, vocab, [s for s in seqs if s.user_id in train_ids],
-                     val_seqs, ud.catalogue_rows(ids, vocab),
-                     {"visible": ud.heldout_windows(val_seqs, False),
-                      "hidden": ud.heldout_windows(val_seqs, True)})
+    split = ud.split_sequences(users)
+    val_seqs = split.val
+    windows = {"visible": ud.heldout_windows(val_seqs, False),
+               "hidden": ud.heldout_windows(val_seqs, True)}
+    # One platform: no target platform can be hidden from its user.
+    data = TowerData(ids, item_vecs, encoder, split.vocab, split.train, val_seqs,
+                     ud.catalogue_rows(ids, split.vocab),
+                     {k: w for k, w in windows.items() if len(w)}, split.rule)
     log.info("%d users (%d train, %d validation), %d events dropped (item not in catalogue); "
              "validation queries: %s; data ready in %.0fs", len(users), len(data.train_seqs),
              len(val_seqs), missing, {k: len(w) for k, w in data.val.items()},
@@ -162,10 +161,11 @@ def parity_feeds(data: TowerData) -> list[dict]:
 
 
 def _table(rows: dict) -> str:
-    lines = [f"{'':28s} {'visible R@10':>12s} {'N@10':>8s} {'hidden R@10':>12s} {'N@10':>8s}"]
+    settings = [k for k in ("visible", "hidden") if any(k in m for m in rows.values())]
+    lines = [f"{'':28s}" + "".join(f" {k + ' R@10':>12s} {'N@10':>8s}" for k in settings)]
     for name, m in rows.items():
-        lines.append(f"{name:28s} {m['visible']['recall@10']:12.4f} {m['visible']['ndcg@10']:8.4f}"
-                     f" {m['hidden']['recall@10']:12.4f} {m['hidden']['ndcg@10']:8.4f}")
+        lines.append(f"{name:28s}" + "".join(
+            f" {m[k]['recall@10']:12.4f} {m[k]['ndcg@10']:8.4f}" for k in settings))
     return "\n".join(lines)
 
 
@@ -261,10 +261,10 @@ def tower_meta(cfg: TrainConfig, data: TowerData, dataset: str, temperature: flo
         "actions_seen_in_training": sorted(trained_actions),
         "actions_tied_to_interact": tied, "features": FEATURES_DOC,
         "default_action_weight": {ACTION_NAMES[a]: w for a, w in DEFAULT_ACTION_WEIGHT.items()},
-        "baseline": BASELINE_DOC, "encoder": data.encoder, "dataset": dataset,
-        "split": {"rule": SPLIT_RULE, "val_fraction": ud.VAL_FRACTION,
-                  "split_seed": ud.SPLIT_SEED, "train_users": len(data.train_seqs),
-                  "val_users": len(data.val_seqs)},
+        "baseline": BASELINE_DOC, "encoder": data.encoder, "dataset": dataset_name(dataset),
+        "split": {"rule": data.split_rule, "doc": ud.SPLIT_RULES[data.split_rule],
+                  "val_fraction": ud.VAL_FRACTION, "split_seed": ud.SPLIT_SEED,
+                  "train_users": len(data.train_seqs), "val_users": len(data.val_seqs)},
         "evaluation": EVALUATION_DOC,
         "seed": cfg.seed, "train_config": asdict(cfg), "training": training,
         "created_at": publish.created_at(), "exporter": publish.torch_exporter(),

@@ -66,23 +66,21 @@ class CoVisits:
 
     @classmethod
     def from_users(cls, keys: list[tuple[str, str]], user_rows: list[np.ndarray]) -> "CoVisits":
-        """Counts over users' item rows (indices into `keys`; repeats count once per user)."""
+        """Counts over users' item rows (indices into `keys`; repeats count once per user):
+        the off-diagonal of X^T X, X the binary user x item matrix (scipy, export only)."""
+        from scipy.sparse import csr_matrix
+
         n = len(keys)
-        pairs: list[np.ndarray] = []
-        deg = np.zeros(n, np.float32)
-        for rows in user_rows:
-            items = np.unique(np.asarray(rows, np.int64))
-            deg[items] += 1
-            if len(items) > 1:
-                a, b = np.meshgrid(items, items, indexing="ij")
-                off = a != b
-                pairs.append(a[off] * n + b[off])
-        flat = np.concatenate(pairs) if pairs else np.zeros(0, np.int64)
-        codes, counts = np.unique(flat, return_counts=True)
-        rows_, cols = codes // n, codes % n
-        indptr = np.zeros(n + 1, np.int64)
-        np.add.at(indptr, rows_ + 1, 1)
-        np.cumsum(indptr, out=indptr)
+        items = [np.unique(np.asarray(rows, np.int64)) for rows in user_rows]
+        users = np.repeat(np.arange(len(items)), [len(i) for i in items])
+        cols = np.concatenate(items) if items else np.zeros(0, np.int64)
+        x = csr_matrix((np.ones(len(cols), np.int32), (users, cols)), shape=(len(items), n))
+        deg = np.bincount(cols, minlength=n).astype(np.float32)
+        both = (x.T.tocsr() @ x).tocoo()
+        off = both.row != both.col
+        pairs = csr_matrix((both.data[off], (both.row[off], both.col[off])), shape=(n, n))
+        pairs.sort_indices()
+        indptr, cols, counts = pairs.indptr.astype(np.int64), pairs.indices, pairs.data
         if counts.max(initial=0) > np.iinfo(np.uint16).max:
             raise ValueError("a co-visit count exceeds uint16")
         return cls(keys, indptr, cols.astype(np.int32), counts.astype(np.uint16), deg)

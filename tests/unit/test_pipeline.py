@@ -5,7 +5,7 @@ rank the same user alike, list for list."""
 import numpy as np
 import pytest
 
-from export.cases import build_cases
+from export.cases import build_cases, validation_users
 from export.systems import CrossrecSystem
 from export import rank_data as rd
 from export import user_data as ud
@@ -175,8 +175,8 @@ def _tiny_data():
 
     seqs = [seq(f"u{i}", 6 + i % 5) for i in range(30)]
     counts = rng.integers(0, 9, len(ids)).astype(float)
-    return rd.RankData("tiny-in-memory", ids, vecs, {"name": "test", "version": 0}, vocab,
-                       seqs, {s.user_id for s in seqs[:20]}, {s.user_id for s in seqs[20:]},
+    split = ud.Split(ud.SPLIT_USERS, vocab, seqs[:20], seqs[20:], [])
+    return rd.RankData("tiny-in-memory", ids, vecs, {"name": "test", "version": 0}, split,
                        counts)
 
 
@@ -195,7 +195,7 @@ def test_the_serving_engine_and_the_offline_evaluation_give_identical_lists(sett
 
     popularity = Popularity(Stats(), catalog, 3600)
     popularity.refresh()
-    cases = build_cases("A", setting, sorted(data.val_ids), data)
+    cases = build_cases("A", setting, validation_users(data), data)
 
     def profile(user_id, platform, session, recent_limit, budget_s, item_vectors=True):
         case = next(c for c in cases if c.case_id == user_id)

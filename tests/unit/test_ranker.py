@@ -92,8 +92,10 @@ def _tiny_data() -> rd.RankData:
     u2 = seq("u2", [(OFFICE, "o5"), (ARTS, "a5"), (OFFICE, "o6"), (OFFICE, "o7"),
                     (ARTS, "a6")], n_history=3)
     counts = np.zeros(len(ids))
-    return rd.RankData("tiny-in-memory", ids, vecs, {"name": "test", "version": 0}, vocab,
-                       [u1, u2], {"u1"}, {"u2"}, counts)
+    # u1 trains; cases are built for both (build_cases reads the validation sequences).
+    split = ud.Split(ud.SPLIT_USERS, vocab, [u1], [u1, u2], [])
+    return rd.RankData("tiny-in-memory", ids, vecs, {"name": "test", "version": 0}, split,
+                       counts)
 
 
 @pytest.mark.parametrize("protocol", ["A", "B"])
@@ -102,7 +104,7 @@ def test_build_cases_never_put_the_target_or_a_later_event_in_the_input(protocol
     data = _tiny_data()
     cases = build_cases(protocol, setting, ["u1", "u2"], data)
     assert cases
-    by_id = {s.user_id: s for s in data.seqs}
+    by_id = {s.user_id: s for s in data.split.val}
     for c in cases:
         s = by_id[c.user_id]
         position = int(np.flatnonzero(s.items == c.query.target_row)[0])
