@@ -25,9 +25,9 @@ from export.cases import build_cases, default_data, validation_users  # noqa: E4
 from export.evaluate import evaluate_system  # noqa: E402
 from export.systems import ALSSystem, ItemKNNSystem  # noqa: E402
 
-ALS_GRID = {"factors": (64, 128, 256), "regularization": (1.0, 30.0), "alpha": (1.0, 40.0),
-            "iterations": (15,)}
-DAMPING_GRID = (0.0, 0.3, 0.5, 0.7, 1.0)
+ALS_GRID = {"factors": (16, 32, 64, 128, 256), "regularization": (1.0, 30.0, 300.0),
+            "alpha": (1.0, 10.0, 40.0), "iterations": (15,)}
+DAMPING_GRID = (0.0, 0.5, 0.7, 1.0, 1.5)
 
 
 def main(argv: list[str] | None = None) -> int:

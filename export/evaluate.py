@@ -52,7 +52,8 @@ from export.cases import Case, build_cases, default_data, held_out_users, valida
 from export.metrics import K, hit_rate, intra_list_diversity, mrr, ndcg, novelty, ranks_from_lists
 from export.rank_data import RankData, load_user_model
 from export.ranker import MODEL_NAME as RANKER
-from export.systems import (ALS_PARAMS, BASELINES, INT8_ENCODER, SYSTEMS, TOP_K, ALSSystem,
+from export.systems import (ALS_PARAMS, BASELINES, DATASET_ALS_PARAMS, DATASET_ITEMKNN_DAMPING,
+                            ITEMKNN_DAMPING, INT8_ENCODER, SYSTEMS, TOP_K, ALSSystem,
                             CrossrecSystem, ItemKNNSystem, PopularitySystem,
                             TextSimilaritySystem, UserVectorSystem, int8_item_vectors,
                             load_ranker)
@@ -355,8 +356,10 @@ def targets_report(results: dict, dataset: str = AMAZON) -> dict:
 
 
 
-def systems_doc(n_cands: int, n_cov: int) -> dict:
+def systems_doc(n_cands: int, n_cov: int, dataset: str = AMAZON) -> dict:
     """eval.json's description of each system."""
+    als = DATASET_ALS_PARAMS.get(dataset_name(dataset), ALS_PARAMS)
+    damping = DATASET_ITEMKNN_DAMPING.get(dataset_name(dataset), ITEMKNN_DAMPING)
     return {
         "crossrec": f"services.ranking.pipeline.rank, as served: user tower -> {n_cands} "
                     "candidates (the best by exact dot product, the last up to "
@@ -367,13 +370,14 @@ def systems_doc(n_cands: int, n_cov: int) -> dict:
                             "pooling of the last 50 events; ignores the target platform)",
         "popularity": "training users' event counts per item of the target platform",
         "text_similarity": "mean of all input events' item text vectors (no training)",
-        "als": f"implicit {_implicit_version()} ALS {ALS_PARAMS} on training users' "
+        "als": f"implicit {_implicit_version()} ALS {als} on training users' "
                "(user, item) events; validation queries folded in by the exact ALS user "
                "step (recalculate_user) from their input events only; params: best of a "
-               "small grid on these validation users (A warm NDCG@10), i.e. flattered",
+               "small grid on the validation targets (A warm NDCG@10; "
+               "bench/baseline_grid.py), i.e. flattered",
         "itemknn": "item-based CF: summed co-visit counts (training users who had both "
-                   "items) with the query's distinct input items / sqrt(item's users + 1); "
-                   "damping exponent best of 0-0.8 on these validation users (flattered)",
+                   "items) with the query's distinct input items / (item's users + 1) ** "
+                   f"{damping}; damping best of a grid on the validation targets (flattered)",
         "crossrec_int8": "crossrec with item vectors from the int8 encoder",
     }
 
@@ -418,7 +422,8 @@ def run(repo: str, users: int | None, out_dir: Path, systems: tuple[str, ...] = 
         "validation_users": len(val_users), "test_users": test_n,
         "cases": {k: len(v) for k, v in cases.items()},
         "models": models, "item_encoder": data.encoder, "int8": int8_note,
-        "protocols": PROTOCOLS, "metrics": METRICS_DOC, "systems": systems_doc(n_cands, n_cov),
+        "protocols": PROTOCOLS, "metrics": METRICS_DOC,
+        "systems": systems_doc(n_cands, n_cov, dataset),
         "published": ({k: {"hr@10": v[0], "ndcg@10": v[1]} for k, v in PUBLISHED.items()}
                       if dataset_name(dataset) == AMAZON else
                       ANCHORS.get(dataset_name(dataset), {})),

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from dataio import AMAZON, dataset_name
+from dataio import AMAZON, MOVIELENS, dataset_name
 from export import cli
 from export.candidates import candidate_ranks, top_and_rank
 from export.cases import Case, default_data
@@ -37,9 +37,10 @@ BASELINES = ("fusion_untrained", "popularity", "text_similarity", "als", "itemkn
 ALS_PARAMS = {"factors": 256, "regularization": 30.0, "alpha": 40.0, "iterations": 15}
 # The baselines' hyper-parameters per dataset, each the best of bench/baseline_grid.py's grid
 # on that dataset's validation targets (A warm NDCG@10); the Amazon values are the defaults.
-DATASET_ALS_PARAMS: dict[str, dict] = {}
+DATASET_ALS_PARAMS: dict[str, dict] = {
+    MOVIELENS: {"factors": 64, "regularization": 1.0, "alpha": 40.0, "iterations": 15}}
 ITEMKNN_DAMPING = 0.5
-DATASET_ITEMKNN_DAMPING: dict[str, float] = {}
+DATASET_ITEMKNN_DAMPING: dict[str, float] = {MOVIELENS: 0.7}
 
 
 class CatalogueSystem:

@@ -121,3 +121,15 @@ def test_data_with_its_own_held_out_targets_is_split_by_user(tmp_path):
     val = {s.user_id for s in data.split.val}
     assert len(val) == 2 and not train & val and len(train | val) == 20
     assert all(s.n_history == 3 for s in data.split.val)
+
+
+def test_movielens_test_figures_are_placed_against_the_published_band():
+    from export.evaluate import targets_report
+
+    def result(hr):
+        return {"crossrec": {"A_warm_test": {"pooled": {"hr@10": hr, "ndcg@10": hr / 2,
+                                                        "mrr": hr / 3, "n": 6040}}}}
+    positions = [targets_report(result(hr), "movielens-1m")["test_vs_published_band"]["position"]
+                 for hr in (0.13, 0.25, 0.35)]
+    assert positions == ["below", "within", "above"]
+    assert "test_vs_published_band" not in targets_report(result(0.25), "amazon-arts-office-urllm")
