@@ -158,7 +158,8 @@ def validation_metrics(session, model, data: RankData, n: int = CANDIDATES,
 def split_training_users(data: RankData, cfg: TrainConfig, rng: np.random.Generator
                          ) -> tuple[list[ud.UserSeq], list[ud.UserSeq], list[ud.UserSeq]]:
     """(training users, fit users, dev users): a seeded dev_fraction of the training users is
-    kept for early stopping; the validation users are never among them."""
+    kept for early stopping. Their sequences are the split's training ones: no validation or
+    test target is in them (export.user_data.SPLIT_RULES)."""
     train = data.split.train
     dev_n = round(cfg.dev_fraction * len(train))
     order = rng.permutation(len(train))
@@ -213,7 +214,7 @@ def run(cfg: TrainConfig, repo: str | os.PathLike, dataset: str = AMAZON,
                            f"{model.meta['split']} vs {len(data.split.val)} validation users")
     rng = np.random.default_rng(cfg.seed)
     train, fit, dev = users = split_training_users(data, cfg, rng)
-    log.info("%d training users (%d fit, %d dev), %d validation users untouched; user model "
+    log.info("%d training users (%d fit, %d dev), %d validation targets untouched; user model "
              "%s v%s; data ready in %.0fs", len(train), len(fit), len(dev), len(data.split.val),
              model.name, model.version, time.monotonic() - t0)
     t1 = time.monotonic()
