@@ -34,7 +34,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -69,9 +68,12 @@ def serve_echo(port_file: str) -> int:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     Path(port_file).write_text(str(port))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
+    # As in services/common/serve.py: the handler only appends (an Event.set() there can
+    # deadlock a main thread inside Event.wait()).
+    signals: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _: signals.append(signum))
+    while not signals:
+        time.sleep(0.1)
     server.stop(1).wait()
     return 0
 

@@ -37,6 +37,8 @@ HEALTH_MAX_CONCURRENT_RPCS = 32
 HEALTH_CLOSE_GRACE_S = 0.5
 # How often a worker process re-reads its group's state (services/common/workers.py).
 GROUP_POLL_S = 0.02
+# How often the main thread looks for SIGTERM / SIGINT once serving (the drain starts within it).
+SIGNAL_POLL_S = 0.1
 # Trailing metadata naming the worker process that answered (worker processes only).
 WORKER_METADATA_KEY = "crossrec-worker"
 
@@ -306,9 +308,12 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
 
     if worker is None:
         metrics.serve_metrics(args.metrics_port, args.metrics_host or args.host)
-    stop = threading.Event()
+    # The handler only appends: an Event.set() there can deadlock the main thread when the
+    # signal lands while that thread holds the Event's lock inside stop.wait().
+    signals: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _: signals.append(signum))
+    stop = threading.Event()
     server.start()
     if health_server is not None:
         health_server.start()
@@ -333,7 +338,9 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     follower = _start_serving(name, args, port, services, health_servicer, worker, stop)
     log.info("serving", extra={"fields": {"service": name, "port": port,
                                            "load_s": round(time.monotonic() - started, 2)}})
-    stop.wait()
+    while not signals:
+        time.sleep(SIGNAL_POLL_S)
+    stop.set()
     if follower is not None:
         follower.join()
     _drain(name, args, server, health_servicer, health_server, streams, engine)
