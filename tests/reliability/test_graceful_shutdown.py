@@ -89,9 +89,13 @@ def drain_under_load(victim: ServiceProcess, call, new_call, callers: int,
                 typical_s=typical_s)
 
 
+def arrived_margin(run: dict) -> float:
+    """How long before SIGTERM a call may have started and still not have reached the server."""
+    return min(ARRIVED_S, run["typical_s"] / 3)
+
+
 def check_drain(name: str, run: dict) -> None:
     loop, calls, in_flight = run["loop"], run["loop"].calls, run["in_flight"]
-    codes = {c.code for c in calls}
     print(f"\n{name}: {len(calls)} calls ({loop.ok_count()} OK, typical "
           f"{run['typical_s'] * 1000:.0f} ms), {len(in_flight)} in flight at "
           f"SIGTERM, health NOT_SERVING after "
@@ -108,9 +112,13 @@ def check_drain(name: str, run: dict) -> None:
     assert in_flight, "no call was in flight at SIGTERM: the test proves nothing"
     failed = [(c.code.name, c.details) for c in in_flight if c.code != grpc.StatusCode.OK]
     assert not failed, f"{len(failed)} of {len(in_flight)} in-flight calls failed: {failed[:3]}"
-    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, \
-        [(c.code.name, c.details) for c in calls if c.code not in (grpc.StatusCode.OK,
-                                                                   grpc.StatusCode.UNAVAILABLE)]
+    # A call sent after SIGTERM may be refused UNAVAILABLE, or CANCELLED by gRPC core when it
+    # raced the shutdown (never handed to a handler; the client library re-sends both, see
+    # clients/crossrec_client). Calls in flight at SIGTERM must all be OK (above).
+    late = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    odd = [(c.code.name, c.details) for c in calls if c.code != grpc.StatusCode.OK
+           and not (c.code in late and c.started >= run["sigterm_at"] - arrived_margin(run))]
+    assert not odd, odd
     assert run["refused_code"] == grpc.StatusCode.UNAVAILABLE
     assert run["refused_s"] < NEW_CALL_DEADLINE_S
     assert run["exit_code"] == 0
