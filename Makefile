@@ -78,13 +78,13 @@ evaluate: protos models
 	$(PY) -m export.evaluate --model-repo $(MODEL_REPO) --dataset $(DATASET)
 
 up: protos models
-	$(PY) -m clients.stack up --run-dir $(RUN_DIR)
+	$(PY) -m tools.stack up --run-dir $(RUN_DIR)
 
 down:
-	@test -x $(PY) && $(PY) -m clients.stack down --run-dir $(RUN_DIR) || true
+	@test -x $(PY) && $(PY) -m tools.stack down --run-dir $(RUN_DIR) || true
 
 demo: protos models
-	$(PY) -m clients.demo --run-dir $(RUN_DIR) --model-repo $(MODEL_REPO) --dataset $(DATASET)
+	$(PY) -m tools.demo --run-dir $(RUN_DIR) --model-repo $(MODEL_REPO) --dataset $(DATASET)
 
 test: protos models
 	$(PY) -m pytest
@@ -103,12 +103,12 @@ bench: protos models
 	$(PY) bench/embedding.py
 	$(PY) bench/ingest.py
 
-# Bounded loopback load test of the services `make up` started (clients/loadtest.py): a mix of
+# Bounded loopback load test of the services `make up` started (tools/loadtest.py): a mix of
 # Recommend, Ingest and GetProfile over real users; LOADTEST_ARGS adds or overrides flags, e.g.
 # LOADTEST_ARGS="--mode open --rate 300 --duration-s 30 --json var/loadtest.json".
 LOADTEST_ARGS ?=
 loadtest: protos
-	$(PY) -m clients.loadtest --ranking 127.0.0.1:50053 --fusion 127.0.0.1:50052 $(LOADTEST_ARGS)
+	$(PY) -m tools.loadtest --ranking 127.0.0.1:50053 --fusion 127.0.0.1:50052 $(LOADTEST_ARGS)
 
 # Renders k8s/overlays/{cpu,gpu,redis,redis-cluster,monitoring} and validates them offline,
 # and checks the monitoring component (alert rules with promtool, the Grafana dashboard); no

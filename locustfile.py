@@ -5,10 +5,10 @@
 
 Each simulated user holds a CrossrecClient (clients/crossrec_client/) and, back to back
 (`--think-s` apart), sends Recommend (weight 8), Ingest (1) and GetProfile (1) for real users
-and items from ../shared/data (dataio/, as clients/loadtest.py draws them); every
+and items from ../shared/data (dataio/, as tools/loadtest.py draws them); every
 call goes to locust's request event with its response time and its CrossrecError, if any.
 Retries are off, so every failure shows. Targets must be loopback addresses, as for
-clients/loadtest.py: anything else is refused before a request is sent. Bound the run with
+tools/loadtest.py: anything else is refused before a request is sent. Bound the run with
 `-t`; `--tags recommend` (or ingest, profile) keeps one RPC. Without `--headless`, the web UI
 (http://127.0.0.1:8089) drives it.
 """
@@ -27,7 +27,7 @@ from locust import User, constant, events, tag, task
 grpc_gevent.init_gevent()
 
 from clients.crossrec_client import CrossrecClient, CrossrecError  # noqa: E402
-from clients.loadtest import Workload, check_loopback  # noqa: E402
+from tools.loadtest import Workload, check_loopback  # noqa: E402
 
 _workload: Workload | None = None
 

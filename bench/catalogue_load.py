@@ -5,10 +5,10 @@ bench/results/catalogue_load.json.
 
     .venv/bin/python bench/catalogue_load.py [--models encoder,encoder_int8] [--items 0]
 
-Per model: a fresh stack whose embedding service serves that model; `python -m clients.cli
+Per model: a fresh stack whose embedding service serves that model; `python -m tools.cli
 items load` of the items CSV (--batch-size, --concurrency: the CLI's defaults); items/s from
 the CLI's wall time, CPU seconds by process (/proc, the CLI by getrusage); then, with the
-stack idle, the ceiling: EmbeddingEngine.run_sorted over the first --ceiling-items item texts
+stack idle, the ceiling: Encoder.run_sorted over the first --ceiling-items item texts
 (length-sorted model calls of 32, one thread per core), the most any plumbing could reach.
 """
 
@@ -29,20 +29,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "gen"), str(REPO / "bench")]
 
-from clients.stack import python_env, start_stack  # noqa: E402
+from tools.stack import python_env, start_stack  # noqa: E402
 from dataio import AMAZON, data_dir, read_items  # noqa: E402
 from e2e import cpu_seconds  # noqa: E402  (bench/e2e.py: a process and its workers)
 from machine import cpu_model, write_results  # noqa: E402
-from services.common import modelrepo  # noqa: E402
-from services.common.text import compose_item_text  # noqa: E402
+from recmodel import modelrepo  # noqa: E402
+from recmodel.text import compose_item_text  # noqa: E402
 
 TARGET_ITEMS_PER_S = 1000
 
 
 def ceiling(model_dir: Path, texts: list[str], seconds: float) -> dict:
-    from services.embedding.engine import EmbeddingEngine
+    from recmodel.encoder import Encoder
 
-    engine = EmbeddingEngine(model_dir, device="cpu")
+    engine = Encoder(model_dir, device="cpu")
     encoded = engine.tokenize(texts)
     engine.run_sorted(encoded[:64], 32)
     n, start = 0, time.perf_counter()
@@ -65,7 +65,7 @@ def load_once(args, model: str, items_csv: Path, n_items: int, texts: list[str])
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "clients.cli", "items", "load", str(items_csv), "--json",
+            [sys.executable, "-m", "tools.cli", "items", "load", str(items_csv), "--json",
              "--batch-size", str(args.batch_size), "--concurrency", str(args.concurrency)],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
         wall = time.perf_counter() - started

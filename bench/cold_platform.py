@@ -7,7 +7,7 @@ same cases. Writes bench/results/cold-platform.{json,md}.
 Cases: export.cases.build_cases("A", "cold", validation users). Levers, each scored over the
 target platform P's whole catalogue (ties by catalogue order, as export/systems.py):
 popularity and crossrec as served (references); cross-platform co-visitation (the ranker's
-counts, services/ranking/covisit.py, and a sequence-window variant); user-kNN over training
+counts, recmodel/covisit.py, and a sequence-window variant); user-kNN over training
 users' other-platform histories (item overlap or text profile); popularity conditioned on
 the user's profile; and each of these fused with crossrec's order. Every count, neighbour and
 popularity comes from the training users only. Hyper-parameters: the best NDCG@10 on half 1
@@ -394,18 +394,18 @@ FUSION_NOTE = (
     "lever's top items into the candidates (merge_candidates) for its best items to enter."
 )
 SERVING_NOTES = {
-    "covisit": "services/ranking/pipeline.py would score P's rows from the CoVisits.sums it "
-               "already computes in candidates() (services/ranking/covisit.py, no new data); "
+    "covisit": "recmodel/pipeline.py would score P's rows from the CoVisits.sums it "
+               "already computes in candidates() (recmodel/covisit.py, no new data); "
                "the blend is a re-order of the ranker's output, i.e. a new step after order() "
                "in pipeline.rank for users with no event on P.",
     "covisit_window": "export/rank_data.py would have to count and write a second, "
                       "sequence-window co-visit matrix beside covisit.npz (~the same size), "
-                      "services/ranking/covisit.py load it and pipeline.py sum its rows of the "
+                      "recmodel/covisit.py load it and pipeline.py sum its rows of the "
                       "user's items per request; then a fusion step after order().",
     "user_knn": "the ranking service would need every training user's item sets (a "
                 "[users x items] sparse matrix, a few MB here) loaded beside covisit.npz, a "
                 "sparse overlap per request, and a fusion step after order() in "
-                "services/ranking/pipeline.py.",
+                "recmodel/pipeline.py.",
     "pop_neighbours": "as user_knn: the training users' item sets in the ranking service, "
                       "one sparse overlap per request, then a fusion step after order().",
     "pop_text": "no new data: pipeline.py has the table's log_pop and item vectors; a "

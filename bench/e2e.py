@@ -11,7 +11,7 @@ axis), and the peak ratio reported. Writes bench/results/e2e.{json,png}. About 6
     .venv/bin/python bench/e2e.py [--levels 1,2,4,8,16,32] [--level-s 7] [--sustain-s 30]
     .venv/bin/python bench/e2e.py --serve-echo --port-file F     (the echo server itself)
 
-Services run as separate processes on 127.0.0.1; the load generator (clients/loadtest.py,
+Services run as separate processes on 127.0.0.1; the load generator (tools/loadtest.py,
 asyncio) is a process of its own and shares the cores with them, for the echo server alike.
 Each curve level also records the CPU time every service process (with its worker processes)
 spent per request (Linux).
@@ -43,13 +43,13 @@ sys.path[:0] = [str(REPO / "gen"), str(REPO)]
 
 import grpc  # noqa: E402
 
-from clients.loadtest import ECHO_METHOD, Workload, parse_args, run_load  # noqa: E402
-from clients.stack import ServiceProcess, python_env, start_stack  # noqa: E402
+from tools.loadtest import ECHO_METHOD, Workload, parse_args, run_load  # noqa: E402
+from tools.stack import ServiceProcess, python_env, start_stack  # noqa: E402
 from crossrec.common.v1 import common_pb2  # noqa: E402
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc  # noqa: E402
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc  # noqa: E402
 from dataio import AMAZON, item_texts, read_items, user_events  # noqa: E402
-from services.common import modelrepo  # noqa: E402
+from recmodel import modelrepo  # noqa: E402
 from machine import cpu_model  # noqa: E402  (bench/machine.py)
 
 RESULTS = REPO / "bench" / "results"
@@ -94,7 +94,7 @@ def seed_stores(run_dir: Path, model_repo: str, n_items: int) -> int:
     """Write the catalogue (ranking) and the item-vector cache (fusion) where start_stack's
     services will open them, from the encoder's cached catalogue vectors. Items written."""
     from export.item_vectors import item_vectors
-    from services.common.text import compose_item_text
+    from recmodel.text import compose_item_text
     from services.fusion.store import SQLiteStore
     from services.ranking.catalog import Catalog, CatalogItem
     keys, vectors = item_vectors(AMAZON, model_repo)

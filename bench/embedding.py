@@ -28,7 +28,7 @@ Served part: starts `python -m services.embedding.server` once per SERVED_CONFIG
 127.0.0.1 (fp32 and int8 with the default batcher, fp32 with one model worker, fp32 without
 batching), waits for health SERVING, then 64 concurrent callers each send one title per Embed
 call, the servers taking turns round by round; each round also measures the offline ceiling
-of the same engine (EmbeddingEngine.run_sorted over the same titles, length-sorted calls of
+of the same engine (Encoder.run_sorted over the same titles, length-sorted calls of
 32), and each served figure is reported as a share of it; and of a second ceiling, the same
 engine on consecutive groups of 64 titles in their random order (all that 64 single-title
 callers can ever have waiting, grouped by padded length: calls of a few texts each). Then
@@ -66,8 +66,8 @@ import numpy as np  # noqa: E402
 from dataio import sample_titles  # noqa: E402
 from export import encoder as enc  # noqa: E402
 from export import encoder_reference as encref  # noqa: E402
-from services.common import modelrepo  # noqa: E402
-from services.common.ortsession import ort_session  # noqa: E402
+from recmodel import modelrepo  # noqa: E402
+from recmodel.ortsession import ort_session  # noqa: E402
 
 TARGETS = {
     "ort_fp32_vs_torch_batch32": 2.0,
@@ -393,14 +393,14 @@ LONG_TEXTS, SMALL_DEADLINE_S = 256, 1.0
 def engine_ceiling(model_dir: Path, titles: list[str], seconds: float,
                    group: int | None = None) -> dict:
     """The serving engine's offline throughput on `titles`, one thread per core, tokenised
-    beforehand: EmbeddingEngine.run_sorted over all of them (length-sorted model calls of up
+    beforehand: Encoder.run_sorted over all of them (length-sorted model calls of up
     to 32 texts: what a perfect batcher of the same engine could serve), or, with `group`,
     over consecutive groups of that many titles in their (random) order, each group sorted
     and cut into calls of one padded length: the most a batcher can do when only `group`
     texts are ever waiting (64 single-title callers: 64)."""
-    from services.embedding.engine import EmbeddingEngine
+    from recmodel.encoder import Encoder
 
-    engine = EmbeddingEngine(model_dir, device="cpu")
+    engine = Encoder(model_dir, device="cpu")
     encoded = engine.tokenize(titles)
     engine.run_sorted(encoded[:64], 32)
     size = group or len(encoded)
@@ -460,7 +460,7 @@ def fairness_round(address: str, titles: list[str], small_calls: int) -> dict:
 def run_served(args, titles: list[str], offline_fp32, cores: int) -> dict:
     """Each SERVED_CONFIGS server on loopback, 64 single-title callers, rounds interleaved
     with the offline ceiling of the same engine (engine_ceiling), then the fairness round."""
-    from clients.stack import ServiceProcess
+    from tools.stack import ServiceProcess
 
     run_dir = Path(tempfile.mkdtemp(prefix="crossrec-bench-embedding-"))
     procs = {}

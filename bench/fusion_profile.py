@@ -26,7 +26,7 @@ sys.path[:0] = [str(REPO), str(REPO / "gen"), str(REPO / "bench")]
 
 import grpc  # noqa: E402
 
-from clients.stack import ServiceProcess, service_args, start_stack  # noqa: E402
+from tools.stack import ServiceProcess, service_args, start_stack  # noqa: E402
 from crossrec.common.v1 import common_pb2  # noqa: E402
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc  # noqa: E402
 from dataio import AMAZON, user_events  # noqa: E402

@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "gen"), str(REPO)]
 
 from clients.crossrec_client import FusionClient  # noqa: E402
-from clients.stack import (RedisClusterServers, RedisServer, ServiceProcess,  # noqa: E402
+from tools.stack import (RedisClusterServers, RedisServer, ServiceProcess,  # noqa: E402
                            service_args, start_stack)
 from dataio import (AMAZON, MOVIELENS, item_texts, iter_events, to_event,  # noqa: E402
                     user_events)

@@ -32,7 +32,7 @@ sys.path[:0] = [str(REPO / "gen"), str(REPO), str(REPO / "bench")]
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clients.stack import ServiceProcess, service_args, start_stack  # noqa: E402
+from tools.stack import ServiceProcess, service_args, start_stack  # noqa: E402
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc  # noqa: E402
 from e2e import load_data, results_sha, seed_stores  # noqa: E402
 from machine import cpu_model, write_results  # noqa: E402

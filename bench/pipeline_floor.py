@@ -35,7 +35,7 @@ from export import rank_data as rk  # noqa: E402
 from export.cases import build_cases, default_data, validation_users  # noqa: E402
 from export.systems import rank_fn  # noqa: E402
 from machine import machine, write_results  # noqa: E402  (bench/machine.py)
-from services.ranking import pipeline  # noqa: E402
+from recmodel import pipeline  # noqa: E402
 
 STAGES = ("user_tower", "candidates", "features", "ranker")
 

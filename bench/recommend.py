@@ -9,7 +9,7 @@ encoder), 300 real users ingested into an in-process FusionEngine (SQLite, train
 tower); Recommend (k=10, the serving default index, trained ranker) for random users and
 platforms; p50/p95/p99 of the whole call (profile fusion included).
 
-Part 2: every index kind of services/ranking/index.py (exact float32, pca, fp16, sq8, ivf,
+Part 2: every index kind of recmodel/index.py (exact float32, pca, fp16, sq8, ivf,
 hnsw) under services/ranking/pipeline.rank with the trained tower and ranker, on the protocol-A
 validation cases (warm and cold platform, as `make evaluate`): NDCG@10 and HR@10 of the whole
 pipeline, relative to exact float32, and the latency of the search for the ranker's 1,000
@@ -41,17 +41,17 @@ import numpy as np  # noqa: E402
 
 from dataio import AMAZON, item_texts, read_items, user_events  # noqa: E402
 from export.item_vectors import item_vectors  # noqa: E402
-from services.common import modelrepo  # noqa: E402
+from recmodel import modelrepo  # noqa: E402
 from services.common.remote import RemoteProfile  # noqa: E402
 from services.fusion.engine import FusionEngine  # noqa: E402
-from services.fusion.model import OnnxUserModel  # noqa: E402
+from recmodel.user_model import OnnxUserModel  # noqa: E402
 from services.fusion.store import SQLiteStore  # noqa: E402
 from services.ranking.catalog import Catalog, CatalogItem  # noqa: E402
 from services.ranking.engine import Popularity, RankingEngine  # noqa: E402
-from services.ranking import pipeline  # noqa: E402
-from services.ranking.index import (EXACT, HNSW, IVF, IVF_NPROBE, KINDS, PCA,  # noqa: E402
+from recmodel import pipeline  # noqa: E402
+from recmodel.index import (EXACT, HNSW, IVF, IVF_NPROBE, KINDS, PCA,  # noqa: E402
                                     PCA_SHORTLIST, SQ_RESCORE, PlatformIndex)
-from services.ranking.ranker import OnnxRanker  # noqa: E402
+from recmodel.ranker import OnnxRanker  # noqa: E402
 from machine import cpu_model  # noqa: E402  (bench/machine.py)
 
 RESULTS = REPO / "bench" / "results"
@@ -157,7 +157,7 @@ def end_quality(tables: dict, contexts: list, targets: list[int], ranker, k: int
 
 
 def index_tables(data, kind: str, extra: dict | None = None) -> dict:
-    """Per platform the pipeline table on an index of `kind` (services/ranking/index.py) over
+    """Per platform the pipeline table on an index of `kind` (recmodel/index.py) over
     the real catalogue, plus `extra[platform]` = synthetic vectors appended after it."""
     tables = {}
     for p, rows in data.catalogue.items():

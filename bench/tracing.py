@@ -1,6 +1,6 @@
 """Tracing overhead: the real stack on loopback three times at once, tracing off, on (every
 trace sampled) and on at a 10% sampling ratio, each exporting to a local OTLP collector
-(clients/trace_collector.py); sequential Recommends through the client library in blocks
+(tools/trace_collector.py); sequential Recommends through the client library in blocks
 of --block calls, the modes taking turns block by block (the first mode rotating), so that
 other load on the shared machine falls on all of them alike. Records each service process's
 CPU time per Recommend over the whole measured phase (Linux /proc; the exporter's background
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "gen"), str(REPO)]
 
 from clients.crossrec_client import CrossrecClient, CrossrecError, Event  # noqa: E402
-from clients.stack import start_stack  # noqa: E402
-from clients.trace_collector import TraceCollector  # noqa: E402
+from tools.stack import start_stack  # noqa: E402
+from tools.trace_collector import TraceCollector  # noqa: E402
 from dataio import AMAZON, user_events  # noqa: E402
 from e2e import cpu_seconds, seed_stores  # noqa: E402  (bench/e2e.py)
 from machine import machine  # noqa: E402  (bench/machine.py)

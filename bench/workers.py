@@ -25,10 +25,10 @@ sys.path[:0] = [str(REPO / "gen"), str(REPO), str(REPO / "bench")]
 
 import numpy as np  # noqa: E402
 
-from clients.stack import ServiceProcess, service_args, start_stack  # noqa: E402
+from tools.stack import ServiceProcess, service_args, start_stack  # noqa: E402
 from dataio import AMAZON, read_items  # noqa: E402
 from machine import cpu_model, write_results  # noqa: E402
-from services.common.text import compose_item_text  # noqa: E402
+from recmodel.text import compose_item_text  # noqa: E402
 from services.ranking.catalog import Catalog, CatalogItem  # noqa: E402
 
 DIM = 384

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from services.common.text import compose_item_text
+from recmodel.text import compose_item_text
 
 ITEM_BASE_COLUMNS = ("item_id", "platform", "title")
 

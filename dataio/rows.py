@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from services.common.events import ACTION_INTERACT, ACTION_RATE, ACTIONS
+from recmodel.events import ACTION_INTERACT, ACTION_RATE, ACTIONS
 
 # Rows without a time but with an order (Amazon's seq_index) are placed ORDER_STEP_MS apart
 # from this fixed origin (2018-01-01 UTC), so order is kept and times are valid.

@@ -1,6 +1,6 @@
 """Candidates as training and evaluation build them: scores ordered with ties by catalogue row
 (top_and_rank, full_ranks), training's batched retrieval, a target's rank before re-ranking,
-and per query the serving pipeline's candidates and features (services/ranking/pipeline.py).
+and per query the serving pipeline's candidates and features (recmodel/pipeline.py).
 Torch-free."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from export.rank_data import Query, RankData, local_row, user_context
-from services.ranking import pipeline
-from services.ranking.features import UserContext
-from services.ranking.index import PCA, PCA_SHORTLIST, top_rows
+from recmodel import pipeline
+from recmodel.features import UserContext
+from recmodel.index import PCA, PCA_SHORTLIST, top_rows
 
 # Candidates the ranker re-orders per query. Serving uses the same numbers (meta.json
 # "candidates", "covisit_candidates"): retrieval_pct = position / N is a feature, so another N
@@ -18,7 +18,7 @@ from services.ranking.index import PCA, PCA_SHORTLIST, top_rows
 # the ranker, for ~5x the feature work (figures: bench/results/export-decisions.md).
 CANDIDATES = 1000
 # Of the CANDIDATES, up to this many come from co-visitation (items the training users who
-# shared the user's items also had, services/ranking/covisit.py) in place of the dot
+# shared the user's items also had, recmodel/covisit.py) in place of the dot
 # product's last ones: more validation targets inside the same N (bench/results/
 # export-decisions.md).
 COVISIT_CANDIDATES = 200
@@ -53,7 +53,7 @@ def full_ranks(scores: np.ndarray, target_local: np.ndarray) -> np.ndarray:
 def batch_retrieve(data: RankData, user_vecs: np.ndarray, platforms: list[str],
                    n: int = CANDIDATES, chunk: int = 256) -> np.ndarray:
     """Training's retrieval: each query platform's top-n table rows by dot(user, item), ties
-    by row, as the table's index (services/ranking/index.py) finds them one query at a time
+    by row, as the table's index (recmodel/index.py) finds them one query at a time
     (exact, or pca's shortlist re-scored exactly), here a matmul per chunk of queries:
     int64 [Q, n]."""
     top = np.zeros((len(platforms), n), np.int64)
@@ -92,7 +92,7 @@ def query_features(model, data: RankData, queries: list[Query], n: int = CANDIDA
                    covisit: int = COVISIT_CANDIDATES):
     """(features float32 [Q, n, F], candidate table rows int64 [Q, n], target's rank before
     re-ranking int64 [Q]) for queries with known targets: the serving pipeline, query by
-    query (services/ranking/pipeline.py)."""
+    query (recmodel/pipeline.py)."""
     feats, cands, ranks = [], [], []
     for q in queries:
         ctx = user_context(model, data, q)

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from dataio import AMAZON, AMAZON_ORIGIN_MS, ORDER_STEP_MS, item_texts
-from services.common.events import ACTION_RATE
+from recmodel.events import ACTION_RATE
 from export import cli
 from export.rank_data import Query, RankData, last_on_platform_queries, load_data, seq_query
 

@@ -8,7 +8,7 @@ files and meta.json (written last). Mean pooling over attention_mask and L2 norm
 of the graph, so a server only tokenizes, runs the graph and copies the output.
 
 Both gates run before anything is published, on each version laid out as it will be published and
-run by the serving code itself (services.embedding.engine.EmbeddingEngine): the fp32 vectors must
+run by the serving code itself (recmodel.encoder.Encoder): the fp32 vectors must
 match the torch wrapper on real titles (max abs diff <= 1e-4, min cosine >= 0.9999) and be the same
 bits for a text alone as in a batch, and the int8 ones must keep mean cosine to fp32 >= 0.985.
 A miss raises SystemExit and no version is written.
@@ -34,8 +34,8 @@ import numpy as np
 from export import cli, publish
 from export.encoder_reference import (OUTPUT_NAME, PARITY_BATCH_SIZE, TorchReference,
                                       default_model_dir, encode_batch)
-from services.common.modelrepo import write_meta
-from services.embedding.engine import LAYOUT, EmbeddingEngine
+from recmodel.modelrepo import write_meta
+from recmodel.encoder import LAYOUT, Encoder
 
 log = logging.getLogger("export.encoder")
 
@@ -45,7 +45,7 @@ PARITY_MAX_ABS_DIFF = 1e-4
 PARITY_MIN_COSINE = 0.9999
 INT8_GATE_MEAN_COSINE = 0.985
 # A text's vector alone vs in a batch, through the serving engine: bit for bit (see
-# EmbeddingEngine), so the offline vectors are the served ones.
+# Encoder), so the offline vectors are the served ones.
 BATCH_INVARIANCE_MAX_ABS_DIFF = 0.0
 # Copied beside model.onnx when the source has them; tokenizer.json is the one serving reads.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -128,14 +128,14 @@ def check_int8(fp32: np.ndarray, int8: np.ndarray,
             "n_texts": figures["n_texts"], "gate_mean_cosine": gate_mean_cosine}
 
 
-def serving_vectors(engine: EmbeddingEngine, texts: Sequence[str],
+def serving_vectors(engine: Encoder, texts: Sequence[str],
                     batch_size: int = PARITY_BATCH_SIZE) -> np.ndarray:
     """float32 [len(texts), dim]: `texts` through the serving engine (tokenize, run_sorted in
     chunks of at most `batch_size`), the vectors the embedding service returns."""
     return engine.run_sorted(engine.tokenize(list(texts)), batch_size)
 
 
-def batch_invariance(engine: EmbeddingEngine, texts: Sequence[str], batched: np.ndarray) -> float:
+def batch_invariance(engine: Encoder, texts: Sequence[str], batched: np.ndarray) -> float:
     """Max abs diff between each of `texts` run alone by the serving engine and its row of
     `batched` (the same texts run in batches first): 0.0 when a vector depends on its text only."""
     single = np.vstack([engine.run_sorted([e], 1) for e in engine.tokenize(list(texts))])
@@ -289,7 +289,7 @@ def stage_fp32(reference: TorchReference, model_dir: Path, work: Path, base_meta
                                                 reference.max_tokens)}
     with clock.stage("parity"):
         expected = reference(titles)
-        engine = EmbeddingEngine(fp32_dir, device="cpu")
+        engine = Encoder(fp32_dir, device="cpu")
         got = serving_vectors(engine, titles)
         parity = check_parity(expected, got)
         invariance = batch_invariance(engine, titles[:16], got)
@@ -318,7 +318,7 @@ def stage_int8(fp32: Staged, expected: np.ndarray, model_dir: Path, work: Path,
         meta = {**base_meta, "precision": "int8", "quantization": quantization}
         meta["tokenizer_settings"] = stage_version(model_dir, int8_dir, INT8_NAME, meta,
                                                    max_tokens)
-        got = serving_vectors(EmbeddingEngine(int8_dir, device="cpu"), titles)
+        got = serving_vectors(Encoder(int8_dir, device="cpu"), titles)
         vs_fp32 = check_int8(fp32.vectors, got)
         vs_torch = compare(expected, got)
         log.info("int8 vs fp32 on %d titles: mean cosine %.5f, min %.5f",

@@ -4,7 +4,7 @@ parity reference and bench/embedding.py's baseline, with tokenization by the `to
 library on tokenizer.json with the server's settings. run_session is bench/embedding.py's raw
 ONNX layout (pad to the longest of each batch, or to a fixed length) for its speed
 comparisons; no vector that decides an answer comes from it (serving and export run
-services.embedding.engine.EmbeddingEngine)."""
+recmodel.encoder.Encoder)."""
 
 from __future__ import annotations
 

@@ -57,8 +57,8 @@ from export.systems import (ALS_PARAMS, BASELINES, DATASET_ALS_PARAMS, DATASET_I
                             CrossrecSystem, ItemKNNSystem, PopularitySystem,
                             TextSimilaritySystem, UserVectorSystem, int8_item_vectors,
                             load_ranker)
-from services.common.modelrepo import versions
-from services.fusion.model import SERVED_THREADS, BaselineUserModel
+from recmodel.modelrepo import versions
+from recmodel.user_model import SERVED_THREADS, BaselineUserModel
 
 log = logging.getLogger("export.evaluate")
 
@@ -361,12 +361,12 @@ def systems_doc(n_cands: int, n_cov: int, dataset: str = AMAZON) -> dict:
     als = DATASET_ALS_PARAMS.get(dataset_name(dataset), ALS_PARAMS)
     damping = DATASET_ITEMKNN_DAMPING.get(dataset_name(dataset), ITEMKNN_DAMPING)
     return {
-        "crossrec": f"services.ranking.pipeline.rank, as served: user tower -> {n_cands} "
+        "crossrec": f"recmodel.pipeline.rank, as served: user tower -> {n_cands} "
                     "candidates (the best by exact dot product, the last up to "
                     f"{n_cov} replaced by the user's best co-visit items) -> ranker; "
                     "every other item after them by dot product",
         "crossrec_retrieval_only": "user tower for_platform vector, dot over catalogue",
-        "fusion_untrained": "services.fusion.model.BaselineUserModel (time-decayed mean "
+        "fusion_untrained": "recmodel.user_model.BaselineUserModel (time-decayed mean "
                             "pooling of the last 50 events; ignores the target platform)",
         "popularity": "training users' event counts per item of the target platform",
         "text_similarity": "mean of all input events' item text vectors (no training)",

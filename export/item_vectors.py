@@ -1,7 +1,7 @@
 """Item text vectors of a whole catalogue from an exported ONNX encoder, cached under models/cache.
 
 The text is `compose_item_text(title, attributes)`, the one the serving side embeds, and the
-vectors come from the serving code itself (services.embedding.engine.EmbeddingEngine on
+vectors come from the serving code itself (recmodel.encoder.Encoder on
 models/encoder/<N>/), so training and evaluation see, bit for bit, the vectors serving computes.
 
     python -m export.item_vectors --model-repo models [--dataset amazon-arts-office-urllm]
@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from dataio import AMAZON, dataset_name, read_items
 from export import cli
-from services.common.modelrepo import read_meta, resolve
-from services.common.text import compose_item_text
-from services.embedding.engine import EmbeddingEngine, embedding_function_id
+from recmodel.modelrepo import read_meta, resolve
+from recmodel.text import compose_item_text
+from recmodel.encoder import Encoder, embedding_function_id
 
 log = logging.getLogger("export.item_vectors")
 
@@ -31,7 +31,7 @@ BATCH_SIZE = 64
 # onnxruntime threads: the export machine is small and shared.
 THREADS = 2
 # Texts per engine call, one progress bar step. fp32 vectors do not depend on it (batch
-# invariance); dynamic int8 ones depend on their batch anyway (see EmbeddingEngine).
+# invariance); dynamic int8 ones depend on their batch anyway (see Encoder).
 PROGRESS_TEXTS = 4096
 
 
@@ -70,9 +70,9 @@ def texts_digest(ids, texts) -> str:
 def embed_texts(model_dir: Path, meta: dict, texts: list[str], batch_size: int = BATCH_SIZE
                 ) -> np.ndarray:
     """float32 [len(texts), dim], L2-normalised: what the embedding service returns for each
-    text (EmbeddingEngine.tokenize + run_sorted on CPU, `batch_size` texts per model call).
+    text (Encoder.tokenize + run_sorted on CPU, `batch_size` texts per model call).
     `meta` is model_dir's meta.json; ValueError if it names another model."""
-    engine = EmbeddingEngine(model_dir, device="cpu", intra_op_threads=THREADS)
+    engine = Encoder(model_dir, device="cpu", intra_op_threads=THREADS)
     if (meta.get("name"), int(meta["dim"])) != (engine.name, engine.dim):
         raise ValueError(f"meta names {meta.get('name')} dim {meta['dim']}, but {model_dir} "
                          f"holds {engine.name} dim {engine.dim}")

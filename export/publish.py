@@ -1,6 +1,6 @@
 """Publish, the step encoder, user tower and ranker end with: a torch module exported to ONNX,
 the parity gate of ONNX Runtime against torch, and the versioned write into the model
-repository (services.common.modelrepo.new_version: meta.json last, then one rename; nothing
+repository (recmodel.modelrepo.new_version: meta.json last, then one rename; nothing
 appears when a gate or anything else fails)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from services.common.modelrepo import new_version, write_meta
+from recmodel.modelrepo import new_version, write_meta
 
 OPSET = 17
 MODEL_FILE = "model.onnx"

@@ -12,20 +12,20 @@ import numpy as np
 
 from dataio import AMAZON
 from export import user_data as ud
-from services.common.events import Event
-from services.common.modelrepo import resolve, versions
-from services.fusion.model import BaselineUserModel, OnnxUserModel, Window, encode_user
-from services.ranking import pipeline
-from services.ranking.catalog import HNSW_THRESHOLD, index_kind
-from services.ranking.covisit import CoVisits
-from services.ranking.features import UserContext
-from services.ranking.index import PlatformIndex
-from services.ranking.pipeline import ItemTable
+from recmodel.events import Event
+from recmodel.modelrepo import resolve, versions
+from recmodel.user_model import BaselineUserModel, OnnxUserModel, Window, encode_user
+from recmodel import pipeline
+from recmodel.index import HNSW_THRESHOLD, index_kind
+from recmodel.covisit import CoVisits
+from recmodel.features import UserContext
+from recmodel.index import PlatformIndex
+from recmodel.pipeline import ItemTable
 
 log = logging.getLogger("export.rank_data")
 
 USER_TOWER = "user_tower"
-# Retrieval (services/ranking/index.py, kind pca) scans the item vectors projected onto their
+# Retrieval (recmodel/index.py, kind pca) scans the item vectors projected onto their
 # RETRIEVAL_DIMS top principal directions, computed here over the catalogue and written beside
 # the ranker so serving and evaluation project alike. 96 of 384 dimensions: a quarter of the
 # scan, and the exact top-1000 almost whole in the re-scored shortlist
@@ -171,7 +171,7 @@ def query_window(data: RankData, q: Query, max_events: int) -> Window:
 
 def user_context(model, data: RankData, q: Query) -> UserContext:
     """The ranker's view of the query's user, as the serving side gets it from fusion: the
-    input's last max_events as one window through services.fusion.model.encode_user (the
+    input's last max_events as one window through recmodel.user_model.encode_user (the
     layout fusion serves), counts = events per platform in the whole input, history = the
     window newest first."""
     w = query_window(data, q, model.max_events)

@@ -1,6 +1,6 @@
 """Ranker: trains the candidate re-ranker on Amazon Arts/Office and exports it to ONNX.
 
-Candidates, features and scores come from services/ranking/pipeline.py, the code serving runs:
+Candidates, features and scores come from recmodel/pipeline.py, the code serving runs:
 per (user, target platform) query, the platform's top CANDIDATES items by dot(for_platform user
 vector, item vector), the last COVISIT_CANDIDATES replaced by co-visit items, scored by the
 ranker from candidate_features and re-ordered. Training examples come from training users
@@ -37,9 +37,9 @@ from export.metrics import ndcg_of_positions
 from export.rank_data import (RankData, last_on_platform_queries, load_data, load_user_model,
                               local_row)
 from export.ranker_training import TrainConfig, build_examples, train_ranker
-from services.common.ortsession import ort_session
-from services.ranking.covisit import COVISIT_FILE, CoVisits
-from services.ranking.features import FEATURES, N_FEATURES
+from recmodel.ortsession import ort_session
+from recmodel.covisit import COVISIT_FILE, CoVisits
+from recmodel.features import FEATURES, N_FEATURES
 
 log = logging.getLogger("export.ranker")
 
@@ -50,13 +50,13 @@ PARITY_TOLERANCE = 1e-4
 IO = publish.OnnxIO((INPUT_NAME,), (OUTPUT_NAME,),
                     {INPUT_NAME: {0: "batch", 1: "candidates"},
                      OUTPUT_NAME: {0: "batch", 1: "candidates"}})
-# meta.json's descriptions (services/ranking/ranker.py lists which keys serving reads).
-CANDIDATE_RULE = ("services.ranking.pipeline.candidates: the target platform's best "
+# meta.json's descriptions (recmodel/ranker.py lists which keys serving reads).
+CANDIDATE_RULE = ("recmodel.pipeline.candidates: the target platform's best "
                   "`candidates` items by dot(for_platform user vector, item vector) "
                   "(ties by catalogue row), up to covisit_candidates of the last "
                   "replaced by co-visit items of the user's newest history_events "
                   "events; retrieval_pct = position in that list / candidates")
-FEATURE_FUNCTION = ("services.ranking.pipeline.features (raw, unscaled: standardisation is "
+FEATURE_FUNCTION = ("recmodel.pipeline.features (raw, unscaled: standardisation is "
                     "inside the model)")
 POPULARITY_DOC = ("item event counts of the training users (served: fusion's); each training "
                   "example's own user is left out of them")

@@ -16,8 +16,8 @@ from export import user_data as ud
 from export.candidates import CANDIDATES, COVISIT_CANDIDATES, batch_retrieve
 from export.metrics import ndcg_of_positions
 from export.rank_data import Query, RankData, local_row, seq_query, user_contexts
-from services.ranking import pipeline
-from services.ranking.features import popularity_features
+from recmodel import pipeline
+from recmodel.features import popularity_features
 
 log = logging.getLogger("export.ranker")
 

@@ -18,11 +18,11 @@ from export.cases import Case, default_data
 from export.item_vectors import item_vectors
 from export.rank_data import Query, RankData, load_user_model, user_context
 from export.ranker import MODEL_NAME as RANKER
-from services.common.modelrepo import resolve, versions
-from services.fusion.model import SERVED_THREADS, BaselineUserModel
-from services.ranking import pipeline
-from services.ranking.features import UserContext
-from services.ranking.ranker import OnnxRanker
+from recmodel.modelrepo import resolve, versions
+from recmodel.user_model import SERVED_THREADS, BaselineUserModel
+from recmodel import pipeline
+from recmodel.features import UserContext
+from recmodel.ranker import OnnxRanker
 
 log = logging.getLogger("export.evaluate")
 
@@ -161,7 +161,7 @@ class ItemKNNSystem(CatalogueSystem):
     (its users + 1) ** damping (Amazon: .5, the best of 0, .3, .4, .5, .6, .7, .8 on its
     validation users, A warm: flattered like ALS; other datasets: DATASET_ITEMKNN_DAMPING);
     ties by popularity. The same counts as the ranker's
-    co-visit features (services/ranking/covisit.py)."""
+    co-visit features (recmodel/covisit.py)."""
 
     name = "itemknn"
 
@@ -229,7 +229,7 @@ def int8_item_vectors(dataset: str = AMAZON, repo: str | os.PathLike = "models",
 
 
 def load_ranker(repo: str | os.PathLike, version: int | None = None) -> OnnxRanker:
-    """The exported ranker as serving loads it (services/ranking/ranker.py)."""
+    """The exported ranker as serving loads it (recmodel/ranker.py)."""
     return OnnxRanker(resolve(repo, RANKER, version))
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dataio import action_and_weight, iter_events, to_event
-from services.fusion.pooling import DEFAULT_ACTION_WEIGHT, baseline_user_vec, rank_ages
+from recmodel.pooling import DEFAULT_ACTION_WEIGHT, baseline_user_vec, rank_ages
 
 # The user's most recent events, across platforms, the model sees (newest last).
 MAX_EVENTS = 50
@@ -190,7 +190,7 @@ def heldout_windows(seqs: list[UserSeq], hide_target_platform: bool,
 
 
 def baseline_vectors(w: Windows, item_vecs: np.ndarray) -> np.ndarray:
-    """Time-decayed mean pooling (services.fusion.pooling) of each window: float32 [Q, dim]."""
+    """Time-decayed mean pooling (recmodel.pooling) of each window: float32 [Q, dim]."""
     return baseline_user_vec(item_vecs[w.items], w.weights * w.mask, w.ages)
 
 

@@ -15,7 +15,7 @@ ONNX contract (models/user_tower/<N>/model.onnx; B and L are dynamic, L <= MAX_E
                                              model was not trained on (and padding)
           action_ids      int64   [B, L]     crossrec.common.v1.Action value (padding: 0)
           weights         float32 [B, L]     BehaviorEvent.weight, else the action's default
-                                             (services/fusion/pooling.py); > 0 (padding: 0)
+                                             (recmodel/pooling.py); > 0 (padding: 0)
           ages            float32 [B, L]     rank from the newest event of the window: the
                                              newest real event 0, the one before 1, ...
                                              (padding: 0)
@@ -47,8 +47,8 @@ from export import cli, metrics, publish
 from export import user_data as ud
 from export.user_tower_model import INPUT_NAMES, N_ACTIONS, OUTPUT_NAMES, TrainConfig, UserTower
 from export.user_tower_training import evaluate, train, window_tensors
-from services.common.ortsession import ort_session
-from services.fusion.pooling import (ACTION_INTERACT, ACTION_NAMES, DEFAULT_ACTION_WEIGHT,
+from recmodel.ortsession import ort_session
+from recmodel.pooling import (ACTION_INTERACT, ACTION_NAMES, DEFAULT_ACTION_WEIGHT,
                                      HALF_LIFE_EVENTS)
 
 log = logging.getLogger("export.user_tower")
@@ -60,7 +60,7 @@ IO = publish.OnnxIO(INPUT_NAMES, OUTPUT_NAMES, {
     "target_platform": {0: "batch"}, "user_vec": {0: "batch"},
     "event_weights": {0: "batch", 1: "events"}})
 
-# meta.json's descriptions (services/fusion/model.py lists which keys serving reads).
+# meta.json's descriptions (recmodel/user_model.py lists which keys serving reads).
 FEATURES_DOC = {
     "order": "oldest event first, newest last; rows left-padded (padding at the start)",
     "window": f"the user's most recent max_events ({ud.MAX_EVENTS}) events over every "
@@ -81,7 +81,7 @@ FEATURES_DOC = {
 BASELINE_DOC = {"name": "time_decayed_mean",
                 "formula": "L2norm(sum_i weights_i * 0.5 ** (ages_i / half_life) * item_vec_i)",
                 "half_life_events": HALF_LIFE_EVENTS,
-                "implementation": "services.fusion.pooling.baseline_user_vec"}
+                "implementation": "recmodel.pooling.baseline_user_vec"}
 SCORE_DOC = ("dot(user_vec, item_vec); temperature is the training softmax temperature "
              "(dot / temperature is a logit)")
 PRIOR_SCORE_DOC = ("dot(user_vec, item_vec) / temperature + log1p(count), count from "

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from services.fusion.pooling import ACTION_NAMES
+from recmodel.pooling import ACTION_NAMES
 
 INPUT_NAMES = ("item_vecs", "platform_ids", "action_ids", "weights", "ages", "mask",
                "target_platform")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from clients.stack import ServiceProcess
+from tools.stack import ServiceProcess
 from dataio import AMAZON, sample_titles, user_events
-from services.common import modelrepo
+from recmodel import modelrepo
 
 REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.redis_fixture"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from clients.stack import RedisClusterServers, RedisServer
+from tools.stack import RedisClusterServers, RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Behaviour events as engines see them, and their validation (shared by fusion and ranking)."""
+"""Validation of the events callers send (shared by fusion and ranking): ids, platforms,
+actions, times, weights, text; the event value itself is recmodel.events.Event."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-
-from crossrec.common.v1 import common_pb2
+from recmodel.events import ACTION_RATE, ACTIONS, DEFAULT_WEIGHT, MAX_RATING, MIN_RATING, Event
+from recmodel.text import has_visible_text, normalize_text
 from services.common.errors import InvalidInput
-from services.common.text import has_visible_text, normalize_text
 
 PLATFORM_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_ID_BYTES = 128
@@ -21,37 +20,6 @@ MAX_BATCH_EVENTS = 1000   # events per Ingest call / IngestStream message
 MAX_SESSION_EVENTS = 100  # session events per GetProfile / Recommend call
 # Longer item text is refused; shorter text is normalised and cut to MAX_TEXT_CHARS.
 MAX_RAW_TEXT_CHARS = 65536
-
-# The crossrec.common.v1.Action enum, read from the generated module (protos/ is its one
-# source): ACTION_NAMES[number] is the enum name (numbers run 0..n-1: the user tower embeds
-# them as rows), ACTIONS {number: short name} the actions an event may carry (0,
-# ACTION_UNSPECIFIED, is rejected). tests/unit/test_proto_enums.py pins them.
-ACTION_NAMES = tuple(common_pb2.Action.Name(n) for n in range(len(common_pb2.Action.keys())))
-ACTIONS = {n: name.removeprefix("ACTION_").lower() for n, name in enumerate(ACTION_NAMES) if n}
-ACTION_RATE, ACTION_INTERACT = common_pb2.ACTION_RATE, common_pb2.ACTION_INTERACT
-# Weight of an event whose weight is unset, by action number: stronger intent counts more; an
-# interaction of unknown kind (all of the Amazon training data) is the unit. For "rate" the
-# weight is the 1..5 rating itself; 3 is a neutral rating.
-DEFAULT_WEIGHT = {common_pb2.ACTION_VIEW: 0.5, common_pb2.ACTION_CLICK: 1.0,
-                  common_pb2.ACTION_LIKE: 2.0, common_pb2.ACTION_ADD_TO_CART: 2.0,
-                  common_pb2.ACTION_PURCHASE: 3.0, ACTION_RATE: 3.0, ACTION_INTERACT: 1.0}
-MIN_RATING, MAX_RATING = 1.0, 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """A validated, normalised event. `action` is the Action enum number. `digest` names its
-    content as the caller sent it (content_digest; empty: not computed), so that a re-sent
-    event id with other content is told apart from a plain re-send."""
-    event_id: str
-    user_id: str
-    platform: str
-    action: int
-    item_id: str
-    item_text: str
-    event_time_ms: int
-    weight: float
-    digest: str = field(default="", compare=False)
 
 
 def check_id(value: str, field: str, required: bool = True) -> None:

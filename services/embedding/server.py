@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 from crossrec.common.v1 import common_pb2
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from services.common import metrics, modelrepo
+from recmodel import modelrepo
+from services.common import metrics
 from services.common.errors import NotReady
-from services.common.ortsession import CUDA, choose_providers
+from recmodel.ortsession import CUDA, choose_providers
 from services.common.serve import add_flag, add_server_flags, engine_call, serve, setup_logging
 from services.embedding.batcher import DynamicBatcher
-from services.embedding.engine import EmbeddingEngine, usable_cpus
+from recmodel.encoder import usable_cpus
+from services.embedding.engine import EmbeddingEngine
 
 log = logging.getLogger("crossrec.embedding")
 DEFAULT_PORT = 50051

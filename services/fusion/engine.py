@@ -18,7 +18,7 @@ from services.common.deadlines import downstream_deadline, time_left
 from services.common.errors import InvalidInput
 from services.common.events import (MAX_BATCH_EVENTS, MAX_SESSION_EVENTS, Event, check_id,
                                     check_platform, validate_event)
-from services.fusion.model import UserVectors, Window, encode_user
+from recmodel.user_model import UserVectors, Window, encode_user
 from services.fusion.store import ItemKey, ProfileStore
 
 log = logging.getLogger("crossrec.fusion")

@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from services.common.events import Event
+from recmodel.events import Event
 from services.fusion.store import ItemKey, PlatformHistory, ProfileStore
 
 # A shorter key is refused at start: HMAC-SHA-256 wants a random key of 32 bytes or so.

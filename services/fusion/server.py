@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from crossrec.common.v1 import common_pb2
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
-from services.common import metrics, modelrepo
+from recmodel import modelrepo
+from services.common import metrics
 from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote
 from services.common.security import ConfigError, read_secret
@@ -24,7 +25,7 @@ from services.common.serve import (add_flag, add_server_flags, client_security, 
 from services.common.wire import packed_floats
 from services.common.events import RawEvents
 from services.fusion.engine import MAX_NEW_SESSION_TEXTS, FusionEngine, Profile
-from services.fusion.model import BaselineUserModel, OnnxUserModel
+from recmodel.user_model import BaselineUserModel, OnnxUserModel
 from services.fusion.pseudonym import MIN_KEY_CHARS, PseudonymousStore
 from services.fusion.store import ProfileStore, SQLiteStore
 

@@ -30,12 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from recmodel.index import HNSW, HNSW_THRESHOLD, KINDS, PCA, PlatformIndex, index_kind
 from services.common import metrics
-from services.ranking.index import EXACT, HNSW, KINDS, PCA, PlatformIndex
 
-# Items per platform above which "auto" indexes with HNSW (bench/recommend.py: pca's scan
-# stops being cheap there).
-HNSW_THRESHOLD = 200_000
 # The change log keeps this many rows (one per item written); a process further behind
 # reloads the whole catalogue. Another process's write makes ours wait up to BUSY_TIMEOUT_S.
 CHANGE_LOG_ROWS = 100_000
@@ -43,17 +40,6 @@ BUSY_TIMEOUT_S = 10.0
 _SELECT_CHUNK = 500  # ids per IN (...) query: below SQLite's variable limit
 
 log = logging.getLogger("crossrec.ranking")
-
-
-def index_kind(requested: str, size: int, hnsw_threshold: int, has_projection: bool) -> str:
-    """The index kind of a platform with `size` items: `requested` unless "auto", which is
-    pca (exact without the ranker's projection) up to `hnsw_threshold` items, HNSW above.
-    The same rule for serving and the offline evaluation (export/rank_data.py)."""
-    if requested != "auto":
-        return requested
-    if size > hnsw_threshold:
-        return HNSW
-    return PCA if has_projection else EXACT
 
 
 @dataclass(frozen=True)

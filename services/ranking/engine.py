@@ -15,10 +15,10 @@ from services.common import metrics, tracing
 from services.common.deadlines import deadline, downstream_deadline, time_left
 from services.common.errors import InvalidInput, NotReady
 from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
-from services.common.text import compose_item_text, has_visible_text
+from recmodel.text import compose_item_text, has_visible_text
 from services.ranking.catalog import Catalog, CatalogItem
-from services.ranking import attribution, pipeline
-from services.ranking.features import FEATURES, UserContext
+from recmodel import attribution, pipeline
+from recmodel.features import FEATURES, UserContext
 
 log = logging.getLogger("crossrec.ranking")
 
@@ -331,7 +331,7 @@ class RankingEngine:
     def _explain(self, item_id, platform, score, vector, source, profile, shares, seen: bool,
                  covisit_row: int, history_rows) -> Recommendation:
         """One returned item: its driver (the feature group with the largest Shapley share,
-        services/ranking/attribution.py) and the line and history items that show it."""
+        recmodel/attribution.py) and the line and history items that show it."""
         title = self.catalog.get(platform, item_id).title
         driver = "" if shares is None else attribution.NAMES[int(np.argmax(shares))]
         sims = (profile.recent_vectors @ vector

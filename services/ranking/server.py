@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from crossrec.common.v1 import common_pb2
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from services.common import metrics, modelrepo
+from recmodel import modelrepo
+from services.common import metrics
 from services.common.admission import Admission
 from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote, FusionRemote
@@ -24,10 +25,10 @@ from services.common.serve import (add_flag, add_server_flags, client_security, 
                                    serve, setup_logging, wait_for)
 from services.common.events import RawEvents
 from services.common.workers import default_processes, supervise
-from services.ranking import attribution
+from recmodel import attribution
 from services.ranking.catalog import Catalog, MemoryCatalog
 from services.ranking.engine import Popularity, RankingEngine
-from services.ranking.ranker import OnnxRanker, RetrievalOrder
+from recmodel.ranker import OnnxRanker, RetrievalOrder
 
 log = logging.getLogger("crossrec.ranking")
 DEFAULT_PORT = 50053
@@ -38,7 +39,7 @@ CATALOG_FOLLOW_S = 1.0
 # waits in the thread pool's queue behind the admission queue; gRPC refuses the rest before
 # any Python handler runs (bench/overload.py, services/ranking/README.md "Refusals").
 MAX_CONCURRENT_RPCS = 64
-# services/ranking/attribution.py's group names -> crossrec.ranking.v1.Driver
+# recmodel/attribution.py's group names -> crossrec.ranking.v1.Driver
 DRIVERS = {attribution.TEXT: ranking_pb2.DRIVER_TEXT,
            attribution.COVISIT: ranking_pb2.DRIVER_COVISIT,
            attribution.POPULARITY: ranking_pb2.DRIVER_POPULARITY,

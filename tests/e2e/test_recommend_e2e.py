@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from clients.crossrec_client import CrossrecClient, Item
-from clients.stack import python_env, start_stack
+from tools.stack import python_env, start_stack
 from dataio import AMAZON, MOVIELENS, dataset_file, iter_events, item_texts, read_items, to_event
 from export.cases import build_cases, default_data, held_out_users, validation_users
 from export.evaluate import evaluate_system

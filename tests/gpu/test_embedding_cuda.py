@@ -12,9 +12,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from services.common.modelrepo import read_meta
-from services.common.ortsession import CUDA
-from services.embedding.engine import EmbeddingEngine
+from recmodel.modelrepo import read_meta
+from recmodel.ortsession import CUDA
+from recmodel.encoder import Encoder
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,7 +26,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def cuda_engine(encoder_dir):
-    engine = EmbeddingEngine(encoder_dir, device="cuda")
+    engine = Encoder(encoder_dir, device="cuda")
     assert engine.provider == CUDA
     engine.warmup()
     return engine

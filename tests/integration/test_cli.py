@@ -1,4 +1,4 @@
-"""The `crossrec` command line end to end: `python -m clients.cli` against real servers on
+"""The `crossrec` command line end to end: `python -m tools.cli` against real servers on
 loopback, loading real catalogue and event rows, resuming an interrupted load, and the exit
 codes for bad input and unreachable services."""
 
@@ -17,7 +17,7 @@ import termios
 
 import pytest
 
-from clients.stack import REPO, python_env, start_stack
+from tools.stack import REPO, python_env, start_stack
 from dataio import AMAZON, iter_events, read_items, read_items_csv
 
 STACK_FLAGS = {"ranking": ["--popularity-refresh-s", "1"]}
@@ -85,7 +85,7 @@ def env(stack):
 
 
 def crossrec(env, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clients.cli", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "tools.cli", *map(str, args)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -120,7 +120,7 @@ def on_a_terminal(env, *args: str) -> tuple[int, str]:
     controller, terminal = pty.openpty()
     # 40 rows of 200 columns: a new pty has 0 x 0, into which nothing fits.
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "clients.cli", *map(str, args)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", *map(str, args)], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=terminal)
     os.close(terminal)
     shown = b""
@@ -242,7 +242,7 @@ def test_recommend_prints_an_aligned_table_with_source_and_explanation(env, load
         at = header.index(column)
         assert all(row[at - 1] == " " and row[at] != " " for row in rows), column
     assert all(row[header.index("source"):].startswith("personalised ") for row in rows)
-    # Each line names its driver (services/ranking/attribution.py).
+    # Each line names its driver (recmodel/attribution.py).
     assert all(any(says in row[header.index("explanation"):] for says in (
         "similar to", "chosen by", "popular on", "in your")) for row in rows)
     assert lines[7].startswith("models: ") and "encoder v" in lines[7]

@@ -19,7 +19,7 @@ from clients.crossrec_client import (
     Action, Contribution, CrossrecClient, CrossrecError, DeadlineExceeded, EmbeddingClient,
     Event, IngestResult, InvalidArgument, Item, ModelRef, NotFound, RankingClient,
     ResourceExhausted, RetryPolicy, Source, Unauthenticated, Unavailable, error_from_rpc)
-from clients.stack import ServiceProcess, health_status, start_stack
+from tools.stack import ServiceProcess, health_status, start_stack
 from crossrec.ranking.v1 import ranking_pb2
 from dataio import AMAZON, read_items
 

@@ -18,7 +18,7 @@ SERVICE = "crossrec.embedding.v1.EmbeddingService"
 
 @pytest.fixture(scope="module")
 def server(model_repo, tmp_path_factory):
-    from clients.stack import ServiceProcess
+    from tools.stack import ServiceProcess
     proc = ServiceProcess("embedding", ["--model-repo", str(model_repo)],
                           tmp_path_factory.mktemp("embedding")).start().wait_ready()
     yield proc
@@ -51,7 +51,7 @@ def test_health_is_serving_and_reflection_lists_the_service(server):
 
 def test_served_vectors_match_the_torch_reference_on_real_titles(stub, titles, encoder_dir):
     from export.encoder_reference import torch_reference
-    from services.common.modelrepo import read_meta
+    from recmodel.modelrepo import read_meta
     served, reply = embed(stub, titles[:32])
     reference = torch_reference(read_meta(encoder_dir)["source_model"]["path"])(titles[:32])
     assert np.abs(served - reference).max() <= 1e-4
@@ -107,7 +107,7 @@ def test_non_utf8_bytes_are_invalid_argument_naming_the_field(server):
 @pytest.fixture(scope="module")
 def tiny_queue_server(model_repo, tmp_path_factory):
     """A server whose queue holds one request of 8 texts, batching 8 texts at most."""
-    from clients.stack import ServiceProcess
+    from tools.stack import ServiceProcess
     proc = ServiceProcess("embedding", [
         "--model-repo", str(model_repo), "--max-queue-texts", "8", "--max-texts-per-request",
         "8", "--max-batch-size", "8", "--max-delay-ms", "0"],
@@ -147,7 +147,7 @@ def test_an_expired_deadline_is_deadline_exceeded(tiny_queue_server):
 
 
 def test_sigterm_lets_in_flight_calls_finish_then_exits_zero(model_repo, tmp_path, titles):
-    from clients.stack import ServiceProcess
+    from tools.stack import ServiceProcess
     proc = ServiceProcess("embedding", ["--model-repo", str(model_repo), "--grace-s", "60"],
                           tmp_path).start()
     proc.wait_ready()
@@ -162,7 +162,7 @@ def test_sigterm_lets_in_flight_calls_finish_then_exits_zero(model_repo, tmp_pat
 
 
 def test_a_long_request_over_the_token_budget_is_invalid_argument(model_repo, tmp_path):
-    from clients.stack import ServiceProcess
+    from tools.stack import ServiceProcess
     proc = ServiceProcess("embedding", ["--model-repo", str(model_repo),
                                         "--max-request-tokens", "512"], tmp_path).start()
     try:

@@ -1,4 +1,4 @@
-"""Short, bounded load tests against the real services (clients/loadtest.py and the locust
+"""Short, bounded load tests against the real services (tools/loadtest.py and the locust
 user class in locustfile.py): correctness only, never timing."""
 
 import csv
@@ -8,8 +8,8 @@ import sys
 import grpc
 import pytest
 
-from clients.loadtest import Workload, parse_args, run_load
-from clients.stack import REPO, python_env, start_stack
+from tools.loadtest import Workload, parse_args, run_load
+from tools.stack import REPO, python_env, start_stack
 from crossrec.common.v1 import common_pb2
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc

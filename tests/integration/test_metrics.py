@@ -5,7 +5,7 @@ import urllib.request
 import grpc
 import pytest
 
-from clients.stack import _free_port, start_stack
+from tools.stack import _free_port, start_stack
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 

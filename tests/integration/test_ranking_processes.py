@@ -15,7 +15,7 @@ import urllib.request
 import grpc
 import pytest
 
-from clients.stack import ServiceProcess, _free_port, service_args, start_stack
+from tools.stack import ServiceProcess, _free_port, service_args, start_stack
 from crossrec.common.v1 import common_pb2
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from services.common.serve import WORKER_METADATA_KEY

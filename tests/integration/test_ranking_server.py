@@ -6,7 +6,7 @@ import time
 import grpc
 import pytest
 
-from clients.stack import ServiceProcess, start_stack
+from tools.stack import ServiceProcess, start_stack
 from crossrec.common.v1 import common_pb2
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc

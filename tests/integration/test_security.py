@@ -13,7 +13,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from clients.stack import ServiceProcess, _free_port
+from tools.stack import ServiceProcess, _free_port
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from services.common.security import ClientSecurity

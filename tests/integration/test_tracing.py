@@ -12,8 +12,8 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from clients.crossrec_client import CrossrecClient, EmbeddingClient, Event, Item
-from clients.stack import REPO, python_env, start_stack
-from clients.trace_collector import TraceCollector
+from tools.stack import REPO, python_env, start_stack
+from tools.trace_collector import TraceCollector
 from dataio import AMAZON, read_items
 
 RECOMMEND = "/crossrec.ranking.v1.RankingService/Recommend"
@@ -123,7 +123,7 @@ def test_cli_continues_the_trace_in_its_environment(traced, collector):
     procs, seen = traced
     trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     env = python_env({"TRACEPARENT": f"00-{trace_id}-{parent_id}-01"})
-    run = subprocess.run([sys.executable, "-m", "clients.cli", "--ranking",
+    run = subprocess.run([sys.executable, "-m", "tools.cli", "--ranking",
                           procs["ranking"].address, "recommend", "--user", seen.user_id,
                           "--platform", seen.platform, "-k", "3"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

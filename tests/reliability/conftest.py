@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from clients.stack import start_stack
+from tools.stack import start_stack
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from dataio import AMAZON, read_items

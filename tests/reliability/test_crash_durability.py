@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from clients.stack import start_stack
+from tools.stack import start_stack
 from tests.integration.test_fusion_server import _kill_trials
 
 TRIALS = 15

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import redis
 
-from clients.stack import ServiceProcess
+from tools.stack import ServiceProcess
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from tests.reliability.support import pb_event
 

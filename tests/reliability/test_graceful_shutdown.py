@@ -18,7 +18,7 @@ import time
 
 import grpc
 
-from clients.stack import ServiceProcess, service_args
+from tools.stack import ServiceProcess, service_args
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc

@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from clients.stack import ServiceProcess
+from tools.stack import ServiceProcess
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from tests.reliability.support import is_alive_and_serving, percentile, rss_kib
 

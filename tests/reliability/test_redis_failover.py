@@ -11,9 +11,9 @@ from collections import Counter
 
 import pytest
 
-from clients.stack import RedisClusterServers
+from tools.stack import RedisClusterServers
 from services.common.errors import BudgetSpent, NotReady
-from services.common.events import Event
+from recmodel.events import Event
 from services.fusion.redis_store import RedisStore
 from tests.reliability.support import frozen
 

@@ -16,7 +16,7 @@ from collections import Counter
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.stack import ServiceProcess
+from tools.stack import ServiceProcess
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from tests.reliability.support import SERVING, pb_event, rpc_outcome

@@ -1,4 +1,4 @@
-"""services/ranking/attribution.py: exact Shapley values of the ranker's score over feature
+"""recmodel/attribution.py: exact Shapley values of the ranker's score over feature
 groups, and the explanation written from the largest one."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.common import modelrepo
-from services.ranking import attribution
-from services.ranking.attribution import COVISIT, GROUPS, HISTORY, NAMES, POPULARITY, TEXT
-from services.ranking.features import FEATURES, N_FEATURES
-from services.ranking.ranker import OnnxRanker
+from recmodel import modelrepo
+from recmodel import attribution
+from recmodel.attribution import COVISIT, GROUPS, HISTORY, NAMES, POPULARITY, TEXT
+from recmodel.features import FEATURES, N_FEATURES
+from recmodel.ranker import OnnxRanker
 
 
 def test_every_feature_is_in_exactly_one_group():

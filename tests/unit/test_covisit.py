@@ -3,7 +3,7 @@ tests/unit/test_pipeline.py)."""
 
 import numpy as np
 
-from services.ranking.covisit import CoVisits
+from recmodel.covisit import CoVisits
 
 ARTS, OFFICE = "arts_crafts", "office"
 KEYS = [(ARTS, f"a{i}") for i in range(6)] + [(OFFICE, f"o{i}") for i in range(6)]

@@ -11,10 +11,10 @@ import pytest
 from dataio import (AMAZON, AMAZON_ORIGIN_MS, MOVIELENS, EventColumns, action_and_weight,
                     item_texts, iter_events, open_csv, read_items, read_items_csv, time_ms,
                     to_event)
-from services.common.events import ACTION_INTERACT, ACTION_RATE, DEFAULT_WEIGHT
+from recmodel.events import ACTION_INTERACT, ACTION_RATE, DEFAULT_WEIGHT
 from services.embedding.engine import EmbeddingEngine
 from services.fusion.engine import FusionEngine
-from services.fusion.model import BaselineUserModel
+from recmodel.user_model import BaselineUserModel
 from services.fusion.store import SQLiteStore
 
 PURCHASE, VIEW = 5, 1

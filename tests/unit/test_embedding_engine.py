@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidInput
-from services.common.ortsession import CPU, choose_providers
-from services.embedding.engine import EmbeddingEngine, padded_length
+from recmodel.ortsession import CPU, choose_providers
+from recmodel.encoder import padded_length
+from services.embedding.engine import EmbeddingEngine
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 
 from services.common.errors import InvalidInput
 from services.common.events import check_id, content_digest, validate_event
-from services.common.text import has_visible_text
+from recmodel.text import has_visible_text
 
 NOW_MS = 1_700_000_000_000
 BAD_IDS = {"NUL": "a\x00b", "newline": "a\nb", "ANSI escape": "\x1b[31mred\x1b[0m",

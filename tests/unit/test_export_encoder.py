@@ -15,8 +15,8 @@ from export.encoder import (FP32_NAME, INT8_GATE_MEAN_COSINE, PARITY_MAX_ABS_DIF
                             PARITY_MIN_COSINE, batch_invariance, check_int8, check_parity,
                             serving_vectors, stage_version, staged_files)
 from export.encoder_reference import TorchReference, max_sequence_tokens
-from services.common import modelrepo
-from services.common.ortsession import ort_session
+from recmodel import modelrepo
+from recmodel.ortsession import ort_session
 from services.embedding.engine import EmbeddingEngine
 
 META_KEYS = {"name", "version", "format", "precision", "opset", "input_names", "output_names",

@@ -8,9 +8,9 @@ import pytest
 from services.common.errors import InvalidInput
 from services.embedding.engine import EmbeddingEngine
 from services.fusion.engine import FusionEngine
-from services.fusion.model import BaselineUserModel, OnnxUserModel
+from recmodel.user_model import BaselineUserModel, OnnxUserModel
 from services.fusion.store import RECENT_PER_PLATFORM, SQLiteStore
-from services.common import modelrepo
+from recmodel import modelrepo
 
 NOW_MS = int(time.time() * 1000)
 

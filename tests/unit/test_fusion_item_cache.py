@@ -5,7 +5,7 @@ import time
 import numpy as np
 
 from services.fusion.engine import FusionEngine, ItemCache
-from services.fusion.model import BaselineUserModel
+from recmodel.user_model import BaselineUserModel
 from services.fusion.store import SQLiteStore
 
 NOW_MS = int(time.time() * 1000)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from clients.loadtest import check_loopback, parse_args
+from tools.loadtest import check_loopback, parse_args
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:50053", "127.8.9.10:1", "localhost:5", "[::1]:9"])

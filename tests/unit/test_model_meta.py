@@ -1,12 +1,12 @@
 """Every key export writes into a model's meta.json is used by serving or listed as
-informational in one place (services/ranking/ranker.py, services/fusion/model.py): a key
+informational in one place (recmodel/ranker.py, recmodel/user_model.py): a key
 export adds that serving neither reads nor lists fails here."""
 
 import pytest
 
-from services.common import modelrepo
-from services.fusion import model as user_model
-from services.ranking import ranker
+from recmodel import modelrepo
+from recmodel import user_model
+from recmodel import ranker
 
 
 @pytest.mark.parametrize("name, module", [("ranker", ranker), ("user_tower", user_model)])

@@ -1,4 +1,4 @@
-"""The one ONNX Runtime session factory (services/common/ortsession.py): the options every
+"""The one ONNX Runtime session factory (recmodel/ortsession.py): the options every
 serving and export session is built with."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from services.common.ortsession import CPU, ort_session
+from recmodel.ortsession import CPU, ort_session
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The ranking pipeline (services/ranking/pipeline.py): candidates, co-visit merge, features
+"""The ranking pipeline (recmodel/pipeline.py): candidates, co-visit merge, features
 by row, and the one-implementation property: the serving engine and the offline evaluation
 rank the same user alike, list for list."""
 
@@ -9,13 +9,13 @@ from export.cases import build_cases, validation_users
 from export.systems import CrossrecSystem
 from export import rank_data as rd
 from export import user_data as ud
-from services.fusion.model import BaselineUserModel, Window, encode_user
-from services.ranking import pipeline
+from recmodel.user_model import BaselineUserModel, Window, encode_user
+from recmodel import pipeline
 from services.ranking.catalog import CatalogItem, MemoryCatalog
-from services.ranking.covisit import CoVisits
+from recmodel.covisit import CoVisits
 from services.ranking.engine import Popularity, RankingEngine
-from services.ranking.features import FEATURES, N_FEATURES, UserContext
-from services.ranking.index import EXACT, KINDS, PCA, PlatformIndex
+from recmodel.features import FEATURES, N_FEATURES, UserContext
+from recmodel.index import EXACT, KINDS, PCA, PlatformIndex
 
 ARTS, OFFICE = "arts_crafts", "office"
 KEYS = [(ARTS, f"a{i}") for i in range(6)] + [(OFFICE, f"o{i}") for i in range(6)]
@@ -216,7 +216,7 @@ def test_the_serving_engine_and_the_offline_evaluation_give_identical_lists(sett
 
 def test_encode_user_is_the_layout_fusion_serves():
     vecs = _unit(4, seed=8)
-    from services.common.events import Event
+    from recmodel.events import Event
     events = [Event(f"e{i}", "u", p, 7, f"i{i}", "", i, 1.0)
               for i, p in enumerate([ARTS, OFFICE, ARTS, OFFICE])]
     user = encode_user(BaselineUserModel(), Window(events, vecs), OFFICE)

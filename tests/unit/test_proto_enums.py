@@ -8,8 +8,8 @@ is the enum's numbers) and needs a default weight (services/common/events.py), a
 from clients.crossrec_client import Action, Source
 from crossrec.common.v1 import common_pb2
 from crossrec.ranking.v1 import ranking_pb2
-from services.common import events
-from services.fusion import pooling
+from recmodel import events
+from recmodel import pooling
 from services.ranking import engine
 
 PINNED_ACTIONS = {"ACTION_UNSPECIFIED": 0, "ACTION_VIEW": 1, "ACTION_CLICK": 2,
@@ -70,7 +70,7 @@ def test_client_source_members_are_the_protos_sources():
 
 def test_every_attribution_group_has_its_proto_driver_and_client_member():
     from clients.crossrec_client import Driver
-    from services.ranking import attribution
+    from recmodel import attribution
     from services.ranking.server import DRIVERS
 
     proto = enum_values(ranking_pb2.Driver)

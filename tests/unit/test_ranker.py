@@ -12,8 +12,8 @@ from export import ranker as rk
 from export import user_data as ud
 from export.cases import build_cases
 from export.evaluate import evaluate_system
-from services.common.ortsession import ort_session
-from services.ranking.features import N_FEATURES, UserContext
+from recmodel.ortsession import ort_session
+from recmodel.features import N_FEATURES, UserContext
 
 ARTS, OFFICE = "arts_crafts", "office"
 

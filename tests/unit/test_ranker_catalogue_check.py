@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from services.common import modelrepo
+from recmodel import modelrepo
 from services.ranking.catalog import CatalogItem, MemoryCatalog
-from services.ranking.ranker import OnnxRanker
+from recmodel.ranker import OnnxRanker
 from services.ranking.server import check_trained_for
 
 

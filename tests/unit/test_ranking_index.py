@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 
 from services.ranking.catalog import Catalog, CatalogItem
-from services.ranking.index import EXACT, HNSW, PlatformIndex
+from recmodel.index import EXACT, HNSW, PlatformIndex
 
 
 @pytest.fixture(scope="module")
 def real_vectors(encoder_dir, titles):
-    from services.embedding.engine import EmbeddingEngine
+    from recmodel.encoder import Encoder
     from dataio import sample_titles
-    engine = EmbeddingEngine(encoder_dir, device="cpu")
+    engine = Encoder(encoder_dir, device="cpu")
     texts = sample_titles(1500, seed=3)
     return texts, engine.run_sorted(engine.tokenize(texts), 64)
 

@@ -12,7 +12,7 @@ import pytest
 from redis.crc import key_slot
 
 from services.common.errors import BudgetSpent, NotReady, Overloaded
-from services.common.events import Event
+from recmodel.events import Event
 from services.fusion.redis_store import RedisStore
 from services.fusion.store import RECENT_PER_PLATFORM, SQLiteStore
 from tests.reliability.support import frozen

@@ -7,7 +7,7 @@ import pytest
 
 from export import metrics
 from export import user_data as ud
-from services.fusion.pooling import baseline_user_vec, rank_ages
+from recmodel.pooling import baseline_user_vec, rank_ages
 
 torch = pytest.importorskip("torch")
 from export import user_tower as ut  # noqa: E402

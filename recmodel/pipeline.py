@@ -8,7 +8,7 @@ context and one platform's catalogue in, candidates, features, scores and the fi
 Everything is arrays indexed by catalogue row (an IndexSnapshot's rows): popularity,
 co-visit rows, seen and exclude masks, item vectors. Per-item Python is left to the callers,
 for the k items they return. Retrieval is a function (`table.snapshot.search` by default:
-exact, pca or faiss, see services/ranking/index.py); training passes its batched one.
+exact, pca or faiss, see recmodel/index.py); training passes its batched one.
 Ties are broken by catalogue row everywhere, and a candidate's final order by its position
 in the candidate list, so the same inputs give the same list on every path.
 """
@@ -20,9 +20,9 @@ from typing import Callable
 
 import numpy as np
 
-from services.ranking.covisit import CoVisits, Sums
-from services.ranking.features import UserContext, candidate_features, popularity_features
-from services.ranking.index import IndexSnapshot
+from recmodel.covisit import CoVisits, Sums
+from recmodel.features import UserContext, candidate_features, popularity_features
+from recmodel.index import IndexSnapshot
 
 # (query float32 [dim], n, blocked bool [rows] | None) -> rows int64 [<= n], best first
 Retrieve = Callable[[np.ndarray, int, "np.ndarray | None"], np.ndarray]
@@ -142,7 +142,7 @@ def candidates(user: UserContext, table: ItemTable, covisit: CoVisits | None, n:
 def features(user: UserContext, table: ItemTable, cands: Candidates,
              covisit: CoVisits | None, pop: tuple[np.ndarray, np.ndarray] | None = None
              ) -> np.ndarray:
-    """float32 [N, N_FEATURES] of the candidates (services/ranking/features.py). `pop`:
+    """float32 [N, N_FEATURES] of the candidates (recmodel/features.py). `pop`:
     (log_pop, pop_pct) float32 [rows] in place of the table's (training's leave-user-out)."""
     rows = cands.rows
     log_pop, pop_pct = pop if pop is not None else (table.log_pop, table.pop_pct)

@@ -16,7 +16,7 @@ import grpc
 from tqdm import tqdm
 
 from clients.crossrec_client import FusionClient
-from clients.stack import start_stack
+from tools.stack import start_stack
 from crossrec.common.v1 import common_pb2
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc

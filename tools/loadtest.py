@@ -1,9 +1,9 @@
 """Bounded loopback load test for crossrec (and for a bare echo server, as a ceiling).
 
-    python -m clients.loadtest --ranking 127.0.0.1:50053 --fusion 127.0.0.1:50052 \\
+    python -m tools.loadtest --ranking 127.0.0.1:50053 --fusion 127.0.0.1:50052 \\
         --mode closed --concurrency 32 --duration-s 30 --max-requests 200000 \\
         --mix recommend=0.8,ingest=0.1,profile=0.1 [--json out.json]
-    python -m clients.loadtest ... --mode open --rate 300        # target requests/s
+    python -m tools.loadtest ... --mode open --rate 300        # target requests/s
 
 Closed loop: N callers, each sends its next request when the last one answered. Open loop:
 requests start at the target rate whatever the latency (in flight capped by --max-in-flight;

@@ -2,7 +2,7 @@
 
 For one request the ranker sees the user (vectors from fusion, recent history with item
 vectors, event counts per platform) and N candidates of the target platform (item vectors,
-popularity, retrieval order, co-visit counts with the user's items: services/ranking/covisit.py),
+popularity, retrieval order, co-visit counts with the user's items: recmodel/covisit.py),
 and scores each candidate from FEATURES below.
 """
 
@@ -54,7 +54,7 @@ def candidate_features(user: UserContext, item_vectors: np.ndarray, seen: np.nda
                        log_pop: np.ndarray, pop_pct: np.ndarray,
                        covisit: np.ndarray | None = None) -> np.ndarray:
     """float32 [N, N_FEATURES] for candidates in retrieval order (best first), every input an
-    array over the N candidates (services/ranking/pipeline.py gathers them by row).
+    array over the N candidates (recmodel/pipeline.py gathers them by row).
 
     item_vectors float32 [N, dim]; seen bool [N] (in the user's target-platform history);
     log_pop and pop_pct float32 [N]; covisit float32 [N, 5] (CoVisits.features; zeros when

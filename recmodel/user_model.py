@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.events import Event
-from services.common.modelrepo import read_served_meta
-from services.common.ortsession import ort_session
-from services.fusion.pooling import (ACTION_NAMES, DEFAULT_ACTION_WEIGHT, HALF_LIFE_EVENTS,
+from recmodel.events import Event
+from recmodel.modelrepo import read_served_meta
+from recmodel.ortsession import ort_session
+from recmodel.pooling import (ACTION_NAMES, DEFAULT_ACTION_WEIGHT, HALF_LIFE_EVENTS,
                                      baseline_user_vec, rank_ages)
 
 log = logging.getLogger("crossrec.fusion")
@@ -80,7 +80,7 @@ def encode_user(model, window: Window, for_platform: str = "") -> UserVectors:
 
 
 class BaselineUserModel:
-    """Untrained time-decayed mean pooling (services/fusion/pooling.py); ignores the target."""
+    """Untrained time-decayed mean pooling (recmodel/pooling.py); ignores the target."""
 
     name, version, baseline = "baseline_mean_pooling", 0, True
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.modelrepo import read_served_meta
-from services.common.ortsession import ort_session
-from services.ranking.covisit import CoVisits
-from services.ranking.features import FEATURES
+from recmodel.modelrepo import read_served_meta
+from recmodel.ortsession import ort_session
+from recmodel.covisit import CoVisits
+from recmodel.features import FEATURES
 
 log = logging.getLogger("crossrec.ranking")
 

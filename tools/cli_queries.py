@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clients.cli_output import EXIT_FAILED, EXIT_OK, cut, plain, print_json, table, utc
+from tools.cli_output import EXIT_FAILED, EXIT_OK, cut, plain, print_json, table, utc
 from clients.crossrec_client import CrossrecClient, CrossrecError, InvalidArgument
 
 SERVICES = ("embedding", "fusion", "ranking")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 # The Action enum's names and numbers (index = number, from the generated protobuf module)
-# and the default weights are services.common.events'; the model's conventions are read here.
-from services.common.events import (  # noqa: F401 - re-exported for export/ and model.py
+# and the default weights are recmodel.events'; the model's conventions are read here.
+from recmodel.events import (  # noqa: F401 - re-exported for export/ and user_model.py
     ACTION_INTERACT, ACTION_NAMES, ACTION_RATE, DEFAULT_WEIGHT)
 
 # Weight of an event whose BehaviorEvent.weight is unset, by Action number (one table for

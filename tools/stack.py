@@ -1,7 +1,7 @@
 """Starts crossrec services as local processes on loopback and stops them cleanly.
 
 Used by `make up` / `make down`, the demo, the integration tests and the benchmarks:
-`python -m clients.stack up|down|status --run-dir var/run`.
+`python -m tools.stack up|down|status --run-dir var/run`.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from math import factorial
 
 import numpy as np
 
-from services.ranking.features import FEATURES
+from recmodel.features import FEATURES
 
 TEXT, COVISIT, POPULARITY, HISTORY = "text", "covisit", "popularity", "history"
 GROUPS: dict[str, tuple[str, ...]] = {

@@ -273,3 +273,19 @@ class PlatformIndex:
         if len(vectors):
             index.add(vectors)
         return index
+
+
+# Items per platform above which "auto" indexes with HNSW (bench/recommend.py: pca's scan
+# stops being cheap there).
+HNSW_THRESHOLD = 200_000
+
+
+def index_kind(requested: str, size: int, hnsw_threshold: int, has_projection: bool) -> str:
+    """The index kind of a platform with `size` items: `requested` unless "auto", which is
+    pca (exact without the ranker's projection) up to `hnsw_threshold` items, HNSW above.
+    The same rule for serving and the offline evaluation (export/rank_data.py)."""
+    if requested != "auto":
+        return requested
+    if size > hnsw_threshold:
+        return HNSW
+    return PCA if has_projection else EXACT
