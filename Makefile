@@ -89,9 +89,11 @@ demo: protos models
 test: protos models
 	$(PY) -m pytest
 
-# ruff, configured in pyproject.toml (pinned in the dev extra); .ci/run runs it first.
+# ruff and the import contracts (lint-imports: which room may import which), both configured
+# in pyproject.toml and pinned in the dev extra; .ci/run runs them first.
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 test-unit: protos
 	$(PY) -m pytest tests/unit
