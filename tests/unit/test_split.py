@@ -124,7 +124,7 @@ def test_data_with_its_own_held_out_targets_is_split_by_user(tmp_path):
 
 
 def test_movielens_test_figures_are_placed_against_the_published_band():
-    from export.evaluate import targets_report
+    from export.eval_report import targets_report
 
     def result(hr):
         return {"crossrec": {"A_warm_test": {"pooled": {"hr@10": hr, "ndcg@10": hr / 2,
