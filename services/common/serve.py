@@ -1,19 +1,17 @@
-"""The serve loop every crossrec server shares: flags with env twins, JSON logs, health (also
-on an optional plaintext health-only port), reflection, bounded concurrency (streams apart:
-services/common/streams.py), undecodable-request handling and graceful shutdown."""
+"""The serve loop every crossrec server shares (its flags: `ServerConfig`, services/common/
+flags.py): JSON logs, health (also on an optional plaintext health-only port), reflection,
+bounded concurrency (streams apart: services/common/streams.py), undecodable-request handling
+and graceful shutdown."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 import time
 from concurrent import futures
-from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -23,10 +21,12 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics, tracing
 from services.common.errors import EngineError, status_name
+from services.common.flags import ServerConfig
 from services.common.security import (ClientSecurity, ConfigError, TokenAuthInterceptor,
                                       read_token, server_credentials)
 from services.common.streams import STREAM_METHODS, StreamGuard, streaming_methods
 from services.common.wire import find_bad_field
+from services.common.workers import write_port_file
 
 log = logging.getLogger("crossrec")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -43,76 +43,10 @@ SIGNAL_POLL_S = 0.1
 WORKER_METADATA_KEY = "crossrec-worker"
 
 
-def env_name(flag: str) -> str:
-    """Env twin of a flag: --model-repo -> CROSSREC_MODEL_REPO."""
-    return "CROSSREC_" + flag.lstrip("-").upper().replace("-", "_")
-
-
-def add_flag(parser: argparse.ArgumentParser, flag: str, default, help: str, type=None,
-             old_name: str = ""):
-    """A flag whose default comes from its env twin when set, else `default`. `old_name`: a
-    former name of the flag, still accepted (and its env twin, when the new one is unset)."""
-    kind = type or default.__class__
-    env = os.environ.get(env_name(flag))
-    if env is None and old_name:
-        env = os.environ.get(env_name(old_name))
-    names = [flag, old_name] if old_name else [flag]
-    if kind is bool:
-        value = default if env is None else env.lower() in ("1", "true", "yes", "on")
-        parser.add_argument(*names, default=value, action=argparse.BooleanOptionalAction,
-                            help=f"{help} (env {env_name(flag)})")
-    else:
-        value = default if env is None else kind(env)
-        parser.add_argument(*names, default=value, type=kind,
-                            help=f"{help} [default: %(default)s] (env {env_name(flag)})")
-
-
-def add_server_flags(parser: argparse.ArgumentParser, default_port: int,
-                     max_concurrent_rpcs: int = 512) -> None:
-    add_flag(parser, "--host", "127.0.0.1", "address to bind; 0.0.0.0 in containers")
-    add_flag(parser, "--port", default_port, "port to bind; 0 picks a free one")
-    add_flag(parser, "--port-file", "", "write the bound port to this file once serving")
-    add_flag(parser, "--threads", 64, "gRPC handler threads (per process, where a service "
-             "runs several: the ranking service's --processes)", old_name="--workers")
-    add_flag(parser, "--max-concurrent-rpcs", max_concurrent_rpcs,
-             "RPCs accepted at once (per process); more are refused with RESOURCE_EXHAUSTED "
-             "by gRPC itself, before any handler, thread or deserialisation")
-    add_flag(parser, "--grace-s", 10.0, "seconds in-flight RPCs get to finish on SIGTERM")
-    add_flag(parser, "--log-level", "INFO", "DEBUG, INFO, WARNING, ERROR")
-    add_flag(parser, "--metrics-port", 0, "Prometheus /metrics port; 0 = off (9090 in k8s)")
-    add_flag(parser, "--metrics-host", "", "address the /metrics port binds (plaintext, no "
-             "token); empty: the same as --host")
-    add_flag(parser, "--otlp-endpoint", "", "OpenTelemetry collector (OTLP/gRPC, e.g. "
-             "http://otel-collector:4317; http:// is plaintext) to export traces to; empty: "
-             "tracing off")
-    add_flag(parser, "--trace-sample-ratio", 1.0, "share of new traces sampled, 0..1 (a "
-             "caller's sampled flag is always honoured)")
-    add_flag(parser, "--health-port", 0, "plaintext port serving only grpc.health.v1, without "
-             "TLS or token, for probes that cannot do TLS (kubelet); 0 = off (8081 in k8s)")
-    add_flag(parser, "--tls-cert", "", "server certificate (PEM); with --tls-key turns TLS on")
-    add_flag(parser, "--tls-key", "", "server private key (PEM)")
-    add_flag(parser, "--tls-client-ca", "", "CA (PEM) that client certificates must chain to: "
-             "mutual TLS")
-    add_flag(parser, "--auth-token-file", "", "file holding the bearer token callers must send "
-             "(or env CROSSREC_AUTH_TOKEN); empty: no token check. A missing or empty file "
-             "refuses to start")
-    add_flag(parser, "--open-reflection", False, "with a token: serve reflection without it "
-             "(health never needs it)")
-    add_flag(parser, "--max-streams", 16, "open streams per streaming method (reflection, "
-             "health Watch, IngestStream) at most, on threads of their own; more: "
-             "RESOURCE_EXHAUSTED")
-    add_flag(parser, "--stream-idle-timeout-s", 60.0, "a stream whose client sent nothing "
-             "for this long (reflection, IngestStream) is cancelled; 0 = never")
-    add_flag(parser, "--upstream-tls-ca", "", "CA (PEM) to verify the services this one calls; "
-             "empty: plaintext")
-    add_flag(parser, "--upstream-tls-cert", "", "client certificate for upstream mutual TLS")
-    add_flag(parser, "--upstream-tls-key", "", "client key for upstream mutual TLS")
-
-
-def client_security(args: argparse.Namespace) -> ClientSecurity:
+def client_security(config: ServerConfig) -> ClientSecurity:
     """How this server dials the services it depends on: the same token it checks."""
-    return ClientSecurity(args.upstream_tls_ca, args.upstream_tls_cert, args.upstream_tls_key,
-                          read_token(args.auth_token_file))
+    return ClientSecurity(config.upstream_tls_ca, config.upstream_tls_cert,
+                          config.upstream_tls_key, read_token(config.auth_token_file))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -274,7 +208,7 @@ def health_only_server(health_servicer, host: str, port: int, name: str,
     return server
 
 
-def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server], list[str]],
+def serve(name: str, config: ServerConfig, register: Callable[[grpc.Server], list[str]],
           load: Callable[[], object], interceptors: tuple = (), worker=None) -> int:
     """Bind, answer health NOT_SERVING while `load()` runs, then SERVING until SIGTERM/SIGINT.
 
@@ -285,29 +219,29 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     this process, writes the port file and serves the metrics.
     """
     try:
-        token = read_token(args.auth_token_file)
-        traced = tracing.setup(name, args.otlp_endpoint, args.trace_sample_ratio)
+        token = read_token(config.auth_token_file)
+        traced = tracing.setup(name, config.otlp_endpoint, config.trace_sample_ratio)
     except ConfigError as err:
         log.error(str(err))
         return 2
     server, services, streams, health_servicer = _grpc_server(
-        name, args, register, traced, interceptors, token, worker)
-    credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
-    address = f"{args.host}:{args.port}"
+        name, config, register, traced, interceptors, token, worker)
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    address = f"{config.host}:{config.port}"
     port = (server.add_secure_port(address, credentials) if credentials
             else server.add_insecure_port(address))
     if port == 0:
-        log.error("could not bind %s:%s", args.host, args.port)
+        log.error("could not bind %s:%s", config.host, config.port)
         return 1
     try:
-        health_server = health_only_server(health_servicer, args.host, args.health_port, name,
-                                           reuse_port=worker is not None)
+        health_server = health_only_server(health_servicer, config.host, config.health_port,
+                                           name, reuse_port=worker is not None)
     except OSError as err:
         log.error(str(err))
         return 1
 
     if worker is None:
-        metrics.serve_metrics(args.metrics_port, args.metrics_host or args.host)
+        metrics.serve_metrics(config.metrics_port, config.metrics_host or config.host)
     # The handler only appends: an Event.set() there can deadlock the main thread when the
     # signal lands while that thread holds the Event's lock inside stop.wait().
     signals: list[int] = []
@@ -318,12 +252,12 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     if health_server is not None:
         health_server.start()
     log.info("listening", extra={"fields": {
-        "service": name, "host": args.host, "port": port, "tls": bool(credentials),
-        "mutual_tls": bool(args.tls_client_ca), "token_auth": bool(token),
-        "open_reflection": bool(args.open_reflection or not token),
-        "health_port": args.health_port, "metrics_port": args.metrics_port,
-        "metrics_host": args.metrics_host or args.host, "max_streams": args.max_streams,
-        "stream_idle_timeout_s": args.stream_idle_timeout_s}})
+        "service": name, "host": config.host, "port": port, "tls": bool(credentials),
+        "mutual_tls": bool(config.tls_client_ca), "token_auth": bool(token),
+        "open_reflection": bool(config.open_reflection or not token),
+        "health_port": config.health_port, "metrics_port": config.metrics_port,
+        "metrics_host": config.metrics_host or config.host,
+        "max_streams": config.max_streams, "stream_idle_timeout_s": config.stream_idle_timeout_s}})
 
     started = time.monotonic()
     try:
@@ -335,7 +269,7 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
         if health_server is not None:
             health_server.stop(0)
         return 1
-    follower = _start_serving(name, args, port, services, health_servicer, worker, stop)
+    follower = _start_serving(name, config, port, services, health_servicer, worker, stop)
     log.info("serving", extra={"fields": {"service": name, "port": port,
                                            "load_s": round(time.monotonic() - started, 2)}})
     while not signals:
@@ -343,27 +277,28 @@ def serve(name: str, args: argparse.Namespace, register: Callable[[grpc.Server],
     stop.set()
     if follower is not None:
         follower.join()
-    _drain(name, args, server, health_servicer, health_server, streams, engine)
+    _drain(name, config, server, health_servicer, health_server, streams, engine)
     return 0
 
 
-def _grpc_server(name: str, args: argparse.Namespace,
+def _grpc_server(name: str, config: ServerConfig,
                  register: Callable[[grpc.Server], list[str]], traced: tuple,
                  interceptors: tuple, token: str | None, worker):
     """The server before it binds: interceptors (`traced` from tracing.setup, `interceptors`
     the service's own, innermost), concurrency caps, the servicers `register` adds, health
     (NOT_SERVING) and reflection. (server, service names, stream guard, health servicer)."""
-    auth = (TokenAuthInterceptor(token, open_reflection=args.open_reflection),) if token else ()
-    streams = StreamGuard(args.max_streams, args.stream_idle_timeout_s, name=name)
+    auth = ((TokenAuthInterceptor(token, open_reflection=config.open_reflection),) if token
+            else ())
+    streams = StreamGuard(config.max_streams, config.stream_idle_timeout_s, name=name)
     # The stream guard comes first: its wrapper must be the outermost to run streams on their
     # own pool. gRPC counts open streams against maximum_concurrent_rpcs like any call (a
     # non-blocking health Watch excepted); the caps bound how many slots they can take.
     worker_id = () if worker is None else (WorkerIdInterceptor(worker.index),)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix=name),
+        futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=name),
         interceptors=(streams, *traced, metrics.MetricsInterceptor(name), *worker_id, *auth,
                       DecodeErrorInterceptor(), *interceptors),
-        maximum_concurrent_rpcs=args.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", int(worker is not None))])
@@ -373,10 +308,10 @@ def _grpc_server(name: str, args: argparse.Namespace,
     if len(stream_names) > STREAM_METHODS:
         raise RuntimeError(f"{len(stream_names)} streaming methods ({stream_names}): raise "
                            "services.common.streams.STREAM_METHODS to match")
-    if args.max_concurrent_rpcs <= args.max_streams * len(stream_names):
+    if config.max_concurrent_rpcs <= config.max_streams * len(stream_names):
         log.warning("open streams could take every concurrency slot: --max-concurrent-rpcs "
-                    "%d <= --max-streams %d x %d streaming methods", args.max_concurrent_rpcs,
-                    args.max_streams, len(stream_names))
+                    "%d <= --max-streams %d x %d streaming methods",
+                    config.max_concurrent_rpcs, config.max_streams, len(stream_names))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ["", *services]:
@@ -388,7 +323,7 @@ def _grpc_server(name: str, args: argparse.Namespace,
     return server, services, streams, health_servicer
 
 
-def _start_serving(name: str, args: argparse.Namespace, port: int, services: list[str],
+def _start_serving(name: str, config: ServerConfig, port: int, services: list[str],
                    health_servicer, worker, stop: threading.Event) -> threading.Thread | None:
     """Health SERVING and the port file, or for a worker process: ready in the group's page
     and a thread that follows the group's state until `stop` (returned, to join)."""
@@ -401,10 +336,7 @@ def _start_serving(name: str, args: argparse.Namespace, port: int, services: lis
 
     if worker is None:
         set_serving(True)
-        if args.port_file:
-            tmp = Path(args.port_file).with_suffix(".tmp")
-            tmp.write_text(str(port))
-            os.replace(tmp, args.port_file)
+        write_port_file(config.port_file, port)
         return None
     worker.mark_ready()
     follower = threading.Thread(target=follow_group, args=(worker, set_serving, stop),
@@ -413,14 +345,14 @@ def _start_serving(name: str, args: argparse.Namespace, port: int, services: lis
     return follower
 
 
-def _drain(name: str, args: argparse.Namespace, server: grpc.Server, health_servicer,
+def _drain(name: str, config: ServerConfig, server: grpc.Server, health_servicer,
            health_server: grpc.Server | None, streams: StreamGuard, engine) -> None:
     """Graceful shutdown: NOT_SERVING, in-flight calls finish within the grace, then the
     health port, the stream pool, the engine and the tracer close."""
-    log.info("draining", extra={"fields": {"service": name, "grace_s": args.grace_s}})
+    log.info("draining", extra={"fields": {"service": name, "grace_s": config.grace_s}})
     health_servicer.enter_graceful_shutdown()
     metrics.READY.labels(name).set(0)
-    server.stop(args.grace_s).wait()
+    server.stop(config.grace_s).wait()
     if health_server is not None:
         # Only now: probes read NOT_SERVING there for the whole drain, not a refused port; and
         # a moment more, so that an open Watch stream is sent its NOT_SERVING before it is

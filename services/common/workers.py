@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from services.common import metrics
+from services.common.flags import ServerConfig
 
 log = logging.getLogger("crossrec")
 
@@ -67,6 +68,15 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
+def write_port_file(path: str, port: int) -> None:
+    """Write the bound `port` to `path` atomically (a reader never sees it half written);
+    nothing when `path` is empty."""
+    if path:
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(str(port))
+        os.replace(tmp, path)
+
+
 def _die_with_parent() -> None:
     """SIGTERM this worker when the parent dies (kill -9 of the parent leaves no orphan)."""
     try:
@@ -97,18 +107,19 @@ class _MetricsDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def supervise(name: str, processes: int, host: str, port: int,
-              run_worker: Callable[[Worker, int], int], port_file: str = "",
-              metrics_port: int = 0, metrics_host: str = "", grace_s: float = 10.0) -> int:
-    """Fork `processes` workers, each `run_worker(worker, port)` (its serve loop; returns
-    its exit code), and supervise them until SIGTERM/SIGINT. Returns the exit code: 0 when
-    every worker drained and exited 0; 1 when one failed before the group first served."""
+def supervise(name: str, processes: int, config: ServerConfig,
+              run_worker: Callable[[Worker, int], int]) -> int:
+    """Fork `processes` workers on `config`'s address, each `run_worker(worker, port)` (its
+    serve loop; returns its exit code), and supervise them until SIGTERM/SIGINT. Returns the
+    exit code: 0 when every worker drained and exited 0; 1 when one failed before the group
+    first served. The parent writes `config`'s port file and serves its metrics port."""
     try:
-        reserved, port = reserve_port(host, port)
+        reserved, port = reserve_port(config.host, config.port)
     except OSError as err:
-        log.error("could not reserve %s:%s: %s", host, port, err)
+        log.error("could not reserve %s:%s: %s", config.host, config.port, err)
         return 1
-    metrics_dir = _MetricsDir(metrics_port, metrics_host or host) if metrics_port else None
+    metrics_dir = (_MetricsDir(config.metrics_port, config.metrics_host or config.host)
+                   if config.metrics_port else None)
     page = mmap.mmap(-1, 1 + processes)
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,7 +143,7 @@ def supervise(name: str, processes: int, host: str, port: int,
                 if not served:
                     log.error("worker exited before the service was ready; stopping",
                               extra={"fields": {"worker": index, "exit": code}})
-                    _stop_all(pids, page, grace_s)
+                    _stop_all(pids, page, config.grace_s)
                     return 1
                 log.warning("worker died; restarting it", extra={"fields": {
                     "worker": index, "pid": pid, "exit": code}})
@@ -143,15 +154,13 @@ def supervise(name: str, processes: int, host: str, port: int,
             page[0] = SERVING if ready else STARTING
             if ready and not served:
                 served = True
-                if port_file:
-                    tmp = Path(port_file).with_suffix(".tmp")
-                    tmp.write_text(str(port))
-                    os.replace(tmp, port_file)
+                write_port_file(config.port_file, port)
                 log.info("all workers serving", extra={"fields": {"service": name,
                                                                   "port": port}})
             time.sleep(SUPERVISE_EVERY_S)
-        log.info("draining workers", extra={"fields": {"service": name, "grace_s": grace_s}})
-        return _stop_all(pids, page, grace_s)
+        log.info("draining workers",
+                 extra={"fields": {"service": name, "grace_s": config.grace_s}})
+        return _stop_all(pids, page, config.grace_s)
     finally:
         reserved.close()
         if metrics_dir is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -11,10 +10,11 @@ from dataclasses import dataclass
 from crossrec.common.v1 import common_pb2
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from recmodel import modelrepo
-from services.common import metrics
 from services.common.errors import NotReady
 from recmodel.ortsession import CUDA, choose_providers
-from services.common.serve import add_flag, add_server_flags, engine_call, serve, setup_logging
+from services.common import flags, metrics
+from services.common.flags import ServerConfig, flag, none_if_zero
+from services.common.serve import engine_call, serve, setup_logging
 from services.embedding.batcher import DynamicBatcher
 from recmodel.encoder import usable_cpus
 from services.embedding.engine import EmbeddingEngine
@@ -25,18 +25,30 @@ DEFAULT_PORT = 50051
 
 @dataclass(frozen=True)
 class Config:
-    model_repo: str
-    model_name: str
-    model_version: int | None
-    device: str
-    intra_op_threads: int
-    max_texts_per_request: int
-    max_batch_size: int
-    max_batch_tokens: int
-    max_delay_ms: float
-    max_queue_texts: int
-    model_workers: int = 0
-    max_request_tokens: int = 65_536
+    """The embedding service's own flags (the shared ones: ServerConfig)."""
+
+    model_repo: str = flag("models", "model repository directory")
+    model_name: str = flag("encoder", "model to serve: encoder (fp32) or encoder_int8")
+    model_version: int | None = flag(0, "version to serve; 0 = the highest", convert=none_if_zero)
+    device: str = flag("auto", "auto (CUDA when available), cpu or cuda")
+    intra_op_threads: int = flag(0, "ONNX Runtime threads per model call; 0 = cores / "
+                                 "--model-workers on the CPU, one per core on CUDA")
+    model_workers: int = flag(0, "model calls run side by side (batcher threads); 0 = one per "
+                              "core on the CPU, 2 on CUDA")
+    max_texts_per_request: int = flag(256, "most texts one Embed call may carry")
+    max_request_tokens: int = flag(65_536, "most padded tokens one Embed call may carry after "
+                                   "tokenisation (texts are cut at the model's "
+                                   "max_sequence_tokens); more: INVALID_ARGUMENT")
+    max_batch_size: int = flag(64, "most texts in one model call; 1 disables batching")
+    max_batch_tokens: int = flag(0, "most padded tokens (sum over the texts) per model call, so "
+                                 "a long request's chunk holds a worker for a bounded time; 0 = "
+                                 "2048 on the CPU (~0.3 s on one core), 16384 on CUDA")
+    max_delay_ms: float = flag(2.0, "longest a request waits for others to join its batch")
+    max_queue_texts: int = flag(4096, "texts queued at most; beyond: RESOURCE_EXHAUSTED")
+
+    def __post_init__(self):
+        if self.max_texts_per_request > self.max_queue_texts:
+            raise ValueError("--max-texts-per-request must not exceed --max-queue-texts")
 
 
 def model_workers(config: Config, provider: str) -> tuple[int, int]:
@@ -125,47 +137,14 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             precision=engine.meta.get("precision", "fp32"))
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_server_flags(parser, DEFAULT_PORT)
-    add_flag(parser, "--model-repo", "models", "model repository directory")
-    add_flag(parser, "--model-name", "encoder", "model to serve: encoder (fp32) or encoder_int8")
-    add_flag(parser, "--model-version", 0, "version to serve; 0 = the highest")
-    add_flag(parser, "--device", "auto", "auto (CUDA when available), cpu or cuda")
-    add_flag(parser, "--intra-op-threads", 0,
-             "ONNX Runtime threads per model call; 0 = cores / --model-workers on the CPU, "
-             "one per core on CUDA")
-    add_flag(parser, "--model-workers", 0,
-             "model calls run side by side (batcher threads); 0 = one per core on the CPU, "
-             "2 on CUDA")
-    add_flag(parser, "--max-texts-per-request", 256, "most texts one Embed call may carry")
-    add_flag(parser, "--max-request-tokens", 65_536,
-             "most padded tokens one Embed call may carry after tokenisation (texts are cut "
-             "at the model's max_sequence_tokens); more: INVALID_ARGUMENT")
-    add_flag(parser, "--max-batch-size", 64, "most texts in one model call; 1 disables batching")
-    add_flag(parser, "--max-batch-tokens", 0,
-             "most padded tokens (sum over the texts) per model call, so a long request's "
-             "chunk holds a worker for a bounded time; 0 = 2048 on the CPU (~0.3 s on one "
-             "core), 16384 on CUDA")
-    add_flag(parser, "--max-delay-ms", 2.0, "longest a request waits for others to join its batch")
-    add_flag(parser, "--max-queue-texts", 4096, "texts queued at most; beyond: RESOURCE_EXHAUSTED")
-    args = parser.parse_args(argv)
-    if args.max_texts_per_request > args.max_queue_texts:
-        parser.error("--max-texts-per-request must not exceed --max-queue-texts")
-    config = Config(model_repo=args.model_repo, model_name=args.model_name,
-                    model_version=args.model_version or None, device=args.device,
-                    intra_op_threads=args.intra_op_threads,
-                    max_texts_per_request=args.max_texts_per_request,
-                    max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                    max_delay_ms=args.max_delay_ms, max_queue_texts=args.max_queue_texts,
-                    model_workers=args.model_workers,
-                    max_request_tokens=args.max_request_tokens)
-    return args, config
+def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, Config]:
+    return flags.parse(argv, ServerConfig, Config, description=__doc__,
+                       defaults={"port": DEFAULT_PORT})
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, config = parse_args(argv)
-    setup_logging(args.log_level)
+    server_config, config = parse_args(argv)
+    setup_logging(server_config.log_level)
     log.info("config", extra={"fields": vars(config)})
     servicer = EmbeddingServicer(config)
 
@@ -177,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         servicer.service = EmbeddingService(config)
         return servicer.service
 
-    return serve("embedding", args, register, load)
+    return serve("embedding", server_config, register, load)
 
 
 if __name__ == "__main__":

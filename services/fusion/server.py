@@ -8,7 +8,6 @@ import os
 # compete with gRPC and ONNX Runtime for the cores. Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse
 import logging
 import sys
 from dataclasses import dataclass
@@ -16,12 +15,13 @@ from dataclasses import dataclass
 from crossrec.common.v1 import common_pb2
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from recmodel import modelrepo
-from services.common import metrics
+from services.common import flags, metrics
 from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote
 from services.common.security import ConfigError, read_secret
-from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
-                                   serve, setup_logging, wait_for)
+from services.common.flags import ServerConfig, flag, none_if_zero
+from services.common.serve import (client_security, engine_call, serve, setup_logging,
+                                   wait_for)
 from services.common.wire import packed_floats
 from services.common.events import RawEvents
 from services.fusion.engine import MAX_NEW_SESSION_TEXTS, FusionEngine, Profile
@@ -35,21 +35,45 @@ DEFAULT_PORT = 50052
 
 @dataclass(frozen=True)
 class Config:
-    store: str
-    sqlite_path: str
-    redis_url: str
-    redis_replica_acks: int
-    embedding_address: str
-    model_repo: str
-    model_version: int | None
-    allow_baseline: bool
-    max_queue_batches: int
-    item_cache_items: int
-    session_cache_items: int
-    max_new_session_texts: int
-    user_vector_cache_items: int
-    dependency_wait_s: float
-    user_id_key_file: str
+    """The fusion service's own flags (the shared ones: ServerConfig)."""
+
+    store: str = flag("sqlite", "profile store backend: sqlite or redis")
+    sqlite_path: str = flag("var/fusion/profiles.sqlite3", "SQLite database file")
+    redis_url: str = flag("redis://127.0.0.1:6379/0",
+                          "Redis URL (--store redis): redis://, rediss://, unix:// for one "
+                          "server; redis+cluster://HOST:PORT (rediss+cluster://) for a Redis "
+                          "Cluster seeded by that node")
+    redis_replica_acks: int = flag(0, "acknowledge an Ingest only once its writes reached this "
+                                   "many replicas of each primary holding them (WAIT, 1 s); 0 = "
+                                   "once fsynced on the primary")
+    embedding_address: str = flag("127.0.0.1:50051", "embedding service host:port")
+    model_repo: str = flag("models", "model repository directory")
+    model_version: int | None = flag(0, "user_tower version; 0 = the highest",
+                                     convert=none_if_zero)
+    allow_baseline: bool = flag(False, "serve the untrained time-decayed mean pooling if no "
+                                "user model is exported")
+    max_queue_batches: int = flag(1024, "ingest batches waiting for commit at most; more: "
+                                  "RESOURCE_EXHAUSTED")
+    item_cache_items: int = flag(50_000, "item vectors kept in memory (about 2 KB each) so that "
+                                 "profile reads skip the store; SQLite only (a Redis store may "
+                                 "be written by other replicas); 0 = off")
+    session_cache_items: int = flag(10_000, "vectors of session items the store does not hold, "
+                                    "kept in memory (up to ~4 KB each with their text) so that "
+                                    "a repeated session embeds nothing; 0 = off")
+    max_new_session_texts: int = flag(MAX_NEW_SESSION_TEXTS, "distinct session items per "
+                                      "GetProfile/Recommend whose text may be embedded during "
+                                      "the call; more: INVALID_ARGUMENT")
+    user_vector_cache_items: int = flag(10_000, "user-model answers kept in memory (about 7 KB "
+                                        "each), keyed by a digest of the model's whole input, "
+                                        "so a profile whose window is unchanged costs no model "
+                                        "call; any store (no invalidation needed); 0 = off")
+    dependency_wait_s: float = flag(120.0, "how long to wait at start for the embedding service "
+                                    "(health stays NOT_SERVING)")
+    user_id_key_file: str = flag("", "file holding a secret key (>= 16 characters; 32 random "
+                                 "bytes, base64, recommended): user ids are stored as their "
+                                 "HMAC-SHA-256 under it, never as sent "
+                                 "(services/fusion/pseudonym.py); keep it for the life of the "
+                                 "store. Empty: ids stored as sent")
 
 
 def open_store(config: Config, user_id_key: bytes | None = None) -> ProfileStore:
@@ -162,64 +186,14 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         return fusion_pb2.DeleteUserResponse(deleted_events=deleted)
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_server_flags(parser, DEFAULT_PORT)
-    add_flag(parser, "--store", "sqlite", "profile store backend: sqlite or redis")
-    add_flag(parser, "--sqlite-path", "var/fusion/profiles.sqlite3", "SQLite database file")
-    add_flag(parser, "--redis-url", "redis://127.0.0.1:6379/0",
-             "Redis URL (--store redis): redis://, rediss://, unix:// for one server; "
-             "redis+cluster://HOST:PORT (rediss+cluster://) for a Redis Cluster seeded by "
-             "that node")
-    add_flag(parser, "--redis-replica-acks", 0,
-             "acknowledge an Ingest only once its writes reached this many replicas of each "
-             "primary holding them (WAIT, 1 s); 0 = once fsynced on the primary")
-    add_flag(parser, "--embedding-address", "127.0.0.1:50051", "embedding service host:port")
-    add_flag(parser, "--model-repo", "models", "model repository directory")
-    add_flag(parser, "--model-version", 0, "user_tower version; 0 = the highest")
-    add_flag(parser, "--allow-baseline", False,
-             "serve the untrained time-decayed mean pooling if no user model is exported")
-    add_flag(parser, "--max-queue-batches", 1024,
-             "ingest batches waiting for commit at most; more: RESOURCE_EXHAUSTED")
-    add_flag(parser, "--item-cache-items", 50_000,
-             "item vectors kept in memory (about 2 KB each) so that profile reads skip the "
-             "store; SQLite only (a Redis store may be written by other replicas); 0 = off")
-    add_flag(parser, "--session-cache-items", 10_000,
-             "vectors of session items the store does not hold, kept in memory (up to ~4 KB "
-             "each with their text) so that a repeated session embeds nothing; 0 = off")
-    add_flag(parser, "--max-new-session-texts", MAX_NEW_SESSION_TEXTS,
-             "distinct session items per GetProfile/Recommend whose text may be embedded "
-             "during the call; more: INVALID_ARGUMENT")
-    add_flag(parser, "--user-vector-cache-items", 10_000,
-             "user-model answers kept in memory (about 7 KB each), keyed by a digest of the "
-             "model's whole input, so a profile whose window is unchanged costs no model "
-             "call; any store (no invalidation needed); 0 = off")
-    add_flag(parser, "--dependency-wait-s", 120.0,
-             "how long to wait at start for the embedding service (health stays NOT_SERVING)")
-    add_flag(parser, "--user-id-key-file", "",
-             "file holding a secret key (>= 16 characters; 32 random bytes, base64, "
-             "recommended): user ids are stored as their HMAC-SHA-256 under it, never as sent "
-             "(services/fusion/pseudonym.py); keep it for the life of the store. Empty: ids "
-             "stored as sent")
-    args = parser.parse_args(argv)
-    config = Config(store=args.store, sqlite_path=args.sqlite_path, redis_url=args.redis_url,
-                    redis_replica_acks=args.redis_replica_acks,
-                    embedding_address=args.embedding_address, model_repo=args.model_repo,
-                    model_version=args.model_version or None,
-                    allow_baseline=args.allow_baseline,
-                    max_queue_batches=args.max_queue_batches,
-                    item_cache_items=args.item_cache_items,
-                    session_cache_items=args.session_cache_items,
-                    max_new_session_texts=args.max_new_session_texts,
-                    user_vector_cache_items=args.user_vector_cache_items,
-                    dependency_wait_s=args.dependency_wait_s,
-                    user_id_key_file=args.user_id_key_file)
-    return args, config
+def parse_args(argv=None) -> tuple[ServerConfig, Config]:
+    return flags.parse(argv, ServerConfig, Config, description=__doc__,
+                       defaults={"port": DEFAULT_PORT})
 
 
 def main(argv=None) -> int:
-    args, config = parse_args(argv)
-    setup_logging(args.log_level)
+    server_config, config = parse_args(argv)
+    setup_logging(server_config.log_level)
     log.info("config", extra={"fields": vars(config)})
     try:
         user_id_key = read_user_id_key(config.user_id_key_file)
@@ -234,7 +208,7 @@ def main(argv=None) -> int:
         return [fusion_pb2.DESCRIPTOR.services_by_name["FusionService"].full_name]
 
     def load():
-        embed = EmbeddingRemote(config.embedding_address, client_security(args))
+        embed = EmbeddingRemote(config.embedding_address, client_security(server_config))
         dim = wait_for(lambda: embed.model()[2], config.dependency_wait_s,
                        f"embedding service at {config.embedding_address}")
         servicer.engine = FusionEngine(
@@ -248,7 +222,7 @@ def main(argv=None) -> int:
             "store": config.store, "pseudonymous_user_ids": str(bool(user_id_key)).lower()})
         return servicer.engine
 
-    return serve("fusion", args, register, load)
+    return serve("fusion", server_config, register, load)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import os
 # (measured 21 ms vs 2.7 ms per request) and steal the cores gRPC needs. Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from crossrec.common.v1 import common_pb2
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recmodel import modelrepo
-from services.common import metrics
+from services.common import flags, metrics
 from services.common.admission import Admission
 from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote, FusionRemote
-from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
-                                   serve, setup_logging, wait_for)
+from services.common.flags import ServerConfig, flag, none_if_zero
+from services.common.serve import (client_security, engine_call, serve, setup_logging,
+                                   wait_for)
 from services.common.events import RawEvents
 from services.common.workers import default_processes, supervise
 from recmodel import attribution
@@ -48,22 +49,44 @@ DRIVERS = {attribution.TEXT: ranking_pb2.DRIVER_TEXT,
 
 @dataclass(frozen=True)
 class Config:
-    catalog_store: str
-    catalog_path: str
-    catalog_redis_url: str
-    embedding_address: str
-    fusion_address: str
-    model_repo: str
-    model_version: int | None
-    allow_no_ranker: bool
-    index: str
-    hnsw_threshold: int
-    max_k: int
-    fusion_fallback: bool
-    popularity_refresh_s: float
-    dependency_wait_s: float
-    max_active_recommends: int
-    max_waiting_recommends: int
+    """The ranking service's own flags (the shared ones: ServerConfig)."""
+
+    processes: int = flag(help="worker processes serving the port (SO_REUSEPORT), each with "
+                          "its own engine, catalogue copy, --threads and admission limits; "
+                          "default: the cores this process may use (os.sched_getaffinity). 1: "
+                          "one process, no supervising parent", default_factory=default_processes)
+    catalog_store: str = flag("sqlite", "catalogue backend: sqlite (one file: this replica's "
+                              "worker processes) or redis (shared by every replica)")
+    catalog_path: str = flag("var/ranking/catalog.sqlite3",
+                             "catalogue SQLite file (--catalog-store sqlite)")
+    catalog_redis_url: str = flag("redis://127.0.0.1:6379/0",
+                                  "Redis holding the shared catalogue (--catalog-store redis); "
+                                  "redis+cluster://HOST:PORT for a Redis Cluster (the "
+                                  "catalogue is one slot)")
+    embedding_address: str = flag("127.0.0.1:50051", "embedding service host:port")
+    fusion_address: str = flag("127.0.0.1:50052", "fusion service host:port")
+    model_repo: str = flag("models", "model repository directory")
+    model_version: int | None = flag(0, "ranker version; 0 = the highest", convert=none_if_zero)
+    allow_no_ranker: bool = flag(False, "without a trained ranker, keep the retrieval order "
+                                 "instead of refusing to start")
+    index: str = flag("auto", "auto (pca up to --hnsw-threshold items, hnsw above; see "
+                      "services/ranking/index.py), exact, pca, fp16, sq8, ivf or hnsw")
+    hnsw_threshold: int = flag(200_000, "items per platform above which auto is HNSW")
+    max_k: int = flag(1000, "largest k a Recommend call may ask for")
+    fusion_fallback: bool = flag(False, "when fusion is unreachable, answer with popular items "
+                                 "flagged degraded instead of UNAVAILABLE")
+    popularity_refresh_s: float = flag(10.0, "how often item popularity is re-read")
+    dependency_wait_s: float = flag(120.0, "how long to wait at start for embedding")
+    max_active_recommends: int = flag(4, "Recommend calls computed at once per worker process "
+                                      "(the engine holds the GIL: more only adds contention, "
+                                      "see services/common/admission.py)")
+    max_waiting_recommends: int = flag(32, "Recommend calls waiting for a slot at most, per "
+                                       "worker process (each within its deadline); more are "
+                                       "refused with RESOURCE_EXHAUSTED")
+
+    def __post_init__(self):
+        if self.processes < 1:
+            raise ValueError(f"--processes must be at least 1, got {self.processes}")
 
 
 def open_catalog(config: Config, dim: int, projection=None) -> MemoryCatalog:
@@ -163,78 +186,26 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             degraded=result.degraded, degraded_reason=result.degraded_reason)
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_server_flags(parser, DEFAULT_PORT, max_concurrent_rpcs=MAX_CONCURRENT_RPCS)
-    add_flag(parser, "--processes", default_processes(),
-             "worker processes serving the port (SO_REUSEPORT), each with its own engine, "
-             "catalogue copy, --threads and admission limits; default: the cores this process "
-             "may use (os.sched_getaffinity). 1: one process, no supervising parent")
-    add_flag(parser, "--catalog-store", "sqlite",
-             "catalogue backend: sqlite (one file: this replica's worker processes) or redis "
-             "(shared by every replica)")
-    add_flag(parser, "--catalog-path", "var/ranking/catalog.sqlite3",
-             "catalogue SQLite file (--catalog-store sqlite)")
-    add_flag(parser, "--catalog-redis-url", "redis://127.0.0.1:6379/0",
-             "Redis holding the shared catalogue (--catalog-store redis); "
-             "redis+cluster://HOST:PORT for a Redis Cluster (the catalogue is one slot)")
-    add_flag(parser, "--embedding-address", "127.0.0.1:50051", "embedding service host:port")
-    add_flag(parser, "--fusion-address", "127.0.0.1:50052", "fusion service host:port")
-    add_flag(parser, "--model-repo", "models", "model repository directory")
-    add_flag(parser, "--model-version", 0, "ranker version; 0 = the highest")
-    add_flag(parser, "--allow-no-ranker", False,
-             "without a trained ranker, keep the retrieval order instead of refusing to start")
-    add_flag(parser, "--index", "auto",
-             "auto (pca up to --hnsw-threshold items, hnsw above; see services/ranking/"
-             "index.py), exact, pca, fp16, sq8, ivf or hnsw")
-    add_flag(parser, "--hnsw-threshold", 200_000, "items per platform above which auto is HNSW")
-    add_flag(parser, "--max-k", 1000, "largest k a Recommend call may ask for")
-    add_flag(parser, "--fusion-fallback", False,
-             "when fusion is unreachable, answer with popular items flagged degraded "
-             "instead of UNAVAILABLE")
-    add_flag(parser, "--popularity-refresh-s", 10.0, "how often item popularity is re-read")
-    add_flag(parser, "--dependency-wait-s", 120.0, "how long to wait at start for embedding")
-    add_flag(parser, "--max-active-recommends", 4,
-             "Recommend calls computed at once per worker process (the engine holds the GIL: "
-             "more only adds contention, see services/common/admission.py)")
-    add_flag(parser, "--max-waiting-recommends", 32,
-             "Recommend calls waiting for a slot at most, per worker process (each within its "
-             "deadline); more are refused with RESOURCE_EXHAUSTED")
-    args = parser.parse_args(argv)
-    if args.processes < 1:
-        parser.error(f"--processes must be at least 1, got {args.processes}")
-    config = Config(catalog_store=args.catalog_store, catalog_path=args.catalog_path,
-                    catalog_redis_url=args.catalog_redis_url,
-                    embedding_address=args.embedding_address,
-                    fusion_address=args.fusion_address, model_repo=args.model_repo,
-                    model_version=args.model_version or None,
-                    allow_no_ranker=args.allow_no_ranker, index=args.index,
-                    hnsw_threshold=args.hnsw_threshold, max_k=args.max_k,
-                    fusion_fallback=args.fusion_fallback,
-                    popularity_refresh_s=args.popularity_refresh_s,
-                    dependency_wait_s=args.dependency_wait_s,
-                    max_active_recommends=args.max_active_recommends,
-                    max_waiting_recommends=args.max_waiting_recommends)
-    return args, config
+def parse_args(argv=None) -> tuple[ServerConfig, Config]:
+    return flags.parse(argv, ServerConfig, Config, description=__doc__,
+                       defaults={"port": DEFAULT_PORT, "max_concurrent_rpcs": MAX_CONCURRENT_RPCS})
 
 
 def main(argv=None) -> int:
-    args, config = parse_args(argv)
-    setup_logging(args.log_level)
-    log.info("config", extra={"fields": {**vars(config), "processes": args.processes,
-                                         "threads": args.threads}})
-    if args.processes == 1:
-        return run(args, config)
+    server_config, config = parse_args(argv)
+    setup_logging(server_config.log_level)
+    log.info("config", extra={"fields": {**vars(config), "threads": server_config.threads}})
+    if config.processes == 1:
+        return run(server_config, config)
 
     def run_worker(worker, port: int) -> int:
-        setup_logging(args.log_level, worker=worker.index)
-        return run(argparse.Namespace(**{**vars(args), "port": port}), config, worker)
+        setup_logging(server_config.log_level, worker=worker.index)
+        return run(dataclasses.replace(server_config, port=port), config, worker)
 
-    return supervise("ranking", args.processes, args.host, args.port, run_worker,
-                     args.port_file, args.metrics_port, args.metrics_host, args.grace_s)
+    return supervise("ranking", config.processes, server_config, run_worker)
 
 
-def run(args: argparse.Namespace, config: Config, worker=None) -> int:
+def run(server_config: ServerConfig, config: Config, worker=None) -> int:
     """One ranking server process: the only one, or one of the workers (`worker`)."""
     ranker = load_ranker(config)
     servicer = RankingServicer(Admission("recommend", config.max_active_recommends,
@@ -245,7 +216,7 @@ def run(args: argparse.Namespace, config: Config, worker=None) -> int:
         return [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name]
 
     def load():
-        security = client_security(args)
+        security = client_security(server_config)
         embed = EmbeddingRemote(config.embedding_address, security)
         name, version, dim = wait_for(embed.model, config.dependency_wait_s,
                                       f"embedding service at {config.embedding_address}")
@@ -268,7 +239,7 @@ def run(args: argparse.Namespace, config: Config, worker=None) -> int:
             p: catalog.size(p) for p in catalog.platforms()}})
         return servicer.engine
 
-    return serve("ranking", args, register, load, worker=worker)
+    return serve("ranking", server_config, register, load, worker=worker)
 
 
 if __name__ == "__main__":
