@@ -179,7 +179,7 @@ class FusionEngine:
         self.embed = embed
         self.model = model
         self.dim = dim
-        self.backend = getattr(store, "backend", type(store).__name__)
+        self.backend = store.backend
         self.items = ItemCache(item_cache_items) if item_cache_items > 0 else None
         self.session_items = (ItemCache(session_cache_items) if session_cache_items > 0
                               else None)

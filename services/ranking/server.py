@@ -26,7 +26,8 @@ from services.common.serve import (add_flag, add_server_flags, client_security, 
 from services.common.events import RawEvents
 from services.common.workers import default_processes, supervise
 from recmodel import attribution
-from services.ranking.catalog import Catalog, MemoryCatalog
+from services.ranking.catalog import Catalog
+from services.ranking.sqlite_catalog import SQLiteCatalog
 from services.ranking.engine import Popularity, RankingEngine
 from recmodel.ranker import OnnxRanker, RetrievalOrder
 
@@ -66,11 +67,11 @@ class Config:
     max_waiting_recommends: int
 
 
-def open_catalog(config: Config, dim: int, projection=None) -> MemoryCatalog:
+def open_catalog(config: Config, dim: int, projection=None) -> Catalog:
     """The catalogue backend; `projection` is the ranker's retrieval projection (index pca)."""
     if config.catalog_store == "sqlite":
-        return Catalog(config.catalog_path, dim, config.index, config.hnsw_threshold,
-                       projection)
+        return SQLiteCatalog(config.catalog_path, dim, config.index, config.hnsw_threshold,
+                             projection)
     if config.catalog_store == "redis":
         from services.ranking.redis_catalog import RedisCatalog
         return RedisCatalog(config.catalog_redis_url, dim, config.index, config.hnsw_threshold,
@@ -96,7 +97,7 @@ def load_ranker(config: Config):
 MIN_KNOWN_SHARE, MIN_JUDGED_ITEMS = 0.5, 1000
 
 
-def check_trained_for(ranker, catalog: MemoryCatalog) -> None:
+def check_trained_for(ranker, catalog: Catalog) -> None:
     """Refuse (ValueError) a ranker trained for another catalogue than the one stored: when
     most stored items are unknown to its co-visit counts. An empty catalogue passes (it is
     being loaded), and so does one below MIN_JUDGED_ITEMS; new items unknown to the counts

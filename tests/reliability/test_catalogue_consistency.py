@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from services.ranking.catalog import Catalog
+from services.ranking.sqlite_catalog import SQLiteCatalog
 from services.ranking.engine import Popularity, RankingEngine
 
 DIM = 8
@@ -122,7 +122,7 @@ def run_property(open_factory) -> None:
 def test_sqlite_catalogue_index_and_engine_agree_with_a_dict_under_random_upserts(tmp_path):
     def factory():
         path = tmp_path / f"catalog-{uuid.uuid4().hex[:8]}.sqlite3"
-        return lambda: Catalog(path, DIM, "exact")
+        return lambda: SQLiteCatalog(path, DIM, "exact")
     run_property(factory)
 
 
@@ -161,7 +161,7 @@ def test_a_restart_right_after_a_batch_with_repeats_keeps_the_last(backend, tmp_
         path = tmp_path / "c.sqlite3"
 
         def open_catalog():
-            return Catalog(path, DIM, "exact")
+            return SQLiteCatalog(path, DIM, "exact")
     else:
         from services.ranking.redis_catalog import RedisCatalog
         url, prefix = request.getfixturevalue("redis_url"), f"rs-{uuid.uuid4().hex[:10]}"
