@@ -52,7 +52,7 @@ from tools.stack import (RedisClusterServers, RedisServer, ServiceProcess,  # no
                            service_args, start_stack)
 from dataio import (AMAZON, MOVIELENS, item_texts, iter_events, to_event,  # noqa: E402
                     user_events)
-from services.common.events import validate_event  # noqa: E402
+from services.common.validation import validate_event  # noqa: E402
 from services.fusion.sqlite_store import SQLiteProfileStore  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"

@@ -51,7 +51,7 @@ import numpy as np
 from recmodel.events import Event
 from services.common import redisio
 from services.common.errors import BudgetSpent, NotReady
-from services.common.events import check_platform, event_digest
+from services.common.validation import check_platform, event_digest
 from services.common.redisio import as_text
 from services.fusion.store import RECENT_PER_PLATFORM, PlatformHistory, ProfileStore
 

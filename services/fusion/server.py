@@ -23,7 +23,7 @@ from services.common.security import ConfigError, read_secret
 from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
                                    serve, setup_logging, wait_for)
 from services.common.wire import packed_floats
-from services.common.events import RawEvents
+from services.common.validation import RawEvents
 from services.fusion.engine import MAX_NEW_SESSION_TEXTS, FusionEngine, Profile
 from recmodel.user_model import BaselineUserModel, OnnxUserModel
 from services.fusion.pseudonym import MIN_KEY_CHARS, PseudonymousStore

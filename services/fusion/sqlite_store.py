@@ -16,7 +16,7 @@ import numpy as np
 
 from recmodel.events import Event
 from services.common.errors import BudgetSpent, NotReady, Overloaded
-from services.common.events import event_digest
+from services.common.validation import event_digest
 from services.fusion.store import RECENT_PER_PLATFORM, PlatformHistory, ProfileStore
 
 log = logging.getLogger("crossrec.fusion")

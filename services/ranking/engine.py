@@ -14,8 +14,8 @@ from crossrec.ranking.v1 import ranking_pb2
 from services.common import metrics, tracing
 from services.common.deadlines import deadline, downstream_deadline, time_left
 from services.common.errors import InvalidInput, NotReady
-from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
-from recmodel.text import compose_item_text, has_visible_text
+from services.common.validation import (MAX_BATCH_ITEMS, MAX_SESSION_EVENTS, check_id,
+                                        check_platform, validate_item)
 from services.ranking.catalog import Catalog, CatalogItem
 from recmodel import attribution, pipeline
 from recmodel.features import FEATURES, UserContext
@@ -27,9 +27,6 @@ PERSONALISED = ranking_pb2.SOURCE_PERSONALISED
 CROSS_PLATFORM = ranking_pb2.SOURCE_CROSS_PLATFORM
 POPULARITY = ranking_pb2.SOURCE_POPULARITY_FALLBACK
 SEEN = FEATURES.index("seen")
-MAX_BATCH_ITEMS = 1000
-MAX_TITLE_CHARS = 2048
-MAX_ATTRIBUTES, MAX_ATTRIBUTE_CHARS = 16, 2048
 
 
 @dataclass
@@ -142,28 +139,10 @@ class RankingEngine:
             raise InvalidInput("items must hold at least 1 item, got 0")
         if len(raw) > MAX_BATCH_ITEMS:
             raise InvalidInput(f"items must hold at most {MAX_BATCH_ITEMS} items, got {len(raw)}")
-        items = []
-        for n, r in enumerate(raw):
-            f = f"items[{n}]"
-            check_id(r["item_id"], f"{f}.item_id")
-            check_platform(r["platform"], f"{f}.platform")
-            title = r["title"].strip()
-            if not title or len(title) > MAX_TITLE_CHARS:
-                raise InvalidInput(f"{f}.title must hold 1..{MAX_TITLE_CHARS} characters, "
-                                   f"got {len(title)}")
-            attrs = dict(r.get("attributes") or {})
-            if len(attrs) > MAX_ATTRIBUTES:
-                raise InvalidInput(f"{f}.attributes must hold at most {MAX_ATTRIBUTES} entries, "
-                                   f"got {len(attrs)}")
-            for key, value in attrs.items():
-                if len(value) > MAX_ATTRIBUTE_CHARS or len(key) > MAX_ATTRIBUTE_CHARS:
-                    raise InvalidInput(f"{f}.attributes[{key[:40]!r}] must be at most "
-                                       f"{MAX_ATTRIBUTE_CHARS} characters")
-            text = compose_item_text(title, attrs)
-            if not has_visible_text(compose_item_text(title)):
-                raise InvalidInput(f"{f}.title must hold visible text, got only whitespace, "
-                                   "control or zero-width characters")
-            items.append(CatalogItem(r["item_id"], r["platform"], title, attrs, text))
+        items = [CatalogItem(r["item_id"], r["platform"],
+                             *validate_item(r["item_id"], r["platform"], r["title"],
+                                            r.get("attributes"), field=f"items[{n}]"))
+                 for n, r in enumerate(raw)]
         # One rule for a repeated id, the same as PlatformIndex.upsert's and the catalogues'
         # (SQLite INSERT OR REPLACE, Redis HSET in order): the last one wins. Applied here so
         # that the catalogue, its index and the count returned see each item once.

@@ -23,7 +23,7 @@ from services.common.errors import NotReady
 from services.common.remote import EmbeddingRemote, FusionRemote
 from services.common.serve import (add_flag, add_server_flags, client_security, engine_call,
                                    serve, setup_logging, wait_for)
-from services.common.events import RawEvents
+from services.common.validation import RawEvents
 from services.common.workers import default_processes, supervise
 from recmodel import attribution
 from services.ranking.catalog import Catalog

@@ -2,7 +2,7 @@
 and the contract's enums are pinned: a change to either enum in protos/ fails here first.
 
 A new or renumbered Action changes what the trained user tower embeds (its action vocabulary
-is the enum's numbers) and needs a default weight (services/common/events.py), a client
+is the enum's numbers) and needs a default weight (recmodel/events.py), a client
 `Action` member and a new user tower export; a new Source needs a client `Source` member."""
 
 from clients.crossrec_client import Action, Source

@@ -484,7 +484,7 @@ def redis_contents(client, prefix: str) -> bytes:
 
 
 def test_pseudonymous_store_keeps_only_keyed_hashes_of_user_ids(open_store, tmp_path):
-    from services.common.events import validate_event
+    from services.common.validation import validate_event
     from services.fusion.pseudonym import PseudonymousStore
     inner = open_store()
     store = PseudonymousStore(inner, KEY)
