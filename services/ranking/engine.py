@@ -10,7 +10,6 @@ from typing import Callable
 
 import numpy as np
 
-from crossrec.ranking.v1 import ranking_pb2
 from services.common import metrics, tracing
 from services.common.deadlines import deadline, downstream_deadline, time_left
 from services.common.errors import InvalidInput, NotReady
@@ -22,10 +21,9 @@ from recmodel.features import FEATURES, UserContext
 
 log = logging.getLogger("crossrec.ranking")
 
-# Why an item was recommended: crossrec.ranking.v1.Source numbers, from the generated module.
-PERSONALISED = ranking_pb2.SOURCE_PERSONALISED
-CROSS_PLATFORM = ranking_pb2.SOURCE_CROSS_PLATFORM
-POPULARITY = ranking_pb2.SOURCE_POPULARITY_FALLBACK
+# Why an item was recommended; the servicer maps each to crossrec.ranking.v1.Source (server.py
+# SOURCES), and the names are the client's Source values.
+PERSONALISED, CROSS_PLATFORM, POPULARITY = "personalised", "cross_platform", "popularity_fallback"
 SEEN = FEATURES.index("seen")
 
 
@@ -34,7 +32,7 @@ class Recommendation:
     item_id: str
     title: str
     score: float
-    source: int
+    source: str  # PERSONALISED, CROSS_PLATFORM or POPULARITY
     explanation: str
     # (platform, item_id, text, cosine, co-visit users) of the history items that show it
     contributions: list[tuple[str, str, str, float, int]] = field(default_factory=list)
@@ -45,7 +43,7 @@ class Recommendation:
 @dataclass
 class RecommendResult:
     items: list[Recommendation]
-    source: int
+    source: str  # PERSONALISED, CROSS_PLATFORM or POPULARITY
     platform_weights: dict[str, float]
     models: list[tuple[str, int]]
     degraded: bool = False
@@ -223,8 +221,7 @@ class RankingEngine:
                                         self.ranker.covisit_candidates, exclude_seen)
         with tracing.stage(metrics.RANKING_STAGE_SECONDS, "rank"):
             ranked = pipeline.order(user, table, cands, covisit, self.ranker)
-        metrics.RANKING_SOURCE.labels("cross_platform" if source == CROSS_PLATFORM
-                                      else "personalised").inc()
+        metrics.RANKING_SOURCE.labels(source).inc()
         rows, scores, feats = ranked.rows, ranked.scores, ranked.features
         if diversify:
             order = mmr(np.arange(len(rows)), scores, table.vectors[rows], k,
@@ -236,7 +233,7 @@ class RankingEngine:
         return RecommendResult(items, source, profile.weights, models)
 
     def _explain_all(self, table: pipeline.ItemTable, rows, scores, feats, mean_features,
-                     source: int, profile) -> list[Recommendation]:
+                     source: str, profile) -> list[Recommendation]:
         """The returned items, each with its score's attribution (against the mean
         candidate's features) and the explanation written from it."""
         shares = (attribution.shapley(self.ranker.score, feats, mean_features)

@@ -28,7 +28,8 @@ from services.common.workers import default_processes, supervise
 from recmodel import attribution
 from services.ranking.catalog import Catalog
 from services.ranking.sqlite_catalog import SQLiteCatalog
-from services.ranking.engine import Popularity, RankingEngine
+from services.ranking.engine import (CROSS_PLATFORM, PERSONALISED, POPULARITY, Popularity,
+                                     RankingEngine)
 from recmodel.ranker import OnnxRanker, RetrievalOrder
 
 log = logging.getLogger("crossrec.ranking")
@@ -45,6 +46,10 @@ DRIVERS = {attribution.TEXT: ranking_pb2.DRIVER_TEXT,
            attribution.COVISIT: ranking_pb2.DRIVER_COVISIT,
            attribution.POPULARITY: ranking_pb2.DRIVER_POPULARITY,
            attribution.HISTORY: ranking_pb2.DRIVER_HISTORY}
+# The engine's sources -> crossrec.ranking.v1.Source
+SOURCES = {PERSONALISED: ranking_pb2.SOURCE_PERSONALISED,
+           CROSS_PLATFORM: ranking_pb2.SOURCE_CROSS_PLATFORM,
+           POPULARITY: ranking_pb2.SOURCE_POPULARITY_FALLBACK}
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.RecommendResponse(
             items=[ranking_pb2.Recommendation(
                 item_id=r.item_id, platform=request.platform, title=r.title, score=r.score,
-                source=r.source, explanation=r.explanation,
+                source=SOURCES[r.source], explanation=r.explanation,
                 contributions=[ranking_pb2.Contribution(platform=p, item_id=i, item_text=t,
                                                         similarity=s, co_users=n)
                                for p, i, t, s, n in r.contributions],
@@ -159,7 +164,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 attributions=[ranking_pb2.Attribution(driver=DRIVERS[g], contribution=v)
                               for g, v in r.attributions])
                 for r in result.items],
-            source=result.source, platform_weights=result.platform_weights,
+            source=SOURCES[result.source], platform_weights=result.platform_weights,
             models=[common_pb2.ModelRef(name=n, version=v) for n, v in result.models if n],
             degraded=result.degraded, degraded_reason=result.degraded_reason)
 
