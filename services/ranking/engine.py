@@ -18,6 +18,7 @@ from services.common.validation import (MAX_BATCH_ITEMS, MAX_SESSION_EVENTS, che
 from services.ranking.catalog import Catalog, CatalogItem
 from recmodel import attribution, pipeline
 from recmodel.features import FEATURES, UserContext
+from recmodel.ranker import Ranker
 
 log = logging.getLogger("crossrec.ranking")
 
@@ -115,7 +116,7 @@ class RankingEngine:
     recent_limit, budget_s)` -> services.common.remote.RemoteProfile; `ranker.score(features)`.
     """
 
-    def __init__(self, catalog: Catalog, embed, profile, ranker, popularity: Popularity,
+    def __init__(self, catalog: Catalog, embed, profile, ranker: Ranker, popularity: Popularity,
                  max_k: int = 1000, fusion_fallback: bool = False,
                  embedder: tuple[str, int] = ("", 0)):
         self.catalog, self.embed, self.profile_fn = catalog, embed, profile
@@ -124,7 +125,7 @@ class RankingEngine:
         self.embedder = embedder
         # The history window the ranker was trained on (its meta.json): the user tower's
         # newest events, asked of fusion with the profile.
-        self.history_events = int(getattr(ranker, "history_events", 50))
+        self.history_events = ranker.history_events
         self._tables: dict[str, tuple[tuple, pipeline.ItemTable]] = {}
 
     # --- catalogue ------------------------------------------------------------------------
@@ -237,7 +238,7 @@ class RankingEngine:
         """The returned items, each with its score's attribution (against the mean
         candidate's features) and the explanation written from it."""
         shares = (attribution.shapley(self.ranker.score, feats, mean_features)
-                  if getattr(self.ranker, "explains", True) and len(rows) else None)
+                  if self.ranker.explains and len(rows) else None)
         covisit = self.ranker.covisit
         history_rows = (covisit.rows([(p, i) for p, i, _ in profile.recent])
                         if covisit is not None else None)

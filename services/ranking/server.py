@@ -30,7 +30,7 @@ from services.ranking.catalog import Catalog
 from services.ranking.sqlite_catalog import SQLiteCatalog
 from services.ranking.engine import (CROSS_PLATFORM, PERSONALISED, POPULARITY, Popularity,
                                      RankingEngine)
-from recmodel.ranker import OnnxRanker, RetrievalOrder
+from recmodel.ranker import OnnxRanker, Ranker, RetrievalOrder
 
 log = logging.getLogger("crossrec.ranking")
 DEFAULT_PORT = 50053
@@ -84,7 +84,7 @@ def open_catalog(config: Config, dim: int, projection=None) -> Catalog:
     raise ValueError(f"--catalog-store must be sqlite or redis, got {config.catalog_store!r}")
 
 
-def load_ranker(config: Config):
+def load_ranker(config: Config) -> Ranker:
     try:
         return OnnxRanker(modelrepo.resolve(config.model_repo, "ranker", config.model_version))
     except FileNotFoundError as err:
@@ -102,12 +102,12 @@ def load_ranker(config: Config):
 MIN_KNOWN_SHARE, MIN_JUDGED_ITEMS = 0.5, 1000
 
 
-def check_trained_for(ranker, catalog: Catalog) -> None:
+def check_trained_for(ranker: Ranker, catalog: Catalog) -> None:
     """Refuse (ValueError) a ranker trained for another catalogue than the one stored: when
     most stored items are unknown to its co-visit counts. An empty catalogue passes (it is
     being loaded), and so does one below MIN_JUDGED_ITEMS; new items unknown to the counts
     are normal, a minority of them."""
-    covisit = getattr(ranker, "covisit", None)
+    covisit = ranker.covisit
     platforms = catalog.platforms()
     total = sum(catalog.size(p) for p in platforms)
     if covisit is None or total < MIN_JUDGED_ITEMS:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from services.ranking.sqlite_catalog import SQLiteCatalog
+from recmodel.ranker import RetrievalOrder
 from services.ranking.engine import Popularity, RankingEngine
 
 DIM = 8
@@ -40,12 +41,8 @@ def fake_embed(texts, budget_s=None) -> np.ndarray:
     return np.asarray(rows, np.float32).reshape(len(texts), DIM)
 
 
-class NoRanker:
-    name, version, history_events, projection = "none", 0, 50, None
-
-
 def engine_on(catalog) -> RankingEngine:
-    return RankingEngine(catalog, fake_embed, profile=None, ranker=NoRanker(),
+    return RankingEngine(catalog, fake_embed, profile=None, ranker=RetrievalOrder(),
                          popularity=Popularity(lambda p: [], catalog, 3600))
 
 
