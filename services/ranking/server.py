@@ -84,7 +84,7 @@ def open_catalog(config: Config, dim: int, projection=None) -> Catalog:
     raise ValueError(f"--catalog-store must be sqlite or redis, got {config.catalog_store!r}")
 
 
-def load_ranker(config: Config) -> Ranker:
+def load_ranker(config: Config):
     try:
         return OnnxRanker(modelrepo.resolve(config.model_repo, "ranker", config.model_version))
     except FileNotFoundError as err:
