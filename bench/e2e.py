@@ -95,12 +95,13 @@ def seed_stores(run_dir: Path, model_repo: str, n_items: int) -> int:
     services will open them, from the encoder's cached catalogue vectors. Items written."""
     from export.item_vectors import item_vectors
     from recmodel.text import compose_item_text
-    from services.fusion.store import SQLiteStore
-    from services.ranking.catalog import Catalog, CatalogItem
+    from services.fusion.sqlite_store import SQLiteProfileStore
+    from services.ranking.catalog import CatalogItem
+    from services.ranking.sqlite_catalog import SQLiteCatalog
     keys, vectors = item_vectors(AMAZON, model_repo)
     row_of = {k: n for n, k in enumerate(keys)}
     rows = read_items(AMAZON)[:n_items or None]
-    catalog = Catalog(run_dir / "catalog.sqlite3", vectors.shape[1])
+    catalog = SQLiteCatalog(run_dir / "catalog.sqlite3", vectors.shape[1])
     for start in range(0, len(rows), 5000):
         chunk = rows[start:start + 5000]
         catalog.upsert([CatalogItem(r["item_id"], r["platform"], r["title"], r["attributes"],
@@ -108,7 +109,7 @@ def seed_stores(run_dir: Path, model_repo: str, n_items: int) -> int:
                         for r in chunk],
                        vectors[[row_of[(r["platform"], r["item_id"])] for r in chunk]])
     catalog.close()
-    store = SQLiteStore(run_dir / "fusion.sqlite3")
+    store = SQLiteProfileStore(run_dir / "fusion.sqlite3")
     texts = item_texts(AMAZON)
     store.put_items({k: (texts[k], vectors[n]) for k, n in row_of.items()})
     store.close()

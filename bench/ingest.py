@@ -52,8 +52,8 @@ from tools.stack import (RedisClusterServers, RedisServer, ServiceProcess,  # no
                            service_args, start_stack)
 from dataio import (AMAZON, MOVIELENS, item_texts, iter_events, to_event,  # noqa: E402
                     user_events)
-from services.common.events import validate_event  # noqa: E402
-from services.fusion.store import SQLiteStore  # noqa: E402
+from services.common.validation import validate_event  # noqa: E402
+from services.fusion.sqlite_store import SQLiteProfileStore  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -239,12 +239,12 @@ def cluster_row(run_dir: Path, model_repo: str, embedding: ServiceProcess, name:
 def replica_ack_cost(run_dir: Path, events, n: int = 400) -> dict:
     """Latency of one-event appends from one caller, in process, on 3 primaries + 3 replicas:
     fsynced on the primary vs also confirmed by its replica (WAIT 1), same cluster."""
-    from services.fusion.redis_store import RedisStore
+    from services.fusion.redis_store import RedisProfileStore
     cluster = RedisClusterServers(run_dir / "redis", 3, 1).start()
     out = {}
     try:
         for acks, part in ((0, events[:n]), (1, events[n:2 * n])):
-            store = RedisStore(cluster.url, replica_acks=acks)
+            store = RedisProfileStore(cluster.url, replica_acks=acks)
             took = []
             for e in part:
                 started = time.perf_counter()
@@ -369,13 +369,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         print("store: sqlite", flush=True)
         results["store"]["sqlite"] = store_bench(
-            lambda: SQLiteStore(Path(tmp) / "bench.sqlite3"), events, args.single_events)
+            lambda: SQLiteProfileStore(Path(tmp) / "bench.sqlite3"), events, args.single_events)
         print(json.dumps(results["store"]["sqlite"]), flush=True)
         print("store: redis", flush=True)
-        from services.fusion.redis_store import RedisStore
+        from services.fusion.redis_store import RedisProfileStore
         redis = RedisServer(Path(tmp) / "redis").start()
         try:
-            results["store"]["redis"] = store_bench(lambda: RedisStore(redis.url), events,
+            results["store"]["redis"] = store_bench(lambda: RedisProfileStore(redis.url), events,
                                                     args.single_events)
         finally:
             redis.stop()

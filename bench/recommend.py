@@ -45,8 +45,9 @@ from recmodel import modelrepo  # noqa: E402
 from services.common.remote import RemoteProfile  # noqa: E402
 from services.fusion.engine import FusionEngine  # noqa: E402
 from recmodel.user_model import OnnxUserModel  # noqa: E402
-from services.fusion.store import SQLiteStore  # noqa: E402
-from services.ranking.catalog import Catalog, CatalogItem  # noqa: E402
+from services.fusion.sqlite_store import SQLiteProfileStore  # noqa: E402
+from services.ranking.catalog import CatalogItem  # noqa: E402
+from services.ranking.sqlite_catalog import SQLiteCatalog  # noqa: E402
 from services.ranking.engine import Popularity, RankingEngine  # noqa: E402
 from recmodel import pipeline  # noqa: E402
 from recmodel.index import (EXACT, HNSW, IVF, IVF_NPROBE, KINDS, PCA,  # noqa: E402
@@ -101,11 +102,11 @@ def real_catalog_latency(repo: str, tmp: Path, n_requests: int, seed: int):
     lookup = {k: v for k, v in zip(keys, vectors)}
     rows = read_items(AMAZON)
     ranker = OnnxRanker(modelrepo.resolve(repo, "ranker"))
-    catalog = Catalog(tmp / "catalog.sqlite3", vectors.shape[1], projection=ranker.projection)
+    catalog = SQLiteCatalog(tmp / "catalog.sqlite3", vectors.shape[1], projection=ranker.projection)
     items = [CatalogItem(r["item_id"], r["platform"], r["title"], r["attributes"], "")
              for r in rows]
     catalog.upsert(items, np.stack([lookup[(r["platform"], r["item_id"])] for r in rows]))
-    store = SQLiteStore(tmp / "fusion.sqlite3")
+    store = SQLiteProfileStore(tmp / "fusion.sqlite3")
     texts = item_texts(AMAZON)
     store.put_items({k: (texts[k], v) for k, v in lookup.items()})
     users = user_events(AMAZON, users=300)

@@ -1,5 +1,5 @@
 """What the ranking service's worker processes cost: the catalogue coherence check before each
-Recommend (Catalog.refresh with nothing new, and applying another process's 1-item upsert) and
+Recommend (SQLiteCatalog.refresh with nothing new, and applying another process's 1-item upsert) and
 the memory of each worker on the real 38,396-item catalogue. Writes
 bench/results/workers.json.
 
@@ -29,7 +29,8 @@ from tools.stack import ServiceProcess, service_args, start_stack  # noqa: E402
 from dataio import AMAZON, read_items  # noqa: E402
 from machine import cpu_model, write_results  # noqa: E402
 from recmodel.text import compose_item_text  # noqa: E402
-from services.ranking.catalog import Catalog, CatalogItem  # noqa: E402
+from services.ranking.catalog import CatalogItem  # noqa: E402
+from services.ranking.sqlite_catalog import SQLiteCatalog  # noqa: E402
 
 DIM = 384
 
@@ -38,7 +39,7 @@ def write_catalogue(path: Path) -> int:
     rows = read_items(AMAZON)
     vectors = np.random.default_rng(0).normal(size=(len(rows), DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    catalog = Catalog(path, DIM, "exact")
+    catalog = SQLiteCatalog(path, DIM, "exact")
     for start in range(0, len(rows), 5000):
         chunk = rows[start:start + 5000]
         catalog.upsert([CatalogItem(r["item_id"], r["platform"], r["title"], r["attributes"],
@@ -51,7 +52,7 @@ def write_catalogue(path: Path) -> int:
 def refresh_costs(path: Path, calls: int) -> dict:
     """µs per refresh() with nothing new (three runs), and ms to apply another
     connection's 1-item upsert (20 of them), on the catalogue at `path`."""
-    writer, reader = Catalog(path, DIM, "exact"), Catalog(path, DIM, "exact")
+    writer, reader = SQLiteCatalog(path, DIM, "exact"), SQLiteCatalog(path, DIM, "exact")
     try:
         reader.refresh()
         idle = []
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
                "cpus": os.cpu_count(), "cpu": cpu_model()}
     with tempfile.TemporaryDirectory() as tmp:
         small, full = Path(tmp) / "small.sqlite3", Path(tmp) / "catalog.sqlite3"
-        catalog = Catalog(small, DIM, "exact")
+        catalog = SQLiteCatalog(small, DIM, "exact")
         vectors = np.eye(DIM, dtype=np.float32)[np.arange(1000) % DIM]
         catalog.upsert([CatalogItem(f"i{n}", "office", "item", {}, "item")
                         for n in range(1000)], vectors)

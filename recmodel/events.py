@@ -1,6 +1,6 @@
 """Behaviour events as the models see them: the event value, the Action enum's numbers and
 names (read from the generated protos, their one source) and each action's default weight.
-Validation of what callers send lives in services/common/events.py."""
+Validation of what callers send lives in services/common/validation.py."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ import numpy as np
 from recmodel.covisit import CoVisits, Sums
 from recmodel.features import UserContext, candidate_features, popularity_features
 from recmodel.index import IndexSnapshot
+from recmodel.ranker import Ranker
 
 # (query float32 [dim], n, blocked bool [rows] | None) -> rows int64 [<= n], best first
 Retrieve = Callable[[np.ndarray, int, "np.ndarray | None"], np.ndarray]
@@ -163,7 +164,7 @@ class Ranked:
 
 
 def order(user: UserContext, table: ItemTable, cands: Candidates, covisit: CoVisits | None,
-          ranker) -> Ranked:
+          ranker: Ranker) -> Ranked:
     """Features, `ranker.score` (float32 [N, F] -> [N]) and the order by score, ties by
     retrieval position."""
     feats = features(user, table, cands, covisit)
@@ -172,7 +173,7 @@ def order(user: UserContext, table: ItemTable, cands: Candidates, covisit: CoVis
     return Ranked(cands.rows[best], scores[best], cands, feats[best])
 
 
-def rank(user: UserContext, table: ItemTable, covisit: CoVisits | None, ranker, n: int,
+def rank(user: UserContext, table: ItemTable, covisit: CoVisits | None, ranker: Ranker, n: int,
          m: int, exclude_seen: bool = False, retrieve: Retrieve | None = None) -> Ranked:
     """The whole pipeline: candidates(), then order()."""
     return order(user, table, candidates(user, table, covisit, n, m, exclude_seen, retrieve),

@@ -1,10 +1,14 @@
-"""The trained ranker (models/ranker/<N>/, see export/ranker.py) run by ONNX Runtime."""
+"""The ranker: the `Ranker` interface the ranking pipeline, serving and evaluation use, the
+trained ranker (models/ranker/<N>/, see export/ranker.py) run by ONNX Runtime, and the
+retrieval order kept when there is none."""
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,8 +30,30 @@ INFORMATIONAL = ("format", "opset", "inputs", "outputs", "n_features", "candidat
                  "history_window", "created_at", "exporter", "parity", "validation")
 
 
-class OnnxRanker:
+class Ranker(Protocol):
+    """Scores one candidate list from its features; says how many candidates it wants and
+    what else serving needs of it. OnnxRanker and RetrievalOrder subclass it."""
+
+    name: str
+    version: int  # 0: no trained model
+    meta: dict[str, Any]  # its meta.json ({}: none)
+    candidates: int  # nearest-neighbour candidates scored per request
+    covisit_candidates: int  # of them, at most this many taken from co-visit counts
+    history_events: int  # the user's newest events its features read (what fusion is asked)
+    covisit: CoVisits | None  # the co-visit counts it was trained with; None: none
+    projection: np.ndarray | None  # float32 [dim, r] retrieval projection (index pca); None
+    explains: bool  # its scores follow the features, so attributing them means something
+
+    @abc.abstractmethod
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """float32 [N] scores of one candidate list's features float32 [N, F], higher
+        better."""
+
+
+class OnnxRanker(Ranker):
     """Scores candidates from their features: float32 [N, F] -> float32 [N], higher better."""
+
+    explains = True
 
     def __init__(self, model_dir: str | os.PathLike, intra_op_threads: int = 1):
         self.model_dir = Path(model_dir)
@@ -62,12 +88,14 @@ class OnnxRanker:
         return out[0]
 
 
-class RetrievalOrder:
+class RetrievalOrder(Ranker):
     """No trained ranker (--allow-no-ranker): keep the retrieval order."""
 
     name, version, candidates = "retrieval_order", 0, 200
+    meta: dict[str, Any] = {}  # no meta.json; read only
     explains = False  # its score is the row's position: no feature to attribute it to
     covisit, covisit_candidates, history_events, projection = None, 0, 50, None
 
     def score(self, features: np.ndarray) -> np.ndarray:
+        """The candidates' positions, negated: the first scores highest."""
         return -np.arange(len(features), dtype=np.float32)

@@ -117,7 +117,7 @@ class OnnxUserModel:
         self.platform_ids: dict[str, int] = self.meta["platform_vocab"]
         self.unknown_platform_id = int(self.meta["unknown_platform_id"])
         # The model embeds Action enum values directly and weighs unset weights by the one
-        # table in services/common/events.py: refuse a model trained on other numbers.
+        # table in recmodel/events.py: refuse a model trained on other numbers.
         vocab = {name: int(i) for name, i in self.meta["action_vocab"].items()}
         weights = {ACTION_NAMES[a]: w for a, w in DEFAULT_ACTION_WEIGHT.items()}
         if vocab != {name: a for a, name in enumerate(ACTION_NAMES)} or \

@@ -1,6 +1,6 @@
 """Redis plumbing shared by fusion's profile store and ranking's catalogue: clients (one server
 or a Redis Cluster) whose commands never wait past the calling thread's deadline, the error
-mapping, the durability check and the wait for replicas.
+mapping, the durability check, pipelined scripts, the wait for replicas and reply decoding.
 
 redis-py has no per-call timeout, only a per-connection socket timeout. `deadline(timeout_s)`
 holds a call's deadline in a context variable for the duration of a block, and the pool's
@@ -24,6 +24,7 @@ from contextvars import ContextVar
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from services.common.errors import BudgetSpent, NotReady, Overloaded
@@ -153,6 +154,12 @@ def address(client: Client) -> str:
     return kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
 
 
+def as_text(value) -> str:
+    """A reply field as str: bytes (the clients do not decode replies) as UTF-8, anything
+    else (a number, a str) through str()."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def nodes(client: Client) -> list[tuple[str, redis.Redis]]:
     """(HOST:PORT, a client of that server alone) of every server: the one server, or every
     node the cluster client knows now: its primaries, and the replicas CLUSTER SLOTS lists
@@ -230,7 +237,7 @@ def check_fsync(client: Client, where: str, losing: str) -> None:
             raise NotReady(f"redis at {named}: cannot check durability, CONFIG GET was "
                            f"refused ({err}); pass require_fsync=False only if the server is "
                            "known to run with appendonly yes and appendfsync always") from None
-        config = {_text(k): _text(v) for k, v in config.items()}
+        config = {as_text(k): as_text(v) for k, v in config.items()}
         for option, wanted in (("appendonly", "yes"), ("appendfsync", "always")):
             if config.get(option) != wanted:
                 raise NotReady(f"redis at {named} must run with {option} {wanted} so that a "
@@ -258,6 +265,41 @@ def load_scripts(client: Client, *scripts) -> None:
     once per script, and the callers reload."""
     for script in scripts:
         script.sha = client.script_load(script.script)
+
+
+def pipeline_scripts(client: Client, script, calls: list[tuple[list, list]]) -> list:
+    """Run the registered `script` once per (keys, args) in one non-transactional round
+    trip (one per node on a cluster); the answers in the calls' order.
+
+    EVALSHA straight into the pipeline: redis-py's pipeline script support would add a
+    SCRIPT EXISTS round trip per call. After a server restart, a SCRIPT FLUSH or a
+    failover to a replica the calls answer NOSCRIPT without running; those (only) are
+    re-sent after a SCRIPT LOAD (on every primary of a cluster). A cluster pipeline
+    refuses the `evalsha` method but sends the EVALSHA command to the node of its keys
+    (`route`): one round trip per node, each call's keys in one slot.
+    """
+    results: list = [None] * len(calls)
+    pending = list(range(len(calls)))
+    for attempt in range(2):
+        with client.pipeline(transaction=False) as pipe:
+            for i in pending:
+                keys, args = calls[i]
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args,
+                                     **route(client, keys[0]))
+            answers = pipe.execute(raise_on_error=False)
+        retry = []
+        for i, answer in zip(pending, answers):
+            if isinstance(answer, NoScriptError) and attempt == 0:
+                retry.append(i)
+            elif isinstance(answer, Exception):
+                raise answer
+            else:
+                results[i] = answer
+        if not retry:
+            break
+        script.sha = client.script_load(script.script)
+        pending = retry
+    return results
 
 
 def wait_for_replicas(client: Client, where: str, touches: list[tuple[str, str, str]],
@@ -290,6 +332,3 @@ def wait_for_replicas(client: Client, where: str, touches: list[tuple[str, str, 
                            f"replicas within {timeout_ms} ms; it is stored on the primary and "
                            "may still replicate, re-sending it is safe")
 
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

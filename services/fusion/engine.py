@@ -16,8 +16,9 @@ import numpy as np
 from services.common import metrics
 from services.common.deadlines import downstream_deadline, time_left
 from services.common.errors import InvalidInput
-from services.common.events import (MAX_BATCH_EVENTS, MAX_SESSION_EVENTS, Event, check_id,
-                                    check_platform, validate_event)
+from recmodel.events import Event
+from services.common.validation import (MAX_BATCH_EVENTS, MAX_SESSION_EVENTS, check_id,
+                                        check_platform, validate_event)
 from recmodel.user_model import UserVectors, Window, encode_user
 from services.fusion.store import ItemKey, ProfileStore
 
@@ -179,7 +180,7 @@ class FusionEngine:
         self.embed = embed
         self.model = model
         self.dim = dim
-        self.backend = getattr(store, "backend", type(store).__name__)
+        self.backend = store.backend
         self.items = ItemCache(item_cache_items) if item_cache_items > 0 else None
         self.session_items = (ItemCache(session_cache_items) if session_cache_items > 0
                               else None)

@@ -42,7 +42,7 @@ class PseudonymousStore(ProfileStore):
             raise ValueError(f"the user id key must hold at least {MIN_KEY_CHARS} bytes")
         self.inner = inner
         self._key = key
-        self.backend = getattr(inner, "backend", type(inner).__name__)
+        self.backend = inner.backend
 
     def pseudonym(self, user_id: str) -> str:
         """The form `user_id` is stored under."""

@@ -47,11 +47,12 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import numpy as np
-from redis.exceptions import NoScriptError
 
+from recmodel.events import Event
 from services.common import redisio
 from services.common.errors import BudgetSpent, NotReady
-from services.common.events import Event, check_platform, event_digest
+from services.common.validation import check_platform, event_digest
+from services.common.redisio import as_text
 from services.fusion.store import RECENT_PER_PLATFORM, PlatformHistory, ProfileStore
 
 _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -153,7 +154,7 @@ def _decode_member(member: bytes, user_id: str, platform: str) -> Event:
                  float(weight))
 
 
-class RedisStore(ProfileStore):
+class RedisProfileStore(ProfileStore):
     """Profile store on one Redis primary or a Redis Cluster (see the module docstring for
     durability and keys). On a cluster, a batch's users spread over the primaries, one round
     trip per node; while one primary is down, the calls that touch its users answer NotReady
@@ -176,6 +177,8 @@ class RedisStore(ProfileStore):
     Overloaded when all `max_connections` connections are busy (per node on a cluster);
     NotReady when `replica_acks` replicas did not confirm within `replica_ack_timeout_ms`.
     """
+
+    backend = "RedisStore"  # the metric label it had before the class was renamed
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "crossrec",
                  require_fsync: bool = True, connect_timeout_s: float = 2.0,
@@ -251,7 +254,7 @@ class RedisStore(ProfileStore):
         users = list(by_user.items())
         calls = [self._append_call(user, user_events) for user, user_events in users]
         with self._errors(timeout_s, writes=True):
-            results = self._pipeline_scripts(self._append_script, calls)
+            results = redisio.pipeline_scripts(self._client, self._append_script, calls)
             new = [user_events[int(i)] for (_, user_events), (positions, _) in
                    zip(users, results) for i in positions]
             self._count_items(new)
@@ -298,7 +301,7 @@ class RedisStore(ProfileStore):
             if not top:
                 return []
             last = self._client.zmscore(self._last_key(platform), [i for i, _ in top])
-        return [(_text(i), int(c), int(t or 0)) for (i, c), t in zip(top, last)]
+        return [(as_text(i), int(c), int(t or 0)) for (i, c), t in zip(top, last)]
 
     def _append_call(self, user_id: str, events: list[Event]) -> tuple[list, list]:
         ids, stats, platforms, known = self._user_keys(user_id)
@@ -310,39 +313,6 @@ class RedisStore(ProfileStore):
             args += [index[e.platform], e.event_id, int(e.event_time_ms), _encode_member(e),
                      event_digest(e)]
         return keys, args
-
-    def _pipeline_scripts(self, script, calls: list[tuple[list, list]]) -> list:
-        """Run `script` once per (keys, args) in one non-transactional round trip.
-
-        EVALSHA straight into the pipeline: redis-py's pipeline script support would add a
-        SCRIPT EXISTS round trip per call. After a server restart, a SCRIPT FLUSH or a
-        failover to a replica the calls answer NOSCRIPT without running; those (only) are
-        re-sent after a SCRIPT LOAD (on every primary of a cluster). A cluster pipeline
-        refuses the `evalsha` method but sends the EVALSHA command to the node of its keys
-        (redisio.route): one round trip per node, each call's keys in one slot.
-        """
-        results: list = [None] * len(calls)
-        pending = list(range(len(calls)))
-        for attempt in range(2):
-            with self._client.pipeline(transaction=False) as pipe:
-                for i in pending:
-                    keys, args = calls[i]
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args,
-                                         **redisio.route(self._client, keys[0]))
-                answers = pipe.execute(raise_on_error=False)
-            retry = []
-            for i, answer in zip(pending, answers):
-                if isinstance(answer, NoScriptError) and attempt == 0:
-                    retry.append(i)
-                elif isinstance(answer, Exception):
-                    raise answer
-                else:
-                    results[i] = answer
-            if not retry:
-                break
-            script.sha = self._client.script_load(script.script)
-            pending = retry
-        return results
 
     def delete_user(self, user_id: str, timeout_s: float | None = None) -> int:
         """Remove every key of the user; the user's all-time event count (0: unknown)."""
@@ -372,7 +342,7 @@ class RedisStore(ProfileStore):
         declared in KEYS, so that it stays within one cluster slot."""
         ids, stats, platforms_key, known = self._user_keys(user_id)
         for _ in range(_MAX_PLATFORM_RACES):
-            names = sorted(_text(p) for p in self._client.smembers(platforms_key))
+            names = sorted(as_text(p) for p in self._client.smembers(platforms_key))
             keys = [ids, stats, platforms_key, known,
                     *(self._recent_key(stats, p) for p in names)]
             answer = script(keys=keys, args=names)
@@ -386,7 +356,7 @@ class RedisStore(ProfileStore):
         """Per platform: newest events oldest first (texts empty), count, last seen (ms)."""
         with self._errors(timeout_s):
             names, (stats, *recent) = self._per_user_script(self._history_script, user_id)
-        fields = {_text(stats[i]): stats[i + 1] for i in range(0, len(stats), 2)}
+        fields = {as_text(stats[i]): stats[i + 1] for i in range(0, len(stats), 2)}
         out: dict[str, PlatformHistory] = {}
         for field, value in fields.items():
             if field.startswith("n:"):
@@ -424,7 +394,3 @@ class RedisStore(ProfileStore):
             return
         self._closed = True
         self._client.close()
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -23,11 +23,12 @@ from services.common.flags import ServerConfig, flag, none_if_zero
 from services.common.serve import (client_security, engine_call, serve, setup_logging,
                                    wait_for)
 from services.common.wire import packed_floats
-from services.common.events import RawEvents
+from services.common.validation import RawEvents
 from services.fusion.engine import MAX_NEW_SESSION_TEXTS, FusionEngine, Profile
 from recmodel.user_model import BaselineUserModel, OnnxUserModel
 from services.fusion.pseudonym import MIN_KEY_CHARS, PseudonymousStore
-from services.fusion.store import ProfileStore, SQLiteStore
+from services.fusion.sqlite_store import SQLiteProfileStore
+from services.fusion.store import ProfileStore
 
 log = logging.getLogger("crossrec.fusion")
 DEFAULT_PORT = 50052
@@ -79,10 +80,10 @@ class Config:
 def open_store(config: Config, user_id_key: bytes | None = None) -> ProfileStore:
     """The configured backend; user ids stored as keyed hashes when `user_id_key` is given."""
     if config.store == "sqlite":
-        store = SQLiteStore(config.sqlite_path, max_queue_batches=config.max_queue_batches)
+        store = SQLiteProfileStore(config.sqlite_path, max_queue_batches=config.max_queue_batches)
     elif config.store == "redis":
-        from services.fusion.redis_store import RedisStore
-        store = RedisStore(config.redis_url, replica_acks=config.redis_replica_acks)
+        from services.fusion.redis_store import RedisProfileStore
+        store = RedisProfileStore(config.redis_url, replica_acks=config.redis_replica_acks)
     else:
         raise ValueError(f"--store must be sqlite or redis, got {config.store!r}")
     return PseudonymousStore(store, user_id_key) if user_id_key else store

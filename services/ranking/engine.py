@@ -10,26 +10,22 @@ from typing import Callable
 
 import numpy as np
 
-from crossrec.ranking.v1 import ranking_pb2
 from services.common import metrics, tracing
 from services.common.deadlines import deadline, downstream_deadline, time_left
 from services.common.errors import InvalidInput, NotReady
-from services.common.events import MAX_SESSION_EVENTS, check_id, check_platform
-from recmodel.text import compose_item_text, has_visible_text
+from services.common.validation import (MAX_BATCH_ITEMS, MAX_SESSION_EVENTS, check_id,
+                                        check_platform, validate_item)
 from services.ranking.catalog import Catalog, CatalogItem
 from recmodel import attribution, pipeline
 from recmodel.features import FEATURES, UserContext
+from recmodel.ranker import Ranker
 
 log = logging.getLogger("crossrec.ranking")
 
-# Why an item was recommended: crossrec.ranking.v1.Source numbers, from the generated module.
-PERSONALISED = ranking_pb2.SOURCE_PERSONALISED
-CROSS_PLATFORM = ranking_pb2.SOURCE_CROSS_PLATFORM
-POPULARITY = ranking_pb2.SOURCE_POPULARITY_FALLBACK
+# Why an item was recommended; the servicer maps each to crossrec.ranking.v1.Source (server.py
+# SOURCES), and the names are the client's Source values.
+PERSONALISED, CROSS_PLATFORM, POPULARITY = "personalised", "cross_platform", "popularity_fallback"
 SEEN = FEATURES.index("seen")
-MAX_BATCH_ITEMS = 1000
-MAX_TITLE_CHARS = 2048
-MAX_ATTRIBUTES, MAX_ATTRIBUTE_CHARS = 16, 2048
 
 
 @dataclass
@@ -37,7 +33,7 @@ class Recommendation:
     item_id: str
     title: str
     score: float
-    source: int
+    source: str  # PERSONALISED, CROSS_PLATFORM or POPULARITY
     explanation: str
     # (platform, item_id, text, cosine, co-visit users) of the history items that show it
     contributions: list[tuple[str, str, str, float, int]] = field(default_factory=list)
@@ -48,7 +44,7 @@ class Recommendation:
 @dataclass
 class RecommendResult:
     items: list[Recommendation]
-    source: int
+    source: str  # PERSONALISED, CROSS_PLATFORM or POPULARITY
     platform_weights: dict[str, float]
     models: list[tuple[str, int]]
     degraded: bool = False
@@ -120,7 +116,7 @@ class RankingEngine:
     recent_limit, budget_s)` -> services.common.remote.RemoteProfile; `ranker.score(features)`.
     """
 
-    def __init__(self, catalog: Catalog, embed, profile, ranker, popularity: Popularity,
+    def __init__(self, catalog: Catalog, embed, profile, ranker: Ranker, popularity: Popularity,
                  max_k: int = 1000, fusion_fallback: bool = False,
                  embedder: tuple[str, int] = ("", 0)):
         self.catalog, self.embed, self.profile_fn = catalog, embed, profile
@@ -129,7 +125,7 @@ class RankingEngine:
         self.embedder = embedder
         # The history window the ranker was trained on (its meta.json): the user tower's
         # newest events, asked of fusion with the profile.
-        self.history_events = int(getattr(ranker, "history_events", 50))
+        self.history_events = ranker.history_events
         self._tables: dict[str, tuple[tuple, pipeline.ItemTable]] = {}
 
     # --- catalogue ------------------------------------------------------------------------
@@ -142,28 +138,10 @@ class RankingEngine:
             raise InvalidInput("items must hold at least 1 item, got 0")
         if len(raw) > MAX_BATCH_ITEMS:
             raise InvalidInput(f"items must hold at most {MAX_BATCH_ITEMS} items, got {len(raw)}")
-        items = []
-        for n, r in enumerate(raw):
-            f = f"items[{n}]"
-            check_id(r["item_id"], f"{f}.item_id")
-            check_platform(r["platform"], f"{f}.platform")
-            title = r["title"].strip()
-            if not title or len(title) > MAX_TITLE_CHARS:
-                raise InvalidInput(f"{f}.title must hold 1..{MAX_TITLE_CHARS} characters, "
-                                   f"got {len(title)}")
-            attrs = dict(r.get("attributes") or {})
-            if len(attrs) > MAX_ATTRIBUTES:
-                raise InvalidInput(f"{f}.attributes must hold at most {MAX_ATTRIBUTES} entries, "
-                                   f"got {len(attrs)}")
-            for key, value in attrs.items():
-                if len(value) > MAX_ATTRIBUTE_CHARS or len(key) > MAX_ATTRIBUTE_CHARS:
-                    raise InvalidInput(f"{f}.attributes[{key[:40]!r}] must be at most "
-                                       f"{MAX_ATTRIBUTE_CHARS} characters")
-            text = compose_item_text(title, attrs)
-            if not has_visible_text(compose_item_text(title)):
-                raise InvalidInput(f"{f}.title must hold visible text, got only whitespace, "
-                                   "control or zero-width characters")
-            items.append(CatalogItem(r["item_id"], r["platform"], title, attrs, text))
+        items = [CatalogItem(r["item_id"], r["platform"],
+                             *validate_item(r["item_id"], r["platform"], r["title"],
+                                            r.get("attributes"), field=f"items[{n}]"))
+                 for n, r in enumerate(raw)]
         # One rule for a repeated id, the same as PlatformIndex.upsert's and the catalogues'
         # (SQLite INSERT OR REPLACE, Redis HSET in order): the last one wins. Applied here so
         # that the catalogue, its index and the count returned see each item once.
@@ -244,8 +222,7 @@ class RankingEngine:
                                         self.ranker.covisit_candidates, exclude_seen)
         with tracing.stage(metrics.RANKING_STAGE_SECONDS, "rank"):
             ranked = pipeline.order(user, table, cands, covisit, self.ranker)
-        metrics.RANKING_SOURCE.labels("cross_platform" if source == CROSS_PLATFORM
-                                      else "personalised").inc()
+        metrics.RANKING_SOURCE.labels(source).inc()
         rows, scores, feats = ranked.rows, ranked.scores, ranked.features
         if diversify:
             order = mmr(np.arange(len(rows)), scores, table.vectors[rows], k,
@@ -257,11 +234,11 @@ class RankingEngine:
         return RecommendResult(items, source, profile.weights, models)
 
     def _explain_all(self, table: pipeline.ItemTable, rows, scores, feats, mean_features,
-                     source: int, profile) -> list[Recommendation]:
+                     source: str, profile) -> list[Recommendation]:
         """The returned items, each with its score's attribution (against the mean
         candidate's features) and the explanation written from it."""
         shares = (attribution.shapley(self.ranker.score, feats, mean_features)
-                  if getattr(self.ranker, "explains", True) and len(rows) else None)
+                  if self.ranker.explains and len(rows) else None)
         covisit = self.ranker.covisit
         history_rows = (covisit.rows([(p, i) for p, i, _ in profile.recent])
                         if covisit is not None else None)

@@ -30,9 +30,9 @@ thread is the only writer of the in-memory state, in log order. Rows are held in
 the writes were made (each item's number in `order:<platform>`), on load as when tailing, so
 every replica, like the offline evaluation of the same catalogue, holds the same rows in the
 same order: ties between items, and the float sums of the scans, then agree bit for bit
-(catalog.py). upsert and delete return once
-this replica's thread has applied their own entry: the replica that took a write serves it
-at once, the others within their tail latency (services/ranking/README.md: staleness).
+(sqlite_catalog.py). upsert and delete return once this replica's thread has applied their
+own entry: the replica that took a write serves it at once, the others within their tail
+latency (services/ranking/README.md: staleness).
 
 The log is capped near `log_max_entries` (XADD MAXLEN ~). Each replica counts the entries it
 has reflected (the log's `entries-added` at its load, plus every entry it applied since).
@@ -54,8 +54,9 @@ import numpy as np
 import redis
 
 from services.common import metrics, redisio
+from services.common.redisio import as_text
 from services.common.errors import BudgetSpent, NotReady
-from services.ranking.catalog import CatalogItem, MemoryCatalog, Row
+from services.ranking.catalog import Catalog, CatalogItem, MemoryCatalog, Row
 
 log = logging.getLogger("crossrec.ranking")
 
@@ -98,30 +99,26 @@ def _entry_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _in_write_order(items: list[tuple], order: list) -> list[tuple]:
     """The (item_id, meta, vector) tuples still stored (meta and vector present), sorted by
     their write numbers `order` (from the order hash; an item written before it existed has
     none and comes first, by id): every replica holds its rows in one order, the order
-    writes were made, as the SQLite catalogue does (catalog.py)."""
-    kept = [(-1 if n is None else int(n), _text(t[0]), t) for t, n in zip(items, order)
+    writes were made, as the SQLite catalogue does (sqlite_catalog.py)."""
+    kept = [(-1 if n is None else int(n), as_text(t[0]), t) for t, n in zip(items, order)
             if t[1] is not None and t[2] is not None]
     kept.sort(key=lambda k: k[:2])
     return [t for *_, t in kept]
 
 
-class RedisCatalog(MemoryCatalog):
+class RedisCatalog(MemoryCatalog, Catalog):
     """Catalogue on one Redis primary (or one slot of a Redis Cluster) shared by every replica
     (see the module docstring).
 
-    Same methods as the SQLite `Catalog`. Errors: NotReady when Redis is unreachable, refuses
-    the write, lacks fsync on every write (at start), or when this replica has not applied a
-    stored write within `apply_wait_s` (it is durable; it shows once the tail catches up);
-    Overloaded when all `max_connections` connections are busy. `tail_block_s` is how long
-    one XREAD waits for entries before it checks for close().
+    Same methods as `SQLiteCatalog` (the `Catalog` interface). Errors: NotReady when Redis
+    is unreachable, refuses the write, lacks fsync on every write (at start), or when this
+    replica has not applied a stored write within `apply_wait_s` (it is durable; it shows
+    once the tail catches up); Overloaded when all `max_connections` connections are busy.
+    `tail_block_s` is how long one XREAD waits for entries before it checks for close().
     """
 
     def __init__(self, url: str, dim: int, index: str = "auto", hnsw_threshold: int = 200_000,
@@ -189,7 +186,7 @@ class RedisCatalog(MemoryCatalog):
             args += [slot[it.platform], it.item_id,
                      json.dumps([it.title, it.attributes, it.text]), vec.tobytes()]
         with self._errors(timeout_s, writes=True):
-            entry = _text(self._upsert_script(keys=keys, args=args))
+            entry = as_text(self._upsert_script(keys=keys, args=args))
         self._wait_applied(entry, deadline)
 
     def delete(self, platform: str, item_ids: list[str], timeout_s: float | None = None) -> int:
@@ -205,7 +202,7 @@ class RedisCatalog(MemoryCatalog):
                       self._order_prefix + platform],
                 args=[self.log_max_entries, json.dumps([[platform, i] for i in ids]), *ids])
         if gone:
-            self._wait_applied(_text(entry), deadline)
+            self._wait_applied(as_text(entry), deadline)
         return int(gone)
 
     def _wait_applied(self, entry: str, call_deadline: float | None = None) -> None:
@@ -283,7 +280,7 @@ class RedisCatalog(MemoryCatalog):
             kept = {i for i, *_ in present}
             self._apply_delete(platform, [i for i in ids if i not in kept])
             metrics.CATALOG_ITEMS.labels(platform).set(self.size(platform))
-        self._mark_applied(_text(entries[-1][0]), self._reflected + len(entries))
+        self._mark_applied(as_text(entries[-1][0]), self._reflected + len(entries))
 
     def _mark_applied(self, entry: str, reflected: int) -> None:
         with self._applied_changed:
@@ -297,9 +294,9 @@ class RedisCatalog(MemoryCatalog):
             info = self._client.xinfo_stream(self._log_key)
         except redis.ResponseError:  # no such key: nothing written yet, or the data was lost
             return _NO_ENTRY, 0, 0
-        info = {_text(k): v for k, v in info.items()}
+        info = {as_text(k): v for k, v in info.items()}
         added = info.get("entries-added")
-        return (_text(info["last-generated-id"]), None if added is None else int(added),
+        return (as_text(info["last-generated-id"]), None if added is None else int(added),
                 int(info["length"]))
 
     def _check_position(self) -> None:
@@ -319,7 +316,7 @@ class RedisCatalog(MemoryCatalog):
         write order; the tail replays what changed meanwhile."""
         position, added, _ = self._log_info()
         rows: dict[str, list[Row]] = {}
-        for platform in sorted(_text(p) for p in self._client.smembers(self._platforms_key)):
+        for platform in sorted(as_text(p) for p in self._client.smembers(self._platforms_key)):
             meta_key, vec_key = self._meta_prefix + platform, self._vec_prefix + platform
             order_key = self._order_prefix + platform
             cursor, found = 0, []
@@ -341,7 +338,7 @@ class RedisCatalog(MemoryCatalog):
                         "re-upsert the catalogue or use another prefix")
                 title, attributes, text = json.loads(meta)
                 rows.setdefault(platform, []).append(
-                    (_text(item_id), title, json.dumps(attributes), text, blob))
+                    (as_text(item_id), title, json.dumps(attributes), text, blob))
         self._replace_all(rows)
         for platform in rows:
             metrics.CATALOG_ITEMS.labels(platform).set(self.size(platform))

@@ -24,12 +24,14 @@ from services.common.remote import EmbeddingRemote, FusionRemote
 from services.common.flags import ServerConfig, flag, none_if_zero
 from services.common.serve import (client_security, engine_call, serve, setup_logging,
                                    wait_for)
-from services.common.events import RawEvents
+from services.common.validation import RawEvents
 from services.common.workers import default_processes, supervise
 from recmodel import attribution
-from services.ranking.catalog import Catalog, MemoryCatalog
-from services.ranking.engine import Popularity, RankingEngine
-from recmodel.ranker import OnnxRanker, RetrievalOrder
+from services.ranking.catalog import Catalog
+from services.ranking.sqlite_catalog import SQLiteCatalog
+from services.ranking.engine import (CROSS_PLATFORM, PERSONALISED, POPULARITY, Popularity,
+                                     RankingEngine)
+from recmodel.ranker import OnnxRanker, Ranker, RetrievalOrder
 
 log = logging.getLogger("crossrec.ranking")
 DEFAULT_PORT = 50053
@@ -45,6 +47,10 @@ DRIVERS = {attribution.TEXT: ranking_pb2.DRIVER_TEXT,
            attribution.COVISIT: ranking_pb2.DRIVER_COVISIT,
            attribution.POPULARITY: ranking_pb2.DRIVER_POPULARITY,
            attribution.HISTORY: ranking_pb2.DRIVER_HISTORY}
+# The engine's sources -> crossrec.ranking.v1.Source
+SOURCES = {PERSONALISED: ranking_pb2.SOURCE_PERSONALISED,
+           CROSS_PLATFORM: ranking_pb2.SOURCE_CROSS_PLATFORM,
+           POPULARITY: ranking_pb2.SOURCE_POPULARITY_FALLBACK}
 
 
 @dataclass(frozen=True)
@@ -89,11 +95,11 @@ class Config:
             raise ValueError(f"--processes must be at least 1, got {self.processes}")
 
 
-def open_catalog(config: Config, dim: int, projection=None) -> MemoryCatalog:
+def open_catalog(config: Config, dim: int, projection=None) -> Catalog:
     """The catalogue backend; `projection` is the ranker's retrieval projection (index pca)."""
     if config.catalog_store == "sqlite":
-        return Catalog(config.catalog_path, dim, config.index, config.hnsw_threshold,
-                       projection)
+        return SQLiteCatalog(config.catalog_path, dim, config.index, config.hnsw_threshold,
+                             projection)
     if config.catalog_store == "redis":
         from services.ranking.redis_catalog import RedisCatalog
         return RedisCatalog(config.catalog_redis_url, dim, config.index, config.hnsw_threshold,
@@ -101,7 +107,7 @@ def open_catalog(config: Config, dim: int, projection=None) -> MemoryCatalog:
     raise ValueError(f"--catalog-store must be sqlite or redis, got {config.catalog_store!r}")
 
 
-def load_ranker(config: Config):
+def load_ranker(config: Config) -> Ranker:
     try:
         return OnnxRanker(modelrepo.resolve(config.model_repo, "ranker", config.model_version))
     except FileNotFoundError as err:
@@ -119,12 +125,12 @@ def load_ranker(config: Config):
 MIN_KNOWN_SHARE, MIN_JUDGED_ITEMS = 0.5, 1000
 
 
-def check_trained_for(ranker, catalog: MemoryCatalog) -> None:
+def check_trained_for(ranker: Ranker, catalog: Catalog) -> None:
     """Refuse (ValueError) a ranker trained for another catalogue than the one stored: when
     most stored items are unknown to its co-visit counts. An empty catalogue passes (it is
     being loaded), and so does one below MIN_JUDGED_ITEMS; new items unknown to the counts
     are normal, a minority of them."""
-    covisit = getattr(ranker, "covisit", None)
+    covisit = ranker.covisit
     platforms = catalog.platforms()
     total = sum(catalog.size(p) for p in platforms)
     if covisit is None or total < MIN_JUDGED_ITEMS:
@@ -173,7 +179,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.RecommendResponse(
             items=[ranking_pb2.Recommendation(
                 item_id=r.item_id, platform=request.platform, title=r.title, score=r.score,
-                source=r.source, explanation=r.explanation,
+                source=SOURCES[r.source], explanation=r.explanation,
                 contributions=[ranking_pb2.Contribution(platform=p, item_id=i, item_text=t,
                                                         similarity=s, co_users=n)
                                for p, i, t, s, n in r.contributions],
@@ -181,7 +187,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 attributions=[ranking_pb2.Attribution(driver=DRIVERS[g], contribution=v)
                               for g, v in r.attributions])
                 for r in result.items],
-            source=result.source, platform_weights=result.platform_weights,
+            source=SOURCES[result.source], platform_weights=result.platform_weights,
             models=[common_pb2.ModelRef(name=n, version=v) for n, v in result.models if n],
             degraded=result.degraded, degraded_reason=result.degraded_reason)
 

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from services.ranking.catalog import Catalog
+from services.ranking.sqlite_catalog import SQLiteCatalog
+from recmodel.ranker import RetrievalOrder
 from services.ranking.engine import Popularity, RankingEngine
 
 DIM = 8
@@ -40,12 +41,8 @@ def fake_embed(texts, budget_s=None) -> np.ndarray:
     return np.asarray(rows, np.float32).reshape(len(texts), DIM)
 
 
-class NoRanker:
-    name, version, history_events, projection = "none", 0, 50, None
-
-
 def engine_on(catalog) -> RankingEngine:
-    return RankingEngine(catalog, fake_embed, profile=None, ranker=NoRanker(),
+    return RankingEngine(catalog, fake_embed, profile=None, ranker=RetrievalOrder(),
                          popularity=Popularity(lambda p: [], catalog, 3600))
 
 
@@ -122,7 +119,7 @@ def run_property(open_factory) -> None:
 def test_sqlite_catalogue_index_and_engine_agree_with_a_dict_under_random_upserts(tmp_path):
     def factory():
         path = tmp_path / f"catalog-{uuid.uuid4().hex[:8]}.sqlite3"
-        return lambda: Catalog(path, DIM, "exact")
+        return lambda: SQLiteCatalog(path, DIM, "exact")
     run_property(factory)
 
 
@@ -161,7 +158,7 @@ def test_a_restart_right_after_a_batch_with_repeats_keeps_the_last(backend, tmp_
         path = tmp_path / "c.sqlite3"
 
         def open_catalog():
-            return Catalog(path, DIM, "exact")
+            return SQLiteCatalog(path, DIM, "exact")
     else:
         from services.ranking.redis_catalog import RedisCatalog
         url, prefix = request.getfixturevalue("redis_url"), f"rs-{uuid.uuid4().hex[:10]}"

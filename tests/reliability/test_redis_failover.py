@@ -14,7 +14,7 @@ import pytest
 from tools.stack import RedisClusterServers
 from services.common.errors import BudgetSpent, NotReady
 from recmodel.events import Event
-from services.fusion.redis_store import RedisStore
+from services.fusion.redis_store import RedisProfileStore
 from tests.reliability.support import frozen
 
 T0 = 1_700_000_000_000
@@ -45,7 +45,7 @@ def cluster(tmp_path_factory):
 
 
 def test_a_frozen_cluster_node_costs_only_its_own_calls_their_budget(cluster):
-    store = RedisStore(cluster.url, prefix=f"test-{uuid.uuid4().hex[:12]}")
+    store = RedisProfileStore(cluster.url, prefix=f"test-{uuid.uuid4().hex[:12]}")
     users = [f"u{i}" for i in range(12)]
     store.append([event(f"e-{u}", u) for u in users])
     node_of = {u: cluster.primary_of(store._user_keys(u)[1]) for u in users}
@@ -60,7 +60,7 @@ def test_a_frozen_cluster_node_costs_only_its_own_calls_their_budget(cluster):
     store.close()
 
 
-def ingest(store: RedisStore, writer: int, stop: threading.Event, acked: list[Event],
+def ingest(store: RedisProfileStore, writer: int, stop: threading.Event, acked: list[Event],
            outcomes: Counter) -> None:
     """Fresh batches until `stop`; the events of every call that returned go to `acked`."""
     n = 0
@@ -87,7 +87,7 @@ def failover_trial(cluster: RedisClusterServers, replica_acks: int) -> dict:
     duplicate, was lost."""
     cluster.wait_ok()
     prefix = f"failover-{uuid.uuid4().hex[:8]}"
-    store = RedisStore(cluster.url, prefix=prefix, replica_acks=replica_acks)
+    store = RedisProfileStore(cluster.url, prefix=prefix, replica_acks=replica_acks)
     stop, acked, outcomes = threading.Event(), [], Counter()
     writers = [threading.Thread(target=ingest, args=(store, w, stop, acked, outcomes))
                for w in range(WRITERS)]
@@ -111,7 +111,7 @@ def failover_trial(cluster: RedisClusterServers, replica_acks: int) -> dict:
         store.close()
     victim.start()  # rejoins as a replica of the promoted node: the cluster is whole again
     cluster.wait_ok(timeout_s=30)
-    checker = RedisStore(cluster.url, prefix=prefix)
+    checker = RedisProfileStore(cluster.url, prefix=prefix)
     lost = sum(checker.append(acked[i:i + 500])[0] for i in range(0, len(acked), 500))
     checker.close()
     return {"replica_acks": replica_acks, "acknowledged": len(acked),

@@ -9,8 +9,9 @@ import time
 
 import numpy as np
 
-from services.ranking import catalog as catalog_module
-from services.ranking.catalog import Catalog, CatalogItem
+from services.ranking import sqlite_catalog as catalog_module
+from services.ranking.catalog import CatalogItem
+from services.ranking.sqlite_catalog import SQLiteCatalog
 
 DIM = 8
 
@@ -26,7 +27,7 @@ def items(ids, platform="office", title="item") -> list[CatalogItem]:
 
 def test_an_upsert_and_a_delete_through_one_connection_show_on_another_after_refresh(tmp_path):
     path = tmp_path / "c.sqlite3"
-    a, b = Catalog(path, DIM, "exact"), Catalog(path, DIM, "exact")
+    a, b = SQLiteCatalog(path, DIM, "exact"), SQLiteCatalog(path, DIM, "exact")
     try:
         a.upsert(items(["x", "y"]), unit_vectors(2, 1))
         assert b.get("office", "x") is None, "not before refresh: the test would prove nothing"
@@ -50,7 +51,7 @@ def test_an_upsert_and_a_delete_through_one_connection_show_on_another_after_ref
 
 
 def test_refresh_with_nothing_new_changes_nothing(tmp_path):
-    c = Catalog(tmp_path / "c.sqlite3", DIM, "exact")
+    c = SQLiteCatalog(tmp_path / "c.sqlite3", DIM, "exact")
     try:
         c.upsert(items(["x"]), unit_vectors(1, 1))
         snapshot = c.index("office").snapshot()
@@ -62,7 +63,7 @@ def test_refresh_with_nothing_new_changes_nothing(tmp_path):
 
 
 def _writer(path: str, worker: int, n: int) -> None:
-    c = Catalog(path, DIM, "exact")
+    c = SQLiteCatalog(path, DIM, "exact")
     for k in range(n):
         c.upsert(items([f"w{worker}-{k}"]), unit_vectors(1, 100 * worker + k))
         if k % 3 == 2:
@@ -73,7 +74,7 @@ def _writer(path: str, worker: int, n: int) -> None:
 def _opener(path: str, start, out) -> None:
     start.wait(30)
     try:
-        Catalog(path, DIM, "exact").close()
+        SQLiteCatalog(path, DIM, "exact").close()
         out.put("ok")
     except Exception as err:  # noqa: BLE001 - reported to the test
         out.put(repr(err))
@@ -97,7 +98,7 @@ def test_processes_opening_a_new_catalogue_file_together_all_succeed(tmp_path):
 
 def test_concurrent_writer_processes_lose_no_write(tmp_path):
     path = str(tmp_path / "c.sqlite3")
-    watcher = Catalog(path, DIM, "exact")
+    watcher = SQLiteCatalog(path, DIM, "exact")
     n, writers = 30, 4
     try:
         procs = [multiprocessing.get_context("fork").Process(target=_writer, args=(path, w, n))
@@ -111,7 +112,7 @@ def test_concurrent_writer_processes_lose_no_write(tmp_path):
                     if not (k % 3 == 1 and k + 1 < n)}
         watcher.refresh()
         assert set(watcher.item_ids("office")) == expected
-        fresh = Catalog(path, DIM, "exact")
+        fresh = SQLiteCatalog(path, DIM, "exact")
         assert set(fresh.item_ids("office")) == expected
         fresh.close()
     finally:
@@ -121,7 +122,7 @@ def test_concurrent_writer_processes_lose_no_write(tmp_path):
 def test_a_process_behind_the_trimmed_change_log_reloads_everything(tmp_path, monkeypatch):
     monkeypatch.setattr(catalog_module, "CHANGE_LOG_ROWS", 3)
     path = tmp_path / "c.sqlite3"
-    a, b = Catalog(path, DIM, "exact"), Catalog(path, DIM, "exact")
+    a, b = SQLiteCatalog(path, DIM, "exact"), SQLiteCatalog(path, DIM, "exact")
     try:
         b.refresh()
         a.upsert(items(["gone"]), unit_vectors(1, 1))
@@ -137,7 +138,7 @@ def test_a_process_behind_the_trimmed_change_log_reloads_everything(tmp_path, mo
 
 def test_a_following_catalogue_applies_another_connections_write_without_a_call(tmp_path):
     path = tmp_path / "c.sqlite3"
-    a, b = Catalog(path, DIM, "exact"), Catalog(path, DIM, "exact")
+    a, b = SQLiteCatalog(path, DIM, "exact"), SQLiteCatalog(path, DIM, "exact")
     b.follow(0.02)
     try:
         a.upsert(items(["x"]), unit_vectors(1, 1))
@@ -184,11 +185,11 @@ def test_every_process_holds_the_rows_in_write_order_whatever_the_ids_sort_to(tm
     and one that loaded the file: the same live rows in the same order, the order of the
     writes (SQLite returns rows in key order), so ties and scan sums agree on every one."""
     path = tmp_path / "c.sqlite3"
-    writer, stepwise, late = (Catalog(path, DIM, "exact") for _ in range(3))
+    writer, stepwise, late = (SQLiteCatalog(path, DIM, "exact") for _ in range(3))
     try:
         last = apply_writes(writer, stepwise.refresh)
         late.refresh()
-        loaded = Catalog(path, DIM, "exact")
+        loaded = SQLiteCatalog(path, DIM, "exact")
         for view in (writer, stepwise, late, loaded):
             ids, vecs = live_rows(view)
             assert ids == WRITE_ORDER
@@ -215,11 +216,11 @@ def test_a_file_from_before_write_order_opens_and_new_writes_follow_its_items(tm
                     [(i, i, i, v.tobytes()) for i, v in zip(["z", "y"], unit_vectors(2, 1))])
     old.commit()
     old.close()
-    a = Catalog(path, DIM, "exact")
+    a = SQLiteCatalog(path, DIM, "exact")
     try:
         assert live_rows(a)[0] == ["y", "z"]
         a.upsert(items(["x", "w"]), unit_vectors(2, 2))
-        b = Catalog(path, DIM, "exact")
+        b = SQLiteCatalog(path, DIM, "exact")
         assert live_rows(a)[0] == live_rows(b)[0] == ["y", "z", "x", "w"]
         b.close()
     finally:

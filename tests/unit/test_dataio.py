@@ -15,7 +15,7 @@ from recmodel.events import ACTION_INTERACT, ACTION_RATE, DEFAULT_WEIGHT
 from services.embedding.engine import EmbeddingEngine
 from services.fusion.engine import FusionEngine
 from recmodel.user_model import BaselineUserModel
-from services.fusion.store import SQLiteStore
+from services.fusion.sqlite_store import SQLiteProfileStore
 
 PURCHASE, VIEW = 5, 1
 
@@ -129,7 +129,7 @@ def test_a_csv_of_another_layout_loads_into_a_fusion_engine(tmp_path, encoder_di
     with open_csv(path) as f:
         events = [to_event(r, {}, OTHER) for r in csv.DictReader(f)]
     encoder = EmbeddingEngine(encoder_dir, device="cpu")
-    engine = FusionEngine(SQLiteStore(tmp_path / "p.sqlite3"),
+    engine = FusionEngine(SQLiteProfileStore(tmp_path / "p.sqlite3"),
                           lambda texts, budget_s=None: encoder.embed(texts)[0],
                           BaselineUserModel(), dim=384)
     try:

@@ -9,7 +9,8 @@ from services.common.errors import InvalidInput
 from services.embedding.engine import EmbeddingEngine
 from services.fusion.engine import FusionEngine
 from recmodel.user_model import BaselineUserModel, OnnxUserModel
-from services.fusion.store import RECENT_PER_PLATFORM, SQLiteStore
+from services.fusion.sqlite_store import SQLiteProfileStore
+from services.fusion.store import RECENT_PER_PLATFORM
 from recmodel import modelrepo
 
 NOW_MS = int(time.time() * 1000)
@@ -42,10 +43,11 @@ def user_model(model_repo):
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request, tmp_path):
     if request.param == "sqlite":
-        s = SQLiteStore(tmp_path / "p.sqlite3")
+        s = SQLiteProfileStore(tmp_path / "p.sqlite3")
     else:
-        from services.fusion.redis_store import RedisStore
-        s = RedisStore(request.getfixturevalue("redis_url"), prefix=f"t{time.monotonic_ns()}")
+        from services.fusion.redis_store import RedisProfileStore
+        s = RedisProfileStore(request.getfixturevalue("redis_url"),
+                              prefix=f"t{time.monotonic_ns()}")
     yield s
     s.close()
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from services.fusion.engine import FusionEngine, ItemCache
 from recmodel.user_model import BaselineUserModel
-from services.fusion.store import SQLiteStore
+from services.fusion.sqlite_store import SQLiteProfileStore
 
 NOW_MS = int(time.time() * 1000)
 
@@ -21,7 +21,7 @@ def ev(item: str, text: str, time_ms: int, user: str = "u1") -> dict:
                 item_text=text, event_time_ms=time_ms, weight=None)
 
 
-class CountingStore(SQLiteStore):
+class CountingStore(SQLiteProfileStore):
     def __init__(self, path):
         super().__init__(path)
         self.item_reads = 0

@@ -1,6 +1,7 @@
 """Every key export writes into a model's meta.json is used by serving or listed as
 informational in one place (recmodel/ranker.py, recmodel/user_model.py): a key
-export adds that serving neither reads nor lists fails here."""
+export adds that serving neither reads nor lists fails here. Both rankers serving may load
+carry every attribute of the Ranker interface."""
 
 import pytest
 
@@ -30,3 +31,13 @@ def test_the_served_models_load_with_every_served_key(model_repo):
     # The ranker's history window is the tower's, and its projection is of the item space.
     assert r.history_events == u.max_events
     assert r.projection.shape[0] == u.dim
+
+
+def test_both_rankers_carry_every_attribute_of_the_ranker_interface(model_repo):
+    declared = list(ranker.Ranker.__annotations__)
+    assert {"name", "version", "meta", "covisit", "explains", "projection"} <= set(declared)
+    for served in (ranker.OnnxRanker(modelrepo.resolve(model_repo, "ranker")),
+                   ranker.RetrievalOrder()):
+        missing = [n for n in declared if not hasattr(served, n)]
+        assert not missing, f"{type(served).__name__} lacks {missing}"
+        assert isinstance(served.meta, dict) and isinstance(served.explains, bool)

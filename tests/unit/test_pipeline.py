@@ -16,6 +16,7 @@ from recmodel.covisit import CoVisits
 from services.ranking.engine import Popularity, RankingEngine
 from recmodel.features import FEATURES, N_FEATURES, UserContext
 from recmodel.index import EXACT, KINDS, PCA, PlatformIndex
+from recmodel.ranker import Ranker
 
 ARTS, OFFICE = "arts_crafts", "office"
 KEYS = [(ARTS, f"a{i}") for i in range(6)] + [(OFFICE, f"o{i}") for i in range(6)]
@@ -148,9 +149,9 @@ def test_a_repeated_id_in_one_upsert_keeps_the_last_and_one_row():
     assert sorted(snap.ids[r] for r in snap.search(vecs[1], 10)) == ["a", "b"]
 
 
-class _LinearRanker:
+class _LinearRanker(Ranker):
     """A stand-in for the ONNX ranker with the same interface: a fixed linear score."""
-    name, version = "linear", 1
+    name, version, meta, explains, projection = "linear", 1, {}, True, None
     candidates, covisit_candidates, history_events = 8, 3, 50
 
     def __init__(self, covisit):

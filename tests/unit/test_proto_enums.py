@@ -1,9 +1,11 @@
-"""The Action and Source numbers every layer uses come from the generated protobuf modules,
-and the contract's enums are pinned: a change to either enum in protos/ fails here first.
+"""The Action numbers every layer uses come from the generated protobuf modules, the ranking
+servicer maps the engine's sources and drivers (plain strings) to the Source and Driver enums,
+and the contract's enums are pinned: a change to an enum in protos/ fails here first.
 
 A new or renumbered Action changes what the trained user tower embeds (its action vocabulary
-is the enum's numbers) and needs a default weight (services/common/events.py), a client
-`Action` member and a new user tower export; a new Source needs a client `Source` member."""
+is the enum's numbers) and needs a default weight (recmodel/events.py), a client
+`Action` member and a new user tower export; a new Source needs a client `Source` member, an
+engine source and its entry in services/ranking/server.py SOURCES."""
 
 from clients.crossrec_client import Action, Source
 from crossrec.common.v1 import common_pb2
@@ -48,11 +50,24 @@ def test_the_user_models_action_conventions_are_the_engines():
                                                               events.ACTION_INTERACT)
 
 
-def test_ranking_sources_are_the_protos():
+def test_every_engine_source_has_its_proto_source_and_client_member():
+    from services.ranking.server import SOURCES
+
     proto = enum_values(ranking_pb2.Source)
-    assert (engine.PERSONALISED, engine.CROSS_PLATFORM, engine.POPULARITY) == (
-        proto["SOURCE_PERSONALISED"], proto["SOURCE_CROSS_PLATFORM"],
-        proto["SOURCE_POPULARITY_FALLBACK"])
+    assert set(SOURCES) == {engine.PERSONALISED, engine.CROSS_PLATFORM, engine.POPULARITY}
+    assert {ranking_pb2.Source.Name(n): s for s, n in SOURCES.items()} == {
+        name: name.removeprefix("SOURCE_").lower() for name in proto
+        if name != "SOURCE_UNSPECIFIED"}
+
+
+def test_the_ranking_engine_imports_no_generated_module():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(engine))
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + [
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("crossrec")], imported
 
 
 def test_client_action_members_are_the_protos_actions():

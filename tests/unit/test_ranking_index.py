@@ -1,9 +1,10 @@
-"""PlatformIndex (exact and HNSW) and Catalog on real item vectors."""
+"""PlatformIndex (exact and HNSW) and SQLiteCatalog on real item vectors."""
 
 import numpy as np
 import pytest
 
-from services.ranking.catalog import Catalog, CatalogItem
+from services.ranking.catalog import CatalogItem
+from services.ranking.sqlite_catalog import SQLiteCatalog
 from recmodel.index import EXACT, HNSW, PlatformIndex
 
 
@@ -64,13 +65,13 @@ def test_compaction_keeps_every_live_item(real_vectors):
 
 def test_catalog_survives_reopening_and_replaces_items(tmp_path, real_vectors):
     texts, vectors = real_vectors
-    catalog = Catalog(tmp_path / "c.sqlite3", vectors.shape[1])
+    catalog = SQLiteCatalog(tmp_path / "c.sqlite3", vectors.shape[1])
     catalog.upsert([CatalogItem(str(i), "office", texts[i], {"brand": "b"}, texts[i])
                     for i in range(20)], vectors[:20])
     catalog.upsert([CatalogItem("3", "office", "renamed", {}, "renamed")], vectors[10:11])
     assert catalog.delete("office", ["4", "unknown"]) == 1
     catalog.close()
-    reopened = Catalog(tmp_path / "c.sqlite3", vectors.shape[1])
+    reopened = SQLiteCatalog(tmp_path / "c.sqlite3", vectors.shape[1])
     assert reopened.size("office") == 19 and reopened.get("office", "3").title == "renamed"
     assert reopened.get("office", "0").attributes == {"brand": "b"}
     np.testing.assert_array_equal(reopened.index("office").vectors(["3"])[0], vectors[10])
@@ -79,7 +80,7 @@ def test_catalog_survives_reopening_and_replaces_items(tmp_path, real_vectors):
 
 def test_auto_index_switches_to_hnsw_past_the_threshold(tmp_path, real_vectors):
     texts, vectors = real_vectors
-    catalog = Catalog(tmp_path / "c.sqlite3", vectors.shape[1], hnsw_threshold=100)
+    catalog = SQLiteCatalog(tmp_path / "c.sqlite3", vectors.shape[1], hnsw_threshold=100)
     catalog.upsert([CatalogItem(str(i), "p", "t", {}, "t") for i in range(50)], vectors[:50])
     assert catalog.index("p").kind == EXACT
     catalog.upsert([CatalogItem(str(i), "p", "t", {}, "t") for i in range(50, 150)],

@@ -1,4 +1,4 @@
-"""ProfileStore behaviour, the same tests against SQLiteStore and RedisStore."""
+"""ProfileStore behaviour, the same tests against SQLiteProfileStore and RedisProfileStore."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from redis.crc import key_slot
 
 from services.common.errors import BudgetSpent, NotReady, Overloaded
 from recmodel.events import Event
-from services.fusion.redis_store import RedisStore
-from services.fusion.store import RECENT_PER_PLATFORM, SQLiteStore
+from services.fusion.redis_store import RedisProfileStore
+from services.fusion.sqlite_store import SQLiteProfileStore
+from services.fusion.store import RECENT_PER_PLATFORM
 from tests.reliability.support import frozen
 
 
@@ -37,14 +38,14 @@ def open_store(request, tmp_path):
     """Opens a store on this test's database; a second call is a restart on the same data."""
     if request.param == "sqlite":
         def make():
-            return SQLiteStore(tmp_path / "profiles.db")
+            return SQLiteProfileStore(tmp_path / "profiles.db")
     else:
         url = request.getfixturevalue(
             "redis_cluster_url" if request.param == "redis-cluster" else "redis_url")
         prefix = f"test-{uuid.uuid4().hex[:12]}"
 
         def make():
-            return RedisStore(url, prefix=prefix)
+            return RedisProfileStore(url, prefix=prefix)
     opened = []
 
     def opener():
@@ -232,7 +233,7 @@ class _BlockingVector:
 
 
 def test_sqlite_append_is_refused_with_overloaded_when_the_queue_is_full(tmp_path):
-    store = SQLiteStore(tmp_path / "profiles.db", max_queue_batches=1)
+    store = SQLiteProfileStore(tmp_path / "profiles.db", max_queue_batches=1)
     blocker = _BlockingVector()
     filler = threading.Thread(target=store.put_items,
                               args=({("amazon", "B1"): ("t", blocker)},))
@@ -266,12 +267,12 @@ def closed_port() -> int:
 def test_redis_store_on_a_closed_port_raises_not_ready_naming_the_address():
     port = closed_port()
     with pytest.raises(NotReady, match=rf"redis at 127\.0\.0\.1:{port} unreachable"):
-        RedisStore(f"redis://127.0.0.1:{port}/0", connect_timeout_s=1.0)
+        RedisProfileStore(f"redis://127.0.0.1:{port}/0", connect_timeout_s=1.0)
 
 
 def test_redis_store_raises_not_ready_once_the_server_is_gone(start_redis):
     server = start_redis()
-    store = RedisStore(server.url)
+    store = RedisProfileStore(server.url)
     store.append([event("a")])
     server.kill()
     with pytest.raises(NotReady, match=rf"redis at 127\.0\.0\.1:{server.port} unreachable"):
@@ -284,19 +285,19 @@ def test_redis_store_raises_not_ready_once_the_server_is_gone(start_redis):
 def test_redis_store_refuses_a_server_without_fsync_on_every_write(start_redis):
     server = start_redis("--appendfsync", "everysec")
     with pytest.raises(NotReady, match="appendfsync always"):
-        RedisStore(server.url)
-    RedisStore(server.url, require_fsync=False).close()
+        RedisProfileStore(server.url)
+    RedisProfileStore(server.url, require_fsync=False).close()
 
 
 def test_redis_store_refuses_a_server_without_an_append_only_file(start_redis):
     server = start_redis("--appendonly", "no")
     with pytest.raises(NotReady, match="appendonly yes"):
-        RedisStore(server.url)
+        RedisProfileStore(server.url)
 
 
 def test_redis_acknowledged_events_survive_a_server_crash_and_restart(start_redis):
     server = start_redis()
-    store = RedisStore(server.url)
+    store = RedisProfileStore(server.url)
     store.append([event(f"e{i}", time_ms=T0 + i) for i in range(5)])
     store.append([event("s", platform="steam", user="u2")])
     server.kill()
@@ -326,7 +327,7 @@ def timed_out(call, *args) -> tuple[str, float]:
 
 def test_redis_calls_on_a_frozen_server_give_up_at_their_budget_naming_it(start_redis):
     server = start_redis()
-    store = RedisStore(server.url)
+    store = RedisProfileStore(server.url)
     store.append([event("a")])
     named = f"redis at 127.0.0.1:{server.port} did not answer within the call's budget"
     with frozen(server.proc.pid):
@@ -344,7 +345,7 @@ def test_redis_calls_on_a_frozen_server_give_up_at_their_budget_naming_it(start_
 def test_a_connection_cut_short_by_its_budget_is_never_reused_out_of_step(start_redis):
     server = start_redis()
     # One connection: the next call gets the very connection object that timed out.
-    store = RedisStore(server.url, max_connections=1)
+    store = RedisProfileStore(server.url, max_connections=1)
     store.append([event("mine", user="u1"), event("theirs", user="u2", platform="steam")])
     with frozen(server.proc.pid):
         timed_out(store.history, "u1")
@@ -357,7 +358,7 @@ def test_a_connection_cut_short_by_its_budget_is_never_reused_out_of_step(start_
 
 def test_a_write_cut_short_by_its_budget_is_not_acknowledged_and_a_resend_dedupes(start_redis):
     server = start_redis()
-    store = RedisStore(server.url)
+    store = RedisProfileStore(server.url)
     batch = [event("x", time_ms=T0), event("y", time_ms=T0 + 1)]
     with frozen(server.proc.pid):
         message, _ = timed_out(store.append, batch)
@@ -371,7 +372,7 @@ def test_a_write_cut_short_by_its_budget_is_not_acknowledged_and_a_resend_dedupe
 
 
 def test_a_spent_budget_asks_redis_nothing(redis_url):
-    store = RedisStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
+    store = RedisProfileStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
     with pytest.raises(BudgetSpent, match="not asked"):
         store.append([event("a")], timeout_s=0)
     assert store.history("u1") == {}
@@ -380,7 +381,7 @@ def test_a_spent_budget_asks_redis_nothing(redis_url):
 
 def test_redis_keys_of_one_user_share_one_cluster_slot_even_with_braces_in_the_id(redis_url):
     for user in ["{a}", "a}{b", "{", "plain"]:
-        store = RedisStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
+        store = RedisProfileStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
         store.append([event("e", user=user), event("f", user=user, platform="steam")])
         keys = list(store._client.scan_iter(match=f"{store.prefix}:{{u:*"))
         store.close()
@@ -389,7 +390,7 @@ def test_redis_keys_of_one_user_share_one_cluster_slot_even_with_braces_in_the_i
 
 
 def test_redis_store_is_overloaded_when_every_connection_is_busy(redis_url):
-    store = RedisStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}", max_connections=1)
+    store = RedisProfileStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}", max_connections=1)
     held = store._client.connection_pool.get_connection()
     try:
         with pytest.raises(Overloaded, match="all 1 redis connections are busy"):
@@ -434,10 +435,10 @@ def test_event_ids_stored_before_digests_were_kept_dedupe_without_conflicts(tmp_
         db.execute("CREATE TABLE event_ids (user_id TEXT NOT NULL, event_id TEXT NOT NULL, "
                    "PRIMARY KEY (user_id, event_id)) WITHOUT ROWID")
         db.execute("INSERT INTO event_ids VALUES ('u1', 'old')")
-    store = SQLiteStore(path)
+    store = SQLiteProfileStore(path)
     assert store.append([event("old", weight=9.0), event("new")]) == (1, 1, 0)
     store.close()
-    redis_store = RedisStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
+    redis_store = RedisProfileStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
     redis_store._client.sadd(redis_store._user_keys("u1")[0], "old")  # the former SET of ids
     assert redis_store.append([event("old", weight=9.0), event("new")]) == (1, 1, 0)
     redis_store.close()
@@ -446,7 +447,7 @@ def test_event_ids_stored_before_digests_were_kept_dedupe_without_conflicts(tmp_
 # --- deleted users leave the SQLite files (secure_delete, checkpoint) -------------------------
 
 def test_a_deleted_user_leaves_no_bytes_in_the_sqlite_files(tmp_path):
-    store = SQLiteStore(tmp_path / "p.db")
+    store = SQLiteProfileStore(tmp_path / "p.db")
     secret = "user-0f5e2d-to-forget"
     store.append([event(f"e{i}", user=secret, time_ms=T0 + i) for i in range(80)])
     store.append([event("keep", user="someone-else")])
@@ -483,7 +484,7 @@ def redis_contents(client, prefix: str) -> bytes:
 
 
 def test_pseudonymous_store_keeps_only_keyed_hashes_of_user_ids(open_store, tmp_path):
-    from services.common.events import validate_event
+    from services.common.validation import validate_event
     from services.fusion.pseudonym import PseudonymousStore
     inner = open_store()
     store = PseudonymousStore(inner, KEY)
@@ -496,7 +497,7 @@ def test_pseudonymous_store_keeps_only_keyed_hashes_of_user_ids(open_store, tmp_
     assert inner.history(user) == {}, "stored under the keyed hash only"
     stored = inner.history(store.pseudonym(user))["amazon"].events
     assert derived.event_id not in {e.event_id for e in stored}, "derived ids are keyed too"
-    if isinstance(inner, SQLiteStore):
+    if isinstance(inner, SQLiteProfileStore):
         inner.close()
         blobs = b"".join(f.read_bytes() for f in tmp_path.iterdir() if f.is_file())
         assert user.encode() not in blobs and store.pseudonym(user).encode() in blobs
@@ -520,13 +521,13 @@ def test_a_user_id_key_shorter_than_16_characters_is_refused(store):
 def test_with_replica_acks_an_append_no_replica_confirms_is_not_ready_and_stays_stored(
         redis_url):
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    store = RedisStore(redis_url, prefix=prefix, replica_acks=1, replica_ack_timeout_ms=50)
+    store = RedisProfileStore(redis_url, prefix=prefix, replica_acks=1, replica_ack_timeout_ms=50)
     with pytest.raises(NotReady, match=r"reached 0 of 1 replicas within 50 ms"):
         store.append([event("a")])
     with pytest.raises(NotReady, match="reached 0 of 1"):
         store.append([event("a")])  # a duplicate is acknowledged only once replicated too
     store.close()
-    plain = RedisStore(redis_url, prefix=prefix)
+    plain = RedisProfileStore(redis_url, prefix=prefix)
     assert plain.append([event("a")]) == (0, 1, 0), "stored on the primary all along"
     plain.close()
 
@@ -534,9 +535,9 @@ def test_with_replica_acks_an_append_no_replica_confirms_is_not_ready_and_stays_
 def test_with_replica_acks_an_append_returns_once_a_replica_has_it(start_redis):
     primary = start_redis("--repl-diskless-sync-delay", "0")  # the replica syncs at once
     replica = start_redis("--replicaof", "127.0.0.1", str(primary.port))
-    store = RedisStore(primary.url, replica_acks=1, replica_ack_timeout_ms=10_000)
+    store = RedisProfileStore(primary.url, replica_acks=1, replica_ack_timeout_ms=10_000)
     assert store.append([event("a"), event("b", user="u2")]) == (2, 0, 0)
     store.close()
-    from_replica = RedisStore(replica.url)
+    from_replica = RedisProfileStore(replica.url)
     assert ids(from_replica.history("u1")) == ["a"]
     from_replica.close()

@@ -1,5 +1,6 @@
-"""Validation of the events callers send (shared by fusion and ranking): ids, platforms,
-actions, times, weights, text; the event value itself is recmodel.events.Event."""
+"""Validation of what callers send, shared by fusion and ranking: ids and platforms (one rule
+for every RPC), events (actions, times, weights, text; the value is recmodel.events.Event)
+and catalogue items (titles, attributes)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
 from recmodel.events import ACTION_RATE, ACTIONS, DEFAULT_WEIGHT, MAX_RATING, MIN_RATING, Event
-from recmodel.text import has_visible_text, normalize_text
+from recmodel.text import compose_item_text, has_visible_text, normalize_text
 from services.common.errors import InvalidInput
 
 PLATFORM_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -20,6 +22,9 @@ MAX_BATCH_EVENTS = 1000   # events per Ingest call / IngestStream message
 MAX_SESSION_EVENTS = 100  # session events per GetProfile / Recommend call
 # Longer item text is refused; shorter text is normalised and cut to MAX_TEXT_CHARS.
 MAX_RAW_TEXT_CHARS = 65536
+MAX_BATCH_ITEMS = 1000  # items per UpsertItems call, ids per DeleteItems call
+MAX_TITLE_CHARS = 2048
+MAX_ATTRIBUTES, MAX_ATTRIBUTE_CHARS = 16, 2048
 
 
 def check_id(value: str, field: str, required: bool = True) -> None:
@@ -120,6 +125,33 @@ def validate_event(event_id: str, user_id: str, platform: str, action: int, item
     event_id = event_id or derived_event_id(user_id, platform, item_id, action, event_time_ms)
     return Event(event_id, user_id, platform, action, item_id, text, time_ms, float(weight),
                  content_digest(platform, action, item_id, event_time_ms, weight))
+
+
+def validate_item(item_id: str, platform: str, title: str,
+                  attributes: Mapping[str, str] | None = None, *, field: str
+                  ) -> tuple[str, dict[str, str], str]:
+    """Check one catalogue item's fields; (title stripped, attributes, the text its vector is
+    embedded from: title and attribute values, recmodel.text.compose_item_text).
+    InvalidInput names `field`.<name>."""
+    check_id(item_id, f"{field}.item_id")
+    check_platform(platform, f"{field}.platform")
+    title = title.strip()
+    if not title or len(title) > MAX_TITLE_CHARS:
+        raise InvalidInput(f"{field}.title must hold 1..{MAX_TITLE_CHARS} characters, "
+                           f"got {len(title)}")
+    attrs = dict(attributes or {})
+    if len(attrs) > MAX_ATTRIBUTES:
+        raise InvalidInput(f"{field}.attributes must hold at most {MAX_ATTRIBUTES} entries, "
+                           f"got {len(attrs)}")
+    for key, value in attrs.items():
+        if len(value) > MAX_ATTRIBUTE_CHARS or len(key) > MAX_ATTRIBUTE_CHARS:
+            raise InvalidInput(f"{field}.attributes[{key[:40]!r}] must be at most "
+                               f"{MAX_ATTRIBUTE_CHARS} characters")
+    text = compose_item_text(title, attrs)
+    if not has_visible_text(compose_item_text(title)):
+        raise InvalidInput(f"{field}.title must hold visible text, got only whitespace, "
+                           "control or zero-width characters")
+    return title, attrs, text
 
 
 def raw_event(e) -> dict:

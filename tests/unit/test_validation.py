@@ -1,10 +1,12 @@
-"""The shared input rules of services/common/events.py and text.py: one id rule for every
-RPC, visible texts, ratings, and the content digest that tells a conflict from a re-send."""
+"""The shared input rules of services/common/validation.py and text.py: one id rule for every
+RPC, visible texts, ratings, catalogue items, and the content digest that tells a conflict
+from a re-send."""
 
 import pytest
 
 from services.common.errors import InvalidInput
-from services.common.events import check_id, content_digest, validate_event
+from services.common.validation import (MAX_ATTRIBUTES, check_id, content_digest,
+                                        validate_event, validate_item)
 from recmodel.text import has_visible_text
 
 NOW_MS = 1_700_000_000_000
@@ -84,3 +86,29 @@ def test_the_digest_uses_the_time_as_sent_so_an_unset_time_resent_later_matches_
     other = validate_event(**ev(event_id="e1", item_id="i2"), field="e", now_ms=NOW_MS)
     assert other.digest != first.digest
     assert first.digest == content_digest("office", 2, "i1", 0, 1.0)
+
+
+def test_an_item_is_returned_with_its_title_stripped_and_the_text_its_vector_is_made_from():
+    title, attributes, text = validate_item("i1", "office", "  red stapler ",
+                                            {"brand": "acme"}, field="items[0]")
+    assert (title, attributes) == ("red stapler", {"brand": "acme"})
+    assert text.startswith("red stapler") and "acme" in text
+    assert validate_item("i1", "office", "glue", None, field="items[0]")[1] == {}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (dict(item_id=""), "items[2].item_id is required"),
+    (dict(platform="Office"), "items[2].platform must match"),
+    (dict(title="   "), "items[2].title must hold 1..2048 characters, got 0"),
+    (dict(title="x" * 2049), "items[2].title must hold 1..2048 characters, got 2049"),
+    (dict(title="\u200b\u200b"), "items[2].title must hold visible text"),
+    (dict(attributes={f"k{n}": "v" for n in range(MAX_ATTRIBUTES + 1)}),
+     "items[2].attributes must hold at most 16 entries, got 17"),
+    (dict(attributes={"colour": "x" * 2049}), "items[2].attributes['colour'] must be at most"),
+])
+def test_an_item_breaking_a_rule_is_refused_naming_its_field(fields, message):
+    item = dict(item_id="i1", platform="office", title="red stapler", attributes=None)
+    with pytest.raises(InvalidInput) as err:
+        validate_item(**{**item, **fields}, field="items[2]")
+    assert str(err.value).startswith(message)
+
