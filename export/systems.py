@@ -183,7 +183,7 @@ class ItemKNNSystem(CatalogueSystem):
 
 
 class CrossrecSystem(CatalogueSystem):
-    """The served pipeline (services/ranking/pipeline.rank) query by query, with the exported
+    """The served pipeline (recmodel/pipeline.rank) query by query, with the exported
     ranker and its co-visit counts: user tower -> candidates by dot product with co-visit
     items merged in -> ranker; items below the candidates keep retrieval order after them."""
 

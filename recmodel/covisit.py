@@ -3,7 +3,7 @@
 The collaborative signal the text-based user tower lacks: export/rank_data.py counts it over
 the training users, writes it beside the ranker (models/ranker/<N>/covisit.npz), and the ranker
 reads it as features (`CoVisits.features`) and as a second candidate source
-(services/ranking/pipeline.covisit_top). Numpy only:
+(recmodel/pipeline.covisit_top). Numpy only:
 serving loads it without torch or scipy.
 
 Memory: the full symmetric count matrix (CSR, uint16 counts), ~30 MB for the 38,396-item

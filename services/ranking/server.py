@@ -76,7 +76,7 @@ class Config:
     allow_no_ranker: bool = flag(False, "without a trained ranker, keep the retrieval order "
                                  "instead of refusing to start")
     index: str = flag("auto", "auto (pca up to --hnsw-threshold items, hnsw above; see "
-                      "services/ranking/index.py), exact, pca, fp16, sq8, ivf or hnsw")
+                      "recmodel/index.py), exact, pca, fp16, sq8, ivf or hnsw")
     hnsw_threshold: int = flag(200_000, "items per platform above which auto is HNSW")
     max_k: int = flag(1000, "largest k a Recommend call may ask for")
     fusion_fallback: bool = flag(False, "when fusion is unreachable, answer with popular items "
