@@ -21,12 +21,12 @@ import numpy as np
 from clients.crossrec_client.channels import RetryPolicy, open_channel
 from clients.crossrec_client.embedding import embed_in_chunks
 from clients.crossrec_client.limits import MAX_TEXTS_PER_EMBED_CALL
+from clients.crossrec_client.security import ClientSecurity
 from crossrec.common.v1 import common_pb2
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from services.common import tracing
 from services.common.errors import BudgetSpent, InvalidInput, NotReady, Overloaded
-from services.common.security import ClientSecurity
 
 DEFAULT_TIMEOUT_S = 30.0
 _ERRORS = {grpc.StatusCode.DEADLINE_EXCEEDED: BudgetSpent,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from clients import crossrec_client
+from clients.crossrec_client import ClientSecurity
 from crossrec.embedding.v1 import embedding_pb2
 from services.common import remote
 from services.common.errors import BudgetSpent
-from services.common.security import ClientSecurity
 
 
 def test_service_to_service_channels_come_from_the_client_librarys_builder(monkeypatch):
