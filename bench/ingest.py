@@ -48,8 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "gen"), str(REPO)]
 
 from clients.crossrec_client import FusionClient  # noqa: E402
-from tools.stack import (RedisClusterServers, RedisServer, ServiceProcess,  # noqa: E402
-                           service_args, start_stack)
+from tools.redis_server import RedisClusterServers, RedisServer  # noqa: E402
+from tools.stack import ServiceProcess, service_args, start_stack  # noqa: E402
 from dataio import (AMAZON, MOVIELENS, item_texts, iter_events, to_event,  # noqa: E402
                     user_events)
 from services.common.validation import validate_event  # noqa: E402

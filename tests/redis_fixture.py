@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.stack import RedisClusterServers, RedisServer
+from tools.redis_server import RedisClusterServers, RedisServer
 
 
 @pytest.fixture(scope="session")

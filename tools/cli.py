@@ -22,13 +22,13 @@ import sys
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
-from tools.cli_loads import LOAD_TIMEOUT_S, cmd_events_load, cmd_items_load
-from tools.cli_output import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE
-from tools.cli_queries import (SERVICES, cmd_delete_user, cmd_embed, cmd_health,
-                                 cmd_profile, cmd_recommend)
 from clients.crossrec_client import CrossrecClient, CrossrecError, InvalidArgument, Unavailable
 from dataio import SHARED_COLUMNS, TIME_UNITS_MS
 from recmodel.events import ACTIONS
+from tools.cli_loads import LOAD_TIMEOUT_S, cmd_events_load, cmd_items_load
+from tools.cli_output import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE
+from tools.cli_queries import (SERVICES, cmd_delete_user, cmd_embed, cmd_health,
+                               cmd_profile, cmd_recommend)
 
 DEFAULT_ADDRESSES = {"embedding": "127.0.0.1:50051", "fusion": "127.0.0.1:50052",
                      "ranking": "127.0.0.1:50053"}

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tools.cli_output import EXIT_OK, print_json, progress_bar
 from clients.crossrec_client import CrossrecClient, Event, IngestResult, InvalidArgument, Item
 from dataio import EventColumns, csv_rows, item_texts_csv, open_csv, read_items_csv, to_event
+from tools.cli_output import EXIT_OK, print_json, progress_bar
 
 # Per UpsertItems batch (every item is embedded first) and per IngestStream checkpoint.
 LOAD_TIMEOUT_S = 300.0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tools.cli_output import EXIT_FAILED, EXIT_OK, cut, plain, print_json, table, utc
 from clients.crossrec_client import CrossrecClient, CrossrecError, InvalidArgument
+from tools.cli_output import EXIT_FAILED, EXIT_OK, cut, plain, print_json, table, utc
 
 SERVICES = ("embedding", "fusion", "ranking")
 

@@ -16,11 +16,11 @@ import grpc
 from tqdm import tqdm
 
 from clients.crossrec_client import FusionClient
-from tools.stack import start_stack
 from crossrec.common.v1 import common_pb2
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from dataio import AMAZON, dataset_name, read_items, user_events
+from tools.stack import start_stack
 
 SOURCES = {1: "personalised", 2: "cross-platform", 3: "popularity fallback"}
 

@@ -35,9 +35,16 @@ spans join the caller's trace; with a tracer provider configured, each call is a
 span. Without one nothing is recorded.
 
 Modules: `errors` (CrossrecError and its subclasses), `values` (Event, Item, Recommendations...),
+`limits` (MAX_MESSAGE_BYTES, MAX_TEXTS_PER_EMBED_CALL: the servers' limits too),
 `channels` (open_channel, RetryPolicy: every crossrec channel, the services' own included),
-`service` (what the three clients share), `embedding`, `fusion`, `ranking` (one client each),
-`facade` (CrossrecClient). Import the names from here.
+`security` (ClientSecurity: TLS files and token as one value, for services and tools),
+`service` (what the three clients share), `embedding` (EmbeddingClient, and embed_in_chunks,
+the one Embed chunking loop), `fusion`, `ranking` (one client each), `facade`
+(CrossrecClient). Import the names from here.
+
+The library is the bottom of the calling side: backends, the tools (tools/) and the services
+themselves (services/common/remote.py) import it; it imports no service, model, export or
+tool code (an import contract in pyproject.toml).
 """
 
 from clients.crossrec_client.channels import RetryPolicy, channel_options, open_channel
@@ -48,16 +55,17 @@ from clients.crossrec_client.errors import (CrossrecError, DeadlineExceeded, Inv
 from clients.crossrec_client.facade import CrossrecClient
 from clients.crossrec_client.fusion import FusionClient
 from clients.crossrec_client.ranking import RankingClient
+from clients.crossrec_client.security import ClientSecurity
 from clients.crossrec_client.values import (Action, Contribution, Driver, Event, IngestResult, Item,
                                             ItemStat, ModelInfo, ModelRef, PlatformProfile,
                                             Profile, ProfileEvent, Recommendation,
                                             Recommendations, Source)
 
 __all__ = [
-    "Action", "Contribution", "CrossrecClient", "CrossrecError", "DeadlineExceeded", "Driver",
-    "EmbeddingClient", "Event", "FusionClient", "IngestResult", "InvalidArgument", "Item",
-    "ItemStat", "ModelInfo", "ModelRef", "NotFound", "PlatformProfile", "Profile",
-    "ProfileEvent", "RankingClient", "Recommendation", "Recommendations", "ResourceExhausted",
-    "RetryPolicy", "Source", "Unauthenticated", "Unavailable", "channel_options",
-    "error_from_rpc", "open_channel",
+    "Action", "ClientSecurity", "Contribution", "CrossrecClient", "CrossrecError",
+    "DeadlineExceeded", "Driver", "EmbeddingClient", "Event", "FusionClient", "IngestResult",
+    "InvalidArgument", "Item", "ItemStat", "ModelInfo", "ModelRef", "NotFound",
+    "PlatformProfile", "Profile", "ProfileEvent", "RankingClient", "Recommendation",
+    "Recommendations", "ResourceExhausted", "RetryPolicy", "Source", "Unauthenticated",
+    "Unavailable", "channel_options", "error_from_rpc", "open_channel",
 ]

@@ -14,8 +14,8 @@ import grpc
 from opentelemetry.instrumentation.grpc import client_interceptor
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel as traced_channel
 
-# The servers accept and send at most 16 MiB per message (services/common/serve.py).
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+from clients.crossrec_client.limits import MAX_MESSAGE_BYTES
+
 # Longest wait between reconnection attempts to a service that went away (see channel_options).
 MAX_RECONNECT_BACKOFF_MS = 1_000
 # A call is retried only while everything it sent fits this buffer; 4 MiB holds a full

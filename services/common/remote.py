@@ -19,12 +19,14 @@ import grpc
 import numpy as np
 
 from clients.crossrec_client.channels import RetryPolicy, open_channel
+from clients.crossrec_client.embedding import embed_in_chunks
+from clients.crossrec_client.limits import MAX_TEXTS_PER_EMBED_CALL
+from clients.crossrec_client.security import ClientSecurity
 from crossrec.common.v1 import common_pb2
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from services.common import tracing
 from services.common.errors import BudgetSpent, InvalidInput, NotReady, Overloaded
-from services.common.security import ClientSecurity
 
 DEFAULT_TIMEOUT_S = 30.0
 _ERRORS = {grpc.StatusCode.DEADLINE_EXCEEDED: BudgetSpent,
@@ -56,10 +58,11 @@ def rpc_error(err: grpc.RpcError, what: str) -> Exception:
 
 
 class EmbeddingRemote:
-    """Calls EmbeddingService.Embed in chunks; returns float32 [n, dim]."""
+    """Calls EmbeddingService.Embed in chunks (the client library's embed_in_chunks);
+    returns float32 [n, dim]."""
 
     def __init__(self, address: str, security: ClientSecurity = ClientSecurity(),
-                 max_texts_per_call: int = 256):
+                 max_texts_per_call: int = MAX_TEXTS_PER_EMBED_CALL):
         self.address = address
         self.max_texts_per_call = max_texts_per_call
         channel, self._channel = upstream_channel(
@@ -76,20 +79,11 @@ class EmbeddingRemote:
         return info.model.name, info.model.version, info.dim
 
     def __call__(self, texts: list[str], budget_s: float | None = None) -> np.ndarray:
-        futures = []
-        for start in range(0, len(texts), self.max_texts_per_call):
-            request = embedding_pb2.EmbedRequest(texts=texts[start:start + self.max_texts_per_call])
-            futures.append(self._stub.Embed.future(request,
-                                                   timeout=budget_s or DEFAULT_TIMEOUT_S))
-        rows = []
         try:
-            for future in futures:
-                rows.extend(e.values for e in future.result().embeddings)
+            return embed_in_chunks(self._stub.Embed, texts, self.max_texts_per_call,
+                                   budget_s or DEFAULT_TIMEOUT_S)
         except grpc.RpcError as err:
-            for future in futures:
-                future.cancel()
             raise rpc_error(err, f"embedding service at {self.address}") from None
-        return np.asarray(rows, dtype=np.float32).reshape(len(texts), -1)
 
     def close(self) -> None:
         self._channel.close()

@@ -1,5 +1,6 @@
-"""Transport security shared by servers and service-to-service clients: optional TLS, mutual
-TLS, and a bearer-token check (constant-time compare; UNAUTHENTICATED on failure).
+"""Transport security of the servers: optional TLS, mutual TLS, and a bearer-token check
+(constant-time compare; UNAUTHENTICATED on failure). The client side (how a service dials
+another) is the client library's ClientSecurity (clients/crossrec_client/security.py).
 
 Health checks stay open so Kubernetes probes need no token. Reflection needs the token when
 auth is on (it is a long-lived stream: open to anyone, it let unauthenticated callers hold
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import hmac
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+# Re-exported for serve.py's client_security(), which builds the one from the flags.
+from clients.crossrec_client.security import ClientSecurity  # noqa: F401
 
 HEALTH_SERVICES = ("/grpc.health.v1.Health/",)
 REFLECTION_SERVICES = ("/grpc.reflection.v1alpha.ServerReflection/",
@@ -113,23 +116,3 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if handler.unary_stream:
             return handler._replace(unary_stream=deny)
         return handler._replace(stream_stream=deny)
-
-
-@dataclass(frozen=True)
-class ClientSecurity:
-    """How this process dials other crossrec services (and how tools dial crossrec)."""
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    token: str = ""
-
-    def channel(self, address: str, options: list | None = None) -> grpc.Channel:
-        if not self.tls_ca:
-            return grpc.insecure_channel(address, options=options)
-        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
-        creds = grpc.ssl_channel_credentials(read(self.tls_ca), read(self.tls_key),
-                                             read(self.tls_cert))
-        return grpc.secure_channel(address, creds, options=options)
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()

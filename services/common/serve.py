@@ -19,6 +19,7 @@ from google.protobuf import message as pb_message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clients.crossrec_client.limits import MAX_MESSAGE_BYTES
 from services.common import metrics, tracing
 from services.common.errors import EngineError, status_name
 from services.common.flags import ServerConfig
@@ -29,7 +30,6 @@ from services.common.wire import find_bad_field
 from services.common.workers import write_port_file
 
 log = logging.getLogger("crossrec")
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # The health-only port answers probes and nothing else: a few threads, a small cap (Watch
 # streams count against it too).
 HEALTH_WORKERS = 2

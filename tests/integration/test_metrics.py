@@ -5,14 +5,14 @@ import urllib.request
 import grpc
 import pytest
 
-from tools.stack import _free_port, start_stack
+from tools.stack import free_port, start_stack
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 
 @pytest.fixture(scope="module")
 def stack(model_repo, tmp_path_factory):
-    ports = {name: _free_port() for name in ("embedding", "fusion", "ranking")}
+    ports = {name: free_port() for name in ("embedding", "fusion", "ranking")}
     procs = start_stack(tmp_path_factory.mktemp("metrics"), str(model_repo),
                         extra={n: ["--metrics-port", str(p)] for n, p in ports.items()})
     yield procs, ports

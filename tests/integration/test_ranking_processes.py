@@ -15,7 +15,7 @@ import urllib.request
 import grpc
 import pytest
 
-from tools.stack import ServiceProcess, _free_port, service_args, start_stack
+from tools.stack import ServiceProcess, free_port, service_args, start_stack
 from crossrec.common.v1 import common_pb2
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from services.common.serve import WORKER_METADATA_KEY
@@ -54,7 +54,7 @@ def start_ranking(model_repo, deps, name: str, *extra: str) -> ServiceProcess:
 
 @pytest.fixture(scope="module")
 def ranking(model_repo, deps):
-    metrics_port, health_port = _free_port(), _free_port()
+    metrics_port, health_port = free_port(), free_port()
     proc = start_ranking(model_repo, deps, "shared", "--metrics-port", str(metrics_port),
                          "--health-port", str(health_port))
     proc.metrics_port, proc.health_address = metrics_port, f"127.0.0.1:{health_port}"

@@ -9,7 +9,8 @@ import time
 import grpc
 import pytest
 
-from tools.stack import RedisServer, ServiceProcess, start_stack
+from tools.redis_server import RedisServer
+from tools.stack import ServiceProcess, start_stack
 from crossrec.common.v1 import common_pb2
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 

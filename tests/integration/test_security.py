@@ -13,11 +13,11 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tools.stack import ServiceProcess, _free_port
+from clients.crossrec_client import ClientSecurity
 from crossrec.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
-from services.common.security import ClientSecurity
 from tests.reliability.support import HealthWatch
+from tools.stack import ServiceProcess, free_port
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -66,7 +66,7 @@ def secure_embedding(model_repo, pki, tmp_path_factory):
     """Embedding with mutual TLS and a bearer token, and a plaintext health-only port
     (`proc.health_address`)."""
     security = ClientSecurity(pki["ca"], pki["client"], pki["client_key"], TOKEN)
-    health_port = _free_port()
+    health_port = free_port()
     proc = ServiceProcess("embedding", [
         "--model-repo", str(model_repo), "--tls-cert", pki["server"], "--tls-key",
         pki["server_key"], "--tls-client-ca", pki["ca"], "--auth-token-file", pki["token"],
@@ -172,7 +172,7 @@ def test_the_health_port_serves_nothing_but_health(secure_embedding, metadata):
 def test_the_health_port_reports_not_serving_on_sigterm_before_it_closes(secure_embedding, pki,
                                                                          model_repo, tmp_path):
     embedding, security = secure_embedding
-    health_port = _free_port()
+    health_port = free_port()
     fusion = ServiceProcess("fusion", [
         "--model-repo", str(model_repo), "--embedding-address", embedding.address,
         "--sqlite-path", str(tmp_path / "f.sqlite3"),

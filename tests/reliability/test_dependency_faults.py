@@ -12,7 +12,8 @@ from contextlib import contextmanager
 import grpc
 import pytest
 
-from tools.stack import RedisServer, ServiceProcess, start_stack
+from tools.redis_server import RedisServer
+from tools.stack import ServiceProcess, start_stack
 from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc
 from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from tests.reliability.support import frozen, pb_event, pb_item, rpc_outcome

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from tools.stack import RedisClusterServers
+from tools.redis_server import RedisClusterServers
 from services.common.errors import BudgetSpent, NotReady
 from recmodel.events import Event
 from services.fusion.redis_store import RedisProfileStore
