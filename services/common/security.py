@@ -15,9 +15,6 @@ from pathlib import Path
 
 import grpc
 
-# Re-exported for serve.py's client_security(), which builds the one from the flags.
-from clients.crossrec_client.security import ClientSecurity  # noqa: F401
-
 HEALTH_SERVICES = ("/grpc.health.v1.Health/",)
 REFLECTION_SERVICES = ("/grpc.reflection.v1alpha.ServerReflection/",
                        "/grpc.reflection.v1.ServerReflection/")

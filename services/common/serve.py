@@ -20,11 +20,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clients.crossrec_client.limits import MAX_MESSAGE_BYTES
+from clients.crossrec_client.security import ClientSecurity
 from services.common import metrics, tracing
 from services.common.errors import EngineError, status_name
 from services.common.flags import ServerConfig
-from services.common.security import (ClientSecurity, ConfigError, TokenAuthInterceptor,
-                                      read_token, server_credentials)
+from services.common.security import (ConfigError, TokenAuthInterceptor, read_token,
+                                      server_credentials)
 from services.common.streams import STREAM_METHODS, StreamGuard, streaming_methods
 from services.common.wire import find_bad_field
 from services.common.workers import write_port_file
