@@ -102,8 +102,8 @@ test-gpu: protos models
 	$(PY) -m pytest -m gpu
 
 bench: protos models
-	$(PY) bench/embedding.py
-	$(PY) bench/ingest.py
+	$(PY) -m bench.embedding
+	$(PY) -m bench.ingest
 
 # Bounded loopback load test of the services `make up` started (tools/loadtest.py): a mix of
 # Recommend, Ingest and GetProfile over real users; LOADTEST_ARGS adds or overrides flags, e.g.

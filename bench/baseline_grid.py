@@ -2,7 +2,7 @@
 (protocol A warm, NDCG@10): ALS (factors, regularization, alpha) and item-kNN's damping
 exponent. export/systems.py keeps the chosen values per dataset; this is how they were chosen.
 
-    .venv/bin/python bench/baseline_grid.py --dataset movielens-1m --model-repo models-movielens-1m
+    .venv/bin/python -m bench.baseline_grid --dataset movielens-1m --model-repo models-movielens-1m
         (bench/results/baseline-grid-<dataset>.json)
 """
 
@@ -12,18 +12,13 @@ import itertools
 import json
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "gen"), str(REPO)]
-
-
-from machine import machine  # noqa: E402  (bench/machine.py)
-from dataio import dataset_name  # noqa: E402
-from export import cli  # noqa: E402
-from export.cases import build_cases, default_data, validation_users  # noqa: E402
-from export.evaluate import evaluate_system  # noqa: E402
-from export.systems import ALSSystem, ItemKNNSystem  # noqa: E402
+from bench.common import RESULTS, machine, write_results
+from dataio import dataset_name
+from export import cli
+from export.cases import build_cases, default_data, validation_users
+from export.evaluate import evaluate_system
+from export.systems import ALSSystem, ItemKNNSystem
 
 ALS_GRID = {"factors": (16, 32, 64, 128, 256), "regularization": (1.0, 30.0, 300.0),
             "alpha": (1.0, 10.0, 40.0), "iterations": (15,)}
@@ -39,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     data = default_data(args.model_repo, args.dataset)
     users = validation_users(data)[:args.users] if args.users else validation_users(data)
     cases = build_cases("A", "warm", users, data, "val")
-    out = {"command": " ".join(["python bench/baseline_grid.py"] + sys.argv[1:]),
+    out = {"command": " ".join(["python -m bench.baseline_grid"] + sys.argv[1:]),
            **machine(), "dataset": dataset_name(args.dataset),
            "cases": len(cases), "setting": "A warm, validation targets", "als": [],
            "itemknn": []}
@@ -56,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(out["itemknn"][-1], flush=True)
     out["best"] = {"als": max(out["als"], key=lambda r: r["ndcg@10"]),
                    "itemknn": max(out["itemknn"], key=lambda r: r["ndcg@10"])}
-    path = REPO / "bench" / "results" / f"baseline-grid-{dataset_name(args.dataset)}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    write_results(RESULTS / f"baseline-grid-{dataset_name(args.dataset)}.json", out)
     print(json.dumps(out["best"], indent=1))
     return 0
 

@@ -3,7 +3,7 @@ local stack (embedding, fusion, ranking on loopback), end to end, against the of
 of the same encoder on the same item texts measured in the same run. Writes
 bench/results/catalogue_load.json.
 
-    .venv/bin/python bench/catalogue_load.py [--models encoder,encoder_int8] [--items 0]
+    .venv/bin/python -m bench.catalogue_load [--models encoder,encoder_int8] [--items 0]
 
 Per model: a fresh stack whose embedding service serves that model; `python -m tools.cli
 items load` of the items CSV (--batch-size, --concurrency: the CLI's defaults); items/s from
@@ -26,32 +26,21 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "gen"), str(REPO / "bench")]
-
-from tools.stack import python_env, start_stack  # noqa: E402
-from dataio import AMAZON, data_dir, read_items  # noqa: E402
-from e2e import cpu_seconds  # noqa: E402  (bench/e2e.py: a process and its workers)
-from machine import cpu_model, write_results  # noqa: E402
-from recmodel import modelrepo  # noqa: E402
-from recmodel.text import compose_item_text  # noqa: E402
+from bench.ceiling import engine_ceiling
+from bench.common import (MODEL_REPO, REPO, RESULTS, command_line, cpu_model, cpu_seconds,
+                          utc_now, write_results)
+from dataio import AMAZON, data_dir, read_items
+from recmodel import modelrepo
+from recmodel.text import compose_item_text
+from tools.stack import python_env, start_stack
 
 TARGET_ITEMS_PER_S = 1000
 
 
 def ceiling(model_dir: Path, texts: list[str], seconds: float) -> dict:
-    from recmodel.encoder import Encoder
-
-    engine = Encoder(model_dir, device="cpu")
-    encoded = engine.tokenize(texts)
-    engine.run_sorted(encoded[:64], 32)
-    n, start = 0, time.perf_counter()
-    while n == 0 or time.perf_counter() - start < seconds:
-        engine.run_sorted(encoded, 32)
-        n += len(encoded)
-    return {"items_per_s": round(n / (time.perf_counter() - start), 1),
-            "items": len(texts), "tokens_per_item": round(
-                sum(len(e.ids) for e in encoded) / len(encoded), 1)}
+    top = engine_ceiling(model_dir, texts, seconds)
+    return {"items_per_s": top["texts_per_s"], "items": len(texts),
+            "tokens_per_item": top["tokens_per_text"]}
 
 
 def load_once(args, model: str, items_csv: Path, n_items: int, texts: list[str]) -> dict:
@@ -96,8 +85,7 @@ def load_once(args, model: str, items_csv: Path, n_items: int, texts: list[str])
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-repo", type=Path,
-                        default=Path(os.environ.get("CROSSREC_MODEL_REPO", REPO / "models")))
+    parser.add_argument("--model-repo", type=Path, default=Path(MODEL_REPO))
     parser.add_argument("--models", default="encoder,encoder_int8",
                         help="embedding models to serve, one fresh stack each")
     parser.add_argument("--items", type=int, default=0, help="first N catalogue rows; 0: all")
@@ -105,7 +93,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--ceiling-items", type=int, default=4000)
     parser.add_argument("--ceiling-s", type=float, default=10.0)
-    parser.add_argument("--out", type=Path, default=REPO / "bench/results/catalogue_load.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "catalogue_load.json")
     args = parser.parse_args(argv)
     source = data_dir() / AMAZON / "items.csv"
     rows = read_items(AMAZON)
@@ -126,8 +114,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     runs = {m: load_once(args, m, items_csv, len(rows), texts) for m in args.models.split(",")}
     shutil.rmtree(tmp, ignore_errors=True)
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    results = {"command": command_line(), "created_at": utc_now(),
                "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
                "items_csv": str(source), "items": len(rows),
                "params": {"batch_size": args.batch_size, "concurrency": args.concurrency,

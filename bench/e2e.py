@@ -1,15 +1,14 @@
 """End-to-end benchmark: all three services on this machine with the real catalogue and real
 users; Recommend latency/throughput at increasing concurrency, a sustained fixed-rate run, and
-in the same run a bare gRPC echo server (same server settings, same load tool) as the ceiling
-for any Python gRPC service on this box, tracing's cost (bench/tracing.py: Recommend with
-tracing off, on, and on at 10% sampling, on three fresh stacks taking turns), and the
-pipeline's own compute floor per query (bench/pipeline_floor.py). The ranking
-service runs its default worker processes (--processes: the usable cores); the same curve is
-then run against a second ranking with --processes 1 on the same catalogue (the workers
-axis), and the peak ratio reported. Writes bench/results/e2e.{json,png}. About 6 minutes.
+in the same run a bare gRPC echo server (bench/echo.py; same server settings, same load tool)
+as the ceiling for any Python gRPC service on this box, tracing's cost (bench/tracing.py:
+Recommend with tracing off, on, and on at 10% sampling, on three fresh stacks taking turns),
+and the pipeline's own compute floor per query (bench/pipeline_floor.py). The ranking service
+runs its default worker processes (--processes: the usable cores); the same curve is then run
+against a second ranking with --processes 1 on the same catalogue (the workers axis), and the
+peak ratio reported. Writes bench/results/e2e.{json,png}. About 6 minutes.
 
-    .venv/bin/python bench/e2e.py [--levels 1,2,4,8,16,32] [--level-s 7] [--sustain-s 30]
-    .venv/bin/python bench/e2e.py --serve-echo --port-file F     (the echo server itself)
+    .venv/bin/python -m bench.e2e [--levels 1,2,4,8,16,32] [--level-s 7] [--sustain-s 30]
 
 Services run as separate processes on 127.0.0.1; the load generator (tools/loadtest.py,
 asyncio) is a process of its own and shares the cores with them, for the echo server alike.
@@ -31,151 +30,22 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent import futures
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "gen"), str(REPO)]
+from bench.common import (MODEL_REPO, RESULTS, command_line, cpu_model, cpu_seconds, git_dirty,
+                          git_sha, write_results)
+from bench.echo import start_echo
+from bench.profiling import profile_servers
+from bench.stack_data import load_args, load_data, seed_stores
+from recmodel import modelrepo
+from tools.loadtest import run_load
+from tools.stack import ServiceProcess, start_stack
 
-import grpc  # noqa: E402
-
-from tools.loadtest import ECHO_METHOD, Workload, parse_args, run_load  # noqa: E402
-from tools.stack import ServiceProcess, python_env, start_stack  # noqa: E402
-from crossrec.common.v1 import common_pb2  # noqa: E402
-from crossrec.fusion.v1 import fusion_pb2, fusion_pb2_grpc  # noqa: E402
-from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc  # noqa: E402
-from dataio import AMAZON, item_texts, read_items, user_events  # noqa: E402
-from recmodel import modelrepo  # noqa: E402
-from machine import cpu_model  # noqa: E402  (bench/machine.py)
-
-RESULTS = REPO / "bench" / "results"
 SUSTAINED_P99_MS, CEILING_FRACTION = 25, 0.06
 RANKING_CPU_TARGET_MS, FUSION_CPU_TARGET_MS = 2.0, 1.2  # issue 11, per Recommend at 1 caller
-
-
-def serve_echo(port_file: str) -> int:
-    """A bare gRPC server with the services' settings that returns the request bytes."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
-                         maximum_concurrent_rpcs=512)
-    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
-    service, method = ECHO_METHOD.strip("/").split("/")
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        service, {method: handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    Path(port_file).write_text(str(port))
-    # As in services/common/serve.py: the handler only appends (an Event.set() there can
-    # deadlock a main thread inside Event.wait()).
-    signals: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, _: signals.append(signum))
-    while not signals:
-        time.sleep(0.1)
-    server.stop(1).wait()
-    return 0
-
-
-def start_echo(run_dir: Path) -> tuple[subprocess.Popen, str]:
-    port_file = run_dir / "echo.port"
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-echo", "--port-file",
-                             str(port_file)], env=python_env())
-    deadline = time.monotonic() + 30
-    while not port_file.exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError("echo server did not start")
-        time.sleep(0.05)
-    return proc, f"127.0.0.1:{port_file.read_text()}"
-
-
-def seed_stores(run_dir: Path, model_repo: str, n_items: int) -> int:
-    """Write the catalogue (ranking) and the item-vector cache (fusion) where start_stack's
-    services will open them, from the encoder's cached catalogue vectors. Items written."""
-    from export.item_vectors import item_vectors
-    from recmodel.text import compose_item_text
-    from services.fusion.sqlite_store import SQLiteProfileStore
-    from services.ranking.catalog import CatalogItem
-    from services.ranking.sqlite_catalog import SQLiteCatalog
-    keys, vectors = item_vectors(AMAZON, model_repo)
-    row_of = {k: n for n, k in enumerate(keys)}
-    rows = read_items(AMAZON)[:n_items or None]
-    catalog = SQLiteCatalog(run_dir / "catalog.sqlite3", vectors.shape[1])
-    for start in range(0, len(rows), 5000):
-        chunk = rows[start:start + 5000]
-        catalog.upsert([CatalogItem(r["item_id"], r["platform"], r["title"], r["attributes"],
-                                    compose_item_text(r["title"], r["attributes"]))
-                        for r in chunk],
-                       vectors[[row_of[(r["platform"], r["item_id"])] for r in chunk]])
-    catalog.close()
-    store = SQLiteProfileStore(run_dir / "fusion.sqlite3")
-    texts = item_texts(AMAZON)
-    store.put_items({k: (texts[k], vectors[n]) for k, n in row_of.items()})
-    store.close()
-    print(f"  catalogue and item vectors written: {len(rows):,} items", flush=True)
-    return len(rows)
-
-
-def load_data(procs: dict[str, ServiceProcess], n_users: int, n_items: int,
-              over_grpc: bool) -> Workload:
-    if over_grpc:
-        upsert_items(procs, n_items)
-    users = user_events(AMAZON, users=n_users)
-    started = time.perf_counter()
-    with grpc.insecure_channel(procs["fusion"].address) as channel:
-        reply = fusion_pb2_grpc.FusionServiceStub(channel).IngestStream(iter([
-            fusion_pb2.IngestRequest(events=[common_pb2.BehaviorEvent(
-                **{k: v for k, v in e.items() if v is not None}) for e in events])
-            for events in users.values()]), timeout=600)
-    print(f"  {len(users)} users ingested over gRPC: {reply.accepted:,} events in "
-          f"{time.perf_counter() - started:.1f} s", flush=True)
-    events = [e for es in users.values() for e in es]
-    return Workload(list(users), events, ["arts_crafts", "office"])
-
-
-def upsert_items(procs: dict[str, ServiceProcess], n_items: int) -> None:
-    items = read_items(AMAZON)[:n_items or None]
-    with grpc.insecure_channel(procs["ranking"].address) as channel:
-        stub = ranking_pb2_grpc.RankingServiceStub(channel)
-        for start in range(0, len(items), 500):
-            stub.UpsertItems(ranking_pb2.UpsertItemsRequest(items=[ranking_pb2.Item(
-                item_id=r["item_id"], platform=r["platform"], title=r["title"],
-                attributes=r["attributes"]) for r in items[start:start + 500]]), timeout=300)
-            print(f"\r  catalogue {min(start + 500, len(items)):,}/{len(items):,}", end="",
-                  flush=True)
-    print()
-
-
-def load_args(**kw) -> argparse.Namespace:
-    argv = []
-    for key, value in kw.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return parse_args(argv)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """User + system CPU seconds of each process and its live children (worker processes)
-    so far ({} where /proc is missing)."""
-    out = {}
-    for name, pid in pids.items():
-        total = 0.0
-        for one in [pid, *_children(pid)]:
-            try:
-                fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        if total or Path(f"/proc/{pid}").exists():
-            out[name] = total
-    return out
 
 
 def curve(levels, level_s, workload, pids: dict[str, int], **targets) -> list[dict]:
@@ -230,68 +100,6 @@ def sustained_run(rate: float, seconds: float, workload, **targets) -> dict:
             "codes": rpc["codes"], "client_overflow": result["client_overflow"],
             **{k: rpc[k] for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")},
             **{k: v for k, v in rpc.items() if k.startswith("ok_p")}}
-
-
-def profile_servers(pids: dict[str, int], seconds: float, out_dir: Path, workload,
-                    **targets) -> dict:
-    """py-spy (`pip install py-spy`) samples each server process for `seconds` while one
-    closed-loop caller drives Recommend; each profile is summarised into
-    out_dir/profile-<name>.txt (self and inclusive time by function, idle threads left out)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spies = {}
-    for name, pid in pids.items():
-        raw = out_dir / f"profile-{name}.raw"
-        spies[name] = (raw, subprocess.Popen(
-            # --subprocesses: ranking's worker processes are children of its parent
-            ["py-spy", "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200", "-f",
-             "raw", "-o", str(raw), "--nonblocking", "--subprocesses"], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL))
-    result = run_load(load_args(mode="closed", concurrency=1, duration_s=seconds, warmup_s=0,
-                                max_requests=10**6, **targets), workload)
-    load = (f"Recommend c=1: {result['throughput_rps']} req/s, "
-            f"p50 {next(iter(result['rpcs'].values()))['p50_ms']} ms")
-    for name, (raw, spy) in spies.items():
-        spy.wait(seconds + 30)
-        if raw.is_file():
-            header = (f"# {name} process(es), py-spy record -r 200 -d {int(seconds)} --nonblocking "
-                      "--subprocesses "
-                      f"at git {results_sha()}\n# load during the profile: {load}\n")
-            (out_dir / f"profile-{name}.txt").write_text(header + summarise(raw.read_text()))
-            raw.unlink()
-    return {"load": load, "files": sorted(str(p) for p in out_dir.glob("profile-*.txt"))}
-
-
-IDLE = ("Condition.wait", "_worker (concurrent", "select (selectors", "Event.wait",
-        "_poll", "channel_spin", "_wait_once", "_serve (grpc")
-
-
-def summarise(raw: str, top: int = 25) -> str:
-    """Self and inclusive sample shares per function of py-spy's raw (collapsed) stacks,
-    stacks whose innermost frame only waits left out."""
-    selfc, incl, total = {}, {}, 0
-    for line in raw.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")"
-                  if " (" in f else f for f in stack.split(";")]
-        if any(frames[-1].startswith(i) for i in IDLE):
-            continue
-        n = int(count)
-        total += n
-        selfc[frames[-1]] = selfc.get(frames[-1], 0) + n
-        for f in set(frames):
-            incl[f] = incl.get(f, 0) + n
-    def table(d):
-        rows = sorted(d.items(), key=lambda kv: -kv[1])[:top]
-        return "\n".join(f"  {100 * n / max(total, 1):6.1f}%  {f}" for f, n in rows)
-    return (f"\n## busy samples: {total} (threads waiting left out)\nself (top {top})\n"
-            f"{table(selfc)}\ninclusive (top {top})\n{table(incl)}\n")
-
-
-def results_sha() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                          capture_output=True, text=True).stdout.strip()
 
 
 def plot(results: dict, path: Path) -> None:
@@ -350,11 +158,9 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--serve-echo", action="store_true")
-    p.add_argument("--port-file", default="")
     p.add_argument("--levels", default="1,2,4,8,16,32")
     p.add_argument("--level-s", type=float, default=7, help="measured seconds per level "
                    "(after 1 s of warm-up)")
@@ -369,8 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--load-over-grpc", action="store_true",
                    help="embed the catalogue through UpsertItems instead of writing the "
                         "encoder's cached vectors (~10 minutes on 2 cores)")
-    p.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
-                                                          str(REPO / "models")))
+    p.add_argument("--model-repo", default=MODEL_REPO)
     p.add_argument("--profile-s", type=float, default=0,
                    help="also profile ranking and fusion with py-spy for this long at one "
                         "caller (0: skip); summaries in --profile-dir")
@@ -386,75 +191,84 @@ def main(argv=None) -> int:
                         "(the workers axis) and report the ratio of the peaks")
     p.add_argument("--results-dir", default=str(RESULTS),
                    help="where e2e.json and e2e.png go (a trial run: somewhere else)")
-    args = p.parse_args(argv)
-    if args.serve_echo:
-        return serve_echo(args.port_file)
-    levels = [int(x) for x in args.levels.split(",")]
-    began = time.perf_counter()
-    git = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                         capture_output=True, text=True).stdout.strip()
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                         capture_output=True, text=True).stdout.strip(),
-               "git_dirty": bool(git), "cpus": os.cpu_count(),
-               "cpu": cpu_model(),
-               "provider": "CPUExecutionProvider",
-               "models": {m: modelrepo.resolve(args.model_repo, m).name
-                          for m in ("encoder", "user_tower", "ranker")},
-               "params": {"levels": levels, "level_s": args.level_s, "warmup_s": 1,
-                          "users": args.users, "items": args.items or "all",
-                          "k": 10, "exclude_seen": True,
-                          "catalogue": "grpc" if args.load_over_grpc else "encoder cache",
-                          "sustain_rate": args.sustain_rate, "sustain_s": args.sustain_s,
-                          "ranking_processes": int(os.environ.get(
-                              "CROSSREC_PROCESSES", len(os.sched_getaffinity(0))))}}
+    return p.parse_args(argv)
+
+
+def header(args: argparse.Namespace, levels: list[int]) -> dict:
+    """What the run was: command, commit, machine, models, parameters."""
+    return {"command": command_line(), "git_sha": git_sha(), "git_dirty": git_dirty(),
+            "cpus": os.cpu_count(), "cpu": cpu_model(), "provider": "CPUExecutionProvider",
+            "models": {m: modelrepo.resolve(args.model_repo, m).name
+                       for m in ("encoder", "user_tower", "ranker")},
+            "params": {"levels": levels, "level_s": args.level_s, "warmup_s": 1,
+                       "users": args.users, "items": args.items or "all",
+                       "k": 10, "exclude_seen": True,
+                       "catalogue": "grpc" if args.load_over_grpc else "encoder cache",
+                       "sustain_rate": args.sustain_rate, "sustain_s": args.sustain_s,
+                       "ranking_processes": int(os.environ.get(
+                           "CROSSREC_PROCESSES", len(os.sched_getaffinity(0))))}}
+
+
+def run_stack(args: argparse.Namespace, levels: list[int], results: dict) -> None:
+    """The stack and the echo server on a fresh folder, every served measurement into
+    `results`, then the services' exit codes."""
     with tempfile.TemporaryDirectory() as tmp:
         print("loading the real catalogue, starting the stack, ingesting real users", flush=True)
         if not args.load_over_grpc:
             seed_stores(Path(tmp), args.model_repo, args.items)
         procs = start_stack(Path(tmp), args.model_repo)
         echo, echo_address = start_echo(Path(tmp))
-        pids = {name: p.proc.pid for name, p in procs.items()}
         try:
-            workload = load_data(procs, args.users, args.items, args.load_over_grpc)
-            time.sleep(11)  # one popularity refresh in ranking
-            targets = dict(ranking=procs["ranking"].address, mix="recommend=1")
-            print("  Recommend, closed loop", flush=True)
-            results["recommend_curve"] = curve(levels, args.level_s, workload, pids,
-                                               **targets)
-            if args.one_process_curve:
-                results["recommend_curve_1_process"] = one_process_curve(
-                    Path(tmp), procs, levels, args.level_s, workload)
-            if args.profile_s > 0:
-                print("  profiling ranking and fusion at one caller", flush=True)
-                results["profile"] = profile_servers(
-                    {n: pids[n] for n in ("ranking", "fusion")}, args.profile_s,
-                    Path(args.profile_dir), workload, **targets)
-            print("  echo ceiling, closed loop", flush=True)
-            results["echo_curve"] = curve(levels, args.level_s, workload,
-                                          {"echo": echo.pid}, echo=echo_address, mix="echo=1")
-            print(f"  sustained Recommend at {args.sustain_rate} req/s", flush=True)
-            results["sustained"] = sustained_run(args.sustain_rate, args.sustain_s, workload,
-                                                 **targets)
-            print(f"    {results['sustained']}", flush=True)
-            if args.context_fraction > 0:
-                peak = max(r["throughput_rps"] for r in results["recommend_curve"])
-                rate = round(args.context_fraction * peak)
-                time.sleep(6)  # let the overload above drain
-                print(f"  sustained Recommend at {rate} req/s ({args.context_fraction:.0%} "
-                      "of the peak)", flush=True)
-                results["sustained_context"] = sustained_run(rate, args.context_s, workload,
-                                                             **targets)
-                print(f"    {results['sustained_context']}", flush=True)
+            measure_served(args, levels, Path(tmp), procs, {"echo": echo.pid}, echo_address,
+                           results)
         finally:
             echo.send_signal(signal.SIGTERM)
             echo.wait(10)
             results["exit_codes"] = {n: p.stop() for n, p in reversed(list(procs.items()))}
+
+
+def measure_served(args: argparse.Namespace, levels: list[int], run_dir: Path,
+                   procs: dict[str, ServiceProcess], echo_pid: dict[str, int],
+                   echo_address: str, results: dict) -> None:
+    """The users loaded; the Recommend curves, profiles, echo curve and sustained runs."""
+    pids = {name: p.proc.pid for name, p in procs.items()}
+    workload = load_data(procs, args.users, args.items, args.load_over_grpc)
+    time.sleep(11)  # one popularity refresh in ranking
+    targets = dict(ranking=procs["ranking"].address, mix="recommend=1")
+    print("  Recommend, closed loop", flush=True)
+    results["recommend_curve"] = curve(levels, args.level_s, workload, pids, **targets)
+    if args.one_process_curve:
+        results["recommend_curve_1_process"] = one_process_curve(
+            run_dir, procs, levels, args.level_s, workload)
+    if args.profile_s > 0:
+        print("  profiling ranking and fusion at one caller", flush=True)
+        results["profile"] = profile_servers(
+            {n: pids[n] for n in ("ranking", "fusion")}, args.profile_s,
+            Path(args.profile_dir), workload, **targets)
+    print("  echo ceiling, closed loop", flush=True)
+    results["echo_curve"] = curve(levels, args.level_s, workload, echo_pid,
+                                  echo=echo_address, mix="echo=1")
+    print(f"  sustained Recommend at {args.sustain_rate} req/s", flush=True)
+    results["sustained"] = sustained_run(args.sustain_rate, args.sustain_s, workload, **targets)
+    print(f"    {results['sustained']}", flush=True)
+    if args.context_fraction > 0:
+        peak = max(r["throughput_rps"] for r in results["recommend_curve"])
+        rate = round(args.context_fraction * peak)
+        time.sleep(6)  # let the overload above drain
+        print(f"  sustained Recommend at {rate} req/s ({args.context_fraction:.0%} "
+              "of the peak)", flush=True)
+        results["sustained_context"] = sustained_run(rate, args.context_s, workload,
+                                                     **targets)
+        print(f"    {results['sustained_context']}", flush=True)
+
+
+def summary(args: argparse.Namespace, results: dict) -> dict:
+    """Peak, ceiling, sustained figures and issue 12's targets; the workers axis' ratio."""
     peak = max(r["throughput_rps"] for r in results["recommend_curve"])
     ceiling = max(r["throughput_rps"] for r in results["echo_curve"])
     s = results["sustained"]
     at_peak = max(results["recommend_curve"], key=lambda r: r["throughput_rps"])
-    results["summary"] = {
+    out = {
         "recommend_peak_rps": peak, "recommend_peak_concurrency": at_peak["concurrency"],
         "recommend_c1_p50_ms": results["recommend_curve"][0]["p50_ms"],
         "echo_ceiling_rps": ceiling, "fraction_of_ceiling": round(peak / ceiling, 3),
@@ -471,42 +285,61 @@ def main(argv=None) -> int:
                     "ceiling_met": peak / ceiling >= CEILING_FRACTION}}
     if "sustained_context" in results:
         c = results["sustained_context"]
-        results["summary"]["sustained_context"] = {
+        out["sustained_context"] = {
             k: c[k] for k in ("target_rate", "ok_rps", "errors", "p50_ms", "p95_ms", "p99_ms")}
     if "recommend_curve_1_process" in results:
         one = max(r["throughput_rps"] for r in results["recommend_curve_1_process"])
-        results["summary"]["processes"] = {
+        out["processes"] = {
             "default": results["params"]["ranking_processes"], "peak_rps_1_process": one,
             "peak_ratio_default_vs_1": round(peak / max(one, 1e-9), 2)}
+    return out
+
+
+def add_pipeline_floor(args: argparse.Namespace, results: dict) -> None:
+    """The compute floor in the same run (bench/pipeline_floor.py): the pipeline alone,
+    in-process, per query; issue 11's CPU targets (ranking <= 2.0 ms, fusion <= 1.2 ms per
+    Recommend at 1 caller) sit against it."""
+    # Imported for this step only: export's modules stay out of the load generator's process
+    # while the curves run.
+    from bench import pipeline_floor
+    floor = pipeline_floor.measure(args.model_repo, args.floor_cases)
+    results["pipeline_floor"] = floor
+    served = results["recommend_curve"][0]["cpu_ms_per_request"]
+    per_query = floor["cpu_ms_per_query"]
+    results["summary"]["c1_cpu_ms_vs_floor"] = {
+        "ranking": {"served": served["ranking"], "floor": per_query["ranking"],
+                    "target": RANKING_CPU_TARGET_MS},
+        "fusion": {"served": served["fusion"], "floor_model_only": per_query["fusion_model"],
+                   "target": FUSION_CPU_TARGET_MS}}
+
+
+def add_tracing(args: argparse.Namespace, results: dict) -> None:
+    """Tracing's cost in the same run: the services stopped above, three fresh stacks (off,
+    on, on at 10%) take turns (bench/tracing.py)."""
+    from bench import tracing  # as pipeline_floor: loaded after the curves
+    traced = tracing.measure(tracing.parse_args(
+        ["--calls", str(args.tracing_calls), "--model-repo", args.model_repo]))
+    results["tracing"] = traced
+    results["summary"]["tracing_ratio_to_off"] = traced["ratio_to_off"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    began = time.perf_counter()
+    results = header(args, levels)
+    run_stack(args, levels, results)
+    results["summary"] = summary(args, results)
     if args.floor_cases:
-        # The compute floor in the same run (bench/pipeline_floor.py): the pipeline alone,
-        # in-process, per query; issue 11's CPU targets (ranking <= 2.0 ms, fusion <= 1.2 ms
-        # per Recommend at 1 caller) sit against it.
-        import pipeline_floor  # bench/pipeline_floor.py
-        floor = pipeline_floor.measure(args.model_repo, args.floor_cases)
-        results["pipeline_floor"] = floor
-        served = results["recommend_curve"][0]["cpu_ms_per_request"]
-        per_query = floor["cpu_ms_per_query"]
-        results["summary"]["c1_cpu_ms_vs_floor"] = {
-            "ranking": {"served": served["ranking"], "floor": per_query["ranking"],
-                        "target": RANKING_CPU_TARGET_MS},
-            "fusion": {"served": served["fusion"], "floor_model_only": per_query["fusion_model"],
-                       "target": FUSION_CPU_TARGET_MS}}
+        add_pipeline_floor(args, results)
     if args.tracing_calls:
-        # Tracing's cost in the same run: the services stopped above, three fresh stacks
-        # (off, on, on at 10%) take turns (bench/tracing.py).
-        import tracing as tracing_bench  # bench/tracing.py
-        traced = tracing_bench.measure(tracing_bench.parse_args(
-            ["--calls", str(args.tracing_calls), "--model-repo", args.model_repo]))
-        results["tracing"] = traced
-        results["summary"]["tracing_ratio_to_off"] = traced["ratio_to_off"]
+        add_tracing(args, results)
     results["wall_s"] = round(time.perf_counter() - began, 1)
     print(json.dumps(results["summary"], indent=2))
     out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "e2e.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out / "e2e.json", results)
     plot(results, out / "e2e.png")
-    print(f"wrote {out / 'e2e.json'} and e2e.png")
+    print(f"wrote {out / 'e2e.png'}")
     return 0
 
 

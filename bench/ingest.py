@@ -2,8 +2,8 @@
 then the whole of MovieLens-1M through the running embedding + fusion services over gRPC.
 Writes bench/results/ingest.{json,png}.
 
-    .venv/bin/python bench/ingest.py [--store-events 100000] [--movielens-limit 0]
-    .venv/bin/python bench/ingest.py --cluster-only [--cluster-seconds 10]
+    .venv/bin/python -m bench.ingest [--store-events 100000] [--movielens-limit 0]
+    .venv/bin/python -m bench.ingest --cluster-only [--cluster-seconds 10]
 
 Store part (in-process, real events, both backends on this machine, fixed seed): every append
 returns only once its events are durable (SQLite WAL + synchronous=FULL; Redis AOF with
@@ -15,14 +15,14 @@ MovieLens part: `python -m services.embedding.server` and `python -m services.fu
 users split by hash) send all 1,000,209 ratings; item titles are embedded by the fusion
 service through the embedding service, each once. Progress is printed every 5 s.
 
-Cluster part (`cluster` in the results; `--cluster-only` runs it alone and replaces that key
-in an existing ingest.json): one embedding service, then per row a fresh Redis and a fusion
-service on it (`--store redis`): one primary (redis://), the same as a 1-node cluster,
-3 primaries, 3 primaries + 3 replicas, and that with `--redis-replica-acks 1`. Each row warms
-the store's item vectors (200 real items, embedded once), then 4 callers send Ingest batches
-of 500 fresh events (2,000 users) for `--cluster-seconds`; durable events/s, and the CPU
-seconds of each process kind (fusion, redis, embedding, this client) over the timed window.
-Then, in process on 3 primaries + 3 replicas, the latency of one-event appends with and
+Cluster part (bench/ingest_cluster.py; `cluster` in the results; `--cluster-only` runs it alone
+and replaces that key in an existing ingest.json): one embedding service, then per row a fresh
+Redis and a fusion service on it (`--store redis`): one primary (redis://), the same as a
+1-node cluster, 3 primaries, 3 primaries + 3 replicas, and that with `--redis-replica-acks 1`.
+Each row warms the store's item vectors (200 real items, embedded once), then 4 callers send
+Ingest batches of 500 fresh events (2,000 users) for `--cluster-seconds`; durable events/s, and
+the CPU seconds of each process kind (fusion, redis, embedding, this client) over the timed
+window. Then, in process on 3 primaries + 3 replicas, the latency of one-event appends with and
 without replica acks (what WAIT adds to one acknowledgement).
 Everything shares the machine's cores, so the ratios between rows and the CPU split are the
 result, not the absolute rates.
@@ -34,42 +34,20 @@ import argparse
 import itertools
 import json
 import os
-import platform
-import random
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "gen"), str(REPO)]
-
-from clients.crossrec_client import FusionClient  # noqa: E402
-from tools.redis_server import RedisClusterServers, RedisServer  # noqa: E402
-from tools.stack import ServiceProcess, service_args, start_stack  # noqa: E402
-from dataio import (AMAZON, MOVIELENS, item_texts, iter_events, to_event,  # noqa: E402
-                    user_events)
-from services.common.validation import validate_event  # noqa: E402
-from services.fusion.sqlite_store import SQLiteProfileStore  # noqa: E402
-
-RESULTS = REPO / "bench" / "results"
-
-
-def synthetic_stream(n: int, seed: int = 0):
-    """n validated events: real Amazon events copied under fresh user and event ids."""
-    users = list(user_events(AMAZON, users=500).values())
-    rng = random.Random(seed)
-    out = []
-    while len(out) < n:
-        events = users[rng.randrange(len(users))]
-        copy = f"b{len(out)}"
-        for e in events:
-            out.append(validate_event(**dict(e, user_id=f"{copy}:{e['user_id']}",
-                                             event_id=f"{copy}:{e['event_id']}"), field="e"))
-    return out[:n]
+from bench.common import MODEL_REPO, RESULTS, command_line, cpu_model, git_sha, write_results
+from bench.ingest_cluster import cluster_bench
+from bench.stack_data import synthetic_stream
+from clients.crossrec_client import FusionClient
+from dataio import MOVIELENS, item_texts, iter_events, to_event
+from services.fusion.sqlite_store import SQLiteProfileStore
+from tools.redis_server import RedisServer
+from tools.stack import start_stack
 
 
 def rate(fn, n_events: int) -> dict:
@@ -150,155 +128,6 @@ def movielens_bulk(run_dir: Path, model_repo: str, limit: int, streams: int = 4)
             "target_met": accepted == total and took <= 300}
 
 
-CLUSTER_ROWS = (
-    # (name, primaries (0: one plain server), replicas per primary, --redis-replica-acks)
-    ("1 primary", 0, 0, 0),
-    ("1 primary, cluster mode", 1, 0, 0),
-    ("3 primaries", 3, 0, 0),
-    ("3 primaries + 3 replicas", 3, 1, 0),
-    ("3 primaries + 3 replicas, replica acks 1", 3, 1, 1),
-)
-CLUSTER_ITEMS = 200
-CLUSTER_USERS = 2000
-CLUSTER_BATCH = 500
-CLUSTER_CALLERS = 4
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cluster_events(items: list[tuple[str, str]], seed: int):
-    """Endless fresh events (own ids, CLUSTER_USERS users) on the given (item_id, text)."""
-    rng = random.Random(seed)
-    n = 0
-    while True:
-        item, text = items[rng.randrange(len(items))]
-        yield {"event_id": f"c{seed}-{n}", "user_id": f"cu{rng.randrange(CLUSTER_USERS)}",
-               "platform": "amazon", "item_id": item, "item_text": text, "action": 2,
-               "event_time_ms": 1_700_000_000_000 + n}
-        n += 1
-
-
-def cluster_row(run_dir: Path, model_repo: str, embedding: ServiceProcess, name: str,
-                primaries: int, replicas: int, acks: int, items, seconds: float) -> dict:
-    if primaries:
-        redis = RedisClusterServers(run_dir / "redis", primaries, replicas).start()
-        redis_pids, url = [n.proc.pid for n in redis.nodes], redis.url
-    else:
-        redis = RedisServer(run_dir / "redis").start()
-        redis_pids, url = [redis.proc.pid], redis.url
-    args = service_args("fusion", model_repo, run_dir, {"embedding": embedding.address})
-    fusion = ServiceProcess("fusion", args + ["--store", "redis", "--redis-url", url,
-                                              "--redis-replica-acks", str(acks)], run_dir)
-    try:
-        fusion.start().wait_ready()
-        with FusionClient(fusion.address, timeout_s=60) as client:
-            client.ingest([dict(e, event_id=f"warm-{i}") for i, e in enumerate(
-                {"user_id": "warm", "platform": "amazon", "item_id": item, "item_text": text,
-                 "action": 2, "event_time_ms": 1_700_000_000_000} for item, text in items)])
-        acked = [0] * CLUSTER_CALLERS
-        stop = threading.Event()
-
-        def caller(i):
-            stream = cluster_events(items, seed=i)
-            with FusionClient(fusion.address, timeout_s=60) as client:
-                while not stop.is_set():
-                    batch = [next(stream) for _ in range(CLUSTER_BATCH)]
-                    result = client.ingest(batch)
-                    acked[i] += result.accepted + result.duplicates
-        pids = {"fusion": [fusion.proc.pid], "redis": redis_pids,
-                "embedding": [embedding.proc.pid], "client": [os.getpid()]}
-        before = {k: sum(cpu_s(p) for p in v) for k, v in pids.items()}
-        started = time.perf_counter()
-        threads = [threading.Thread(target=caller, args=(i,)) for i in range(CLUSTER_CALLERS)]
-        for t in threads:
-            t.start()
-        time.sleep(seconds)
-        stop.set()
-        for t in threads:
-            t.join()
-        took = time.perf_counter() - started
-        cpu = {k: round(sum(cpu_s(p) for p in v) - before[k], 2) for k, v in pids.items()}
-    finally:
-        fusion.stop()
-        redis.stop()
-        shutil.rmtree(run_dir / "redis", ignore_errors=True)
-    total_cpu = sum(cpu.values())
-    row = {"name": name, "primaries": max(primaries, 1), "replicas_per_primary": replicas,
-           "cluster_mode": bool(primaries), "replica_acks": acks, "events": sum(acked),
-           "seconds": round(took, 2), "events_per_s": round(sum(acked) / took, 1),
-           "cpu_s": cpu, "cpu_share": {k: round(v / total_cpu, 3) for k, v in cpu.items()},
-           "cores_busy": round(total_cpu / took, 2)}
-    print(json.dumps(row), flush=True)
-    return row
-
-
-def replica_ack_cost(run_dir: Path, events, n: int = 400) -> dict:
-    """Latency of one-event appends from one caller, in process, on 3 primaries + 3 replicas:
-    fsynced on the primary vs also confirmed by its replica (WAIT 1), same cluster."""
-    from services.fusion.redis_store import RedisProfileStore
-    cluster = RedisClusterServers(run_dir / "redis", 3, 1).start()
-    out = {}
-    try:
-        for acks, part in ((0, events[:n]), (1, events[n:2 * n])):
-            store = RedisProfileStore(cluster.url, replica_acks=acks)
-            took = []
-            for e in part:
-                started = time.perf_counter()
-                store.append([e])
-                took.append(time.perf_counter() - started)
-            store.close()
-            took.sort()
-            out[f"replica_acks_{acks}"] = {
-                "appends": n, "p50_ms": round(took[n // 2] * 1000, 3),
-                "p99_ms": round(took[int(n * 0.99)] * 1000, 3),
-                "events_per_s": round(n / sum(took), 1)}
-    finally:
-        cluster.stop()
-        shutil.rmtree(run_dir / "redis", ignore_errors=True)
-    out["p50_ratio_acks_1_vs_0"] = round(out["replica_acks_1"]["p50_ms"]
-                                         / out["replica_acks_0"]["p50_ms"], 2)
-    print(json.dumps(out), flush=True)
-    return out
-
-
-def cluster_bench(run_dir: Path, model_repo: str, seconds: float) -> dict:
-    """The CLUSTER_ROWS through fusion on one embedding service, and their ratios."""
-    items = []
-    for e in synthetic_stream(5000):
-        if e.item_text and e.item_id not in {i for i, _ in items}:
-            items.append((e.item_id, e.item_text))
-        if len(items) == CLUSTER_ITEMS:
-            break
-    run_dir.mkdir(parents=True, exist_ok=True)
-    embedding = ServiceProcess("embedding", service_args("embedding", model_repo, run_dir, {}),
-                               run_dir).start()
-    try:
-        embedding.wait_ready()
-        rows = [cluster_row(run_dir, model_repo, embedding, *row, items, seconds)
-                for row in CLUSTER_ROWS]
-    finally:
-        embedding.stop()
-    single = replica_ack_cost(run_dir, synthetic_stream(800, seed=1))
-    rate = {r["name"]: r["events_per_s"] for r in rows}
-    return {"params": {"seconds": seconds, "callers": CLUSTER_CALLERS,
-                       "batch": CLUSTER_BATCH, "users": CLUSTER_USERS, "items": CLUSTER_ITEMS,
-                       "fusion_processes": 1},
-            "rows": rows, "single_event_appends_in_process": single,
-            "ratios": {
-                "3_primaries_vs_1_primary": round(rate["3 primaries"] / rate["1 primary"], 2),
-                "3_primaries_vs_1_primary_cluster_mode": round(
-                    rate["3 primaries"] / rate["1 primary, cluster mode"], 2),
-                "cluster_mode_vs_plain_1_primary": round(
-                    rate["1 primary, cluster mode"] / rate["1 primary"], 2),
-                "replica_acks_1_vs_none": round(
-                    rate["3 primaries + 3 replicas, replica acks 1"]
-                    / rate["3 primaries + 3 replicas"], 2)}}
-
-
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -328,7 +157,7 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store-events", type=int, default=100_000)
@@ -341,53 +170,60 @@ def main(argv=None) -> int:
                         help="run only the cluster rows; replace them in ingest.json")
     parser.add_argument("--cluster-note", default="",
                         help="a note stored with the cluster rows (e.g. a busy machine)")
-    parser.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
-                                                               str(REPO / "models")))
-    args = parser.parse_args(argv)
-    command = " ".join([Path(sys.executable).name, *sys.argv])
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                         capture_output=True, text=True).stdout.strip()
-    if args.cluster_only:
-        path = RESULTS / "ingest.json"
-        results = json.loads(path.read_text()) if path.exists() else {}
-        with tempfile.TemporaryDirectory() as tmp:
-            results["cluster"] = cluster_bench(Path(tmp) / "cluster", args.model_repo,
-                                               args.cluster_seconds)
-        results["cluster"].update(command=command, git_sha=sha, cpus=os.cpu_count(),
-                                  note=args.cluster_note)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        print(json.dumps(results["cluster"]["ratios"]))
-        print(f"wrote the cluster rows into {path}")
-        return 0
-    events = synthetic_stream(args.store_events + 3 * args.single_events)
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                         capture_output=True, text=True).stdout.strip(),
-               "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-               "store": {}}
+    parser.add_argument("--model-repo", default=MODEL_REPO)
+    return parser.parse_args(argv)
+
+
+def cluster_only(args: argparse.Namespace) -> int:
+    """The cluster rows alone, replacing `cluster` in an existing ingest.json."""
+    path = RESULTS / "ingest.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        print("store: sqlite", flush=True)
-        results["store"]["sqlite"] = store_bench(
-            lambda: SQLiteProfileStore(Path(tmp) / "bench.sqlite3"), events, args.single_events)
-        print(json.dumps(results["store"]["sqlite"]), flush=True)
-        print("store: redis", flush=True)
-        from services.fusion.redis_store import RedisProfileStore
-        redis = RedisServer(Path(tmp) / "redis").start()
-        try:
-            results["store"]["redis"] = store_bench(lambda: RedisProfileStore(redis.url), events,
-                                                    args.single_events)
-        finally:
-            redis.stop()
-        print(json.dumps(results["store"]["redis"]), flush=True)
-        sqlite = results["store"]["sqlite"]
-        results["ratios"] = {
-            "sqlite_batch_vs_single": round(sqlite["batch_1000"]["events_per_s"]
-                                            / sqlite["single"]["events_per_s"], 1),
-            "sqlite_group_commit_x16_vs_single": round(sqlite["single_x16"]["events_per_s"]
-                                                       / sqlite["single"]["events_per_s"], 1)}
-        results["targets"] = {"sqlite_batched_events_per_s": 20000,
-                              "sqlite_batched_met": sqlite["batch_1000"]["events_per_s"] >= 20000}
+        results["cluster"] = cluster_bench(Path(tmp) / "cluster", args.model_repo,
+                                           args.cluster_seconds)
+    results["cluster"].update(command=command_line(), git_sha=git_sha(), cpus=os.cpu_count(),
+                              note=args.cluster_note)
+    write_results(path, results)
+    print(json.dumps(results["cluster"]["ratios"]))
+    return 0
+
+
+def store_part(tmp: Path, events: list, single_events: int) -> dict:
+    """Both backends' durable appends (store_bench) and SQLite's ratios and target."""
+    results = {"store": {}}
+    print("store: sqlite", flush=True)
+    results["store"]["sqlite"] = store_bench(
+        lambda: SQLiteProfileStore(tmp / "bench.sqlite3"), events, single_events)
+    print(json.dumps(results["store"]["sqlite"]), flush=True)
+    print("store: redis", flush=True)
+    from services.fusion.redis_store import RedisProfileStore
+    redis = RedisServer(tmp / "redis").start()
+    try:
+        results["store"]["redis"] = store_bench(lambda: RedisProfileStore(redis.url), events,
+                                                single_events)
+    finally:
+        redis.stop()
+    print(json.dumps(results["store"]["redis"]), flush=True)
+    sqlite = results["store"]["sqlite"]
+    results["ratios"] = {
+        "sqlite_batch_vs_single": round(sqlite["batch_1000"]["events_per_s"]
+                                        / sqlite["single"]["events_per_s"], 1),
+        "sqlite_group_commit_x16_vs_single": round(sqlite["single_x16"]["events_per_s"]
+                                                   / sqlite["single"]["events_per_s"], 1)}
+    results["targets"] = {"sqlite_batched_events_per_s": 20000,
+                          "sqlite_batched_met": sqlite["batch_1000"]["events_per_s"] >= 20000}
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cluster_only:
+        return cluster_only(args)
+    events = synthetic_stream(args.store_events + 3 * args.single_events)
+    results = {"command": command_line(), "git_sha": git_sha(), "cpus": os.cpu_count(),
+               "cpu": cpu_model()}
+    with tempfile.TemporaryDirectory() as tmp:
+        results.update(store_part(Path(tmp), events, args.single_events))
         if not args.no_movielens:
             print("movielens-1m bulk ingest over gRPC", flush=True)
             results["movielens"] = movielens_bulk(Path(tmp) / "run", args.model_repo,
@@ -396,10 +232,9 @@ def main(argv=None) -> int:
         print("cluster rows through fusion", flush=True)
         results["cluster"] = cluster_bench(Path(tmp) / "cluster", args.model_repo,
                                            args.cluster_seconds)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ingest.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(RESULTS / "ingest.json", results)
     plot(results, RESULTS / "ingest.png")
-    print(f"wrote {RESULTS / 'ingest.json'} and ingest.png")
+    print(f"wrote {RESULTS / 'ingest.png'}")
     return 0
 
 

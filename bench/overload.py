@@ -3,7 +3,7 @@ and whether answered calls keep their latency, for each --max-concurrent-rpcs gi
 gRPC server's own cap, which refuses before any handler, thread or deserialisation) in the
 same run. All services and the load on this machine's cores, loopback only.
 
-    .venv/bin/python bench/overload.py [--processes 1] [--callers 360] [--flood-s 8]
+    .venv/bin/python -m bench.overload [--processes 1] [--callers 360] [--flood-s 8]
         [--max-concurrent-rpcs 64,512] [--out bench/results/overload.json]
 
 The admission limit is --max-active-recommends + --max-waiting-recommends per worker process
@@ -26,16 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "gen"), str(REPO), str(REPO / "bench")]
+import grpc
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tools.stack import ServiceProcess, service_args, start_stack  # noqa: E402
-from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc  # noqa: E402
-from e2e import load_data, results_sha, seed_stores  # noqa: E402
-from machine import cpu_model, write_results  # noqa: E402
+from bench.common import (MODEL_REPO, RESULTS, command_line, cpu_model, git_sha, percentiles,
+                          write_results)
+from bench.stack_data import load_data, seed_stores
+from crossrec.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from tools.stack import ServiceProcess, service_args, start_stack
 
 DEADLINE_S = 5.0
 
@@ -107,16 +104,17 @@ async def open_loop(address: str, users: list[str], rate: float, connections: in
 
 
 def summary(calls: dict[str, list[float]], seconds: float) -> dict:
-    def pct(values, q):
-        return round(float(np.percentile(values, q)) * 1000, 2) if values else None
     ok, refused = calls.get("OK", []), calls.get("RESOURCE_EXHAUSTED", [])
-    return {"counts": {k: len(v) for k, v in calls.items()},
-            "ok_rps": round(len(ok) / seconds, 1),
-            "ok_p50_ms": pct(ok, 50), "ok_p99_ms": pct(ok, 99),
-            "refused_p50_ms": pct(refused, 50), "refused_p99_ms": pct(refused, 99)}
+    out = {"counts": {k: len(v) for k, v in calls.items()},
+           "ok_rps": round(len(ok) / seconds, 1)}
+    for name, values in (("ok", ok), ("refused", refused)):
+        pct = (percentiles(values, scale=1000, digits=2, qs=(50, 99)) if values
+               else dict.fromkeys(("p50_ms", "p99_ms")))
+        out.update({f"{name}_{k}": v for k, v in pct.items()})
+    return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--processes", type=int, default=1)
@@ -131,15 +129,50 @@ def main(argv=None) -> int:
                    help="then an open-loop flood at this many times the baseline's answered "
                         "rate (calls sent on schedule whatever the answers); 0 = skip")
     p.add_argument("--users", type=int, default=500)
-    p.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
-                                                          str(REPO / "models")))
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "overload.json"))
-    args = p.parse_args(argv)
+    p.add_argument("--model-repo", default=MODEL_REPO)
+    p.add_argument("--out", default=str(RESULTS / "overload.json"))
+    return p.parse_args(argv)
+
+
+def flood_one_cap(args: argparse.Namespace, run_dir: Path, procs: dict, cap: int,
+                  callers: int, users: list[str] | None) -> tuple[dict, list[str]]:
+    """A ranking with --max-concurrent-rpcs `cap`: the baseline, the closed-loop flood, the
+    open-loop flood; (the run's figures, the users, loaded through it when None)."""
+    ranking = ServiceProcess("ranking", service_args(
+        "ranking", args.model_repo, run_dir,
+        {n: q.address for n, q in procs.items()}) + [
+        "--processes", str(args.processes), "--max-concurrent-rpcs", str(cap)],
+        run_dir / f"ranking-{cap}").start().wait_ready(300)
+    try:
+        if users is None:
+            users = load_data({**procs, "ranking": ranking}, args.users, 0, False).users
+        base = asyncio.run(closed_loop(ranking.address, users, args.baseline_callers,
+                                       args.connections, args.baseline_s))
+        flood = asyncio.run(closed_loop(ranking.address, users, callers, args.connections,
+                                        args.flood_s))
+        capacity = len(base.get("OK", [])) / args.baseline_s
+        offered = args.open_loop_factor * capacity
+        opened = (asyncio.run(open_loop(ranking.address, users, offered, args.connections,
+                                        args.flood_s))
+                  if args.open_loop_factor else {})
+    finally:
+        code = ranking.stop()
+    run = {"max_concurrent_rpcs": cap, "exit_code": code,
+           "baseline": summary(base, args.baseline_s), "flood": summary(flood, args.flood_s)}
+    if opened:
+        run["open_loop"] = {"offered_rps": round(offered, 1),
+                            "factor_of_capacity": args.open_loop_factor,
+                            **summary(opened, args.flood_s)}
+    return run, users
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     limit = (4 + 32) * args.processes
     callers = args.callers or 10 * limit
     args.baseline_callers = args.baseline_callers or limit
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "git_sha": results_sha(), "cpus": os.cpu_count(), "cpu": cpu_model(),
+    results = {"command": command_line(), "git_sha": git_sha(), "cpus": os.cpu_count(),
+               "cpu": cpu_model(),
                "params": {"processes": args.processes, "admission_limit": limit,
                           "callers": callers, "connections": args.connections,
                           "baseline_callers": args.baseline_callers,
@@ -151,34 +184,7 @@ def main(argv=None) -> int:
         try:
             users = None
             for cap in [int(x) for x in args.max_concurrent_rpcs.split(",")]:
-                ranking = ServiceProcess("ranking", service_args(
-                    "ranking", args.model_repo, run_dir,
-                    {n: q.address for n, q in procs.items()}) + [
-                    "--processes", str(args.processes), "--max-concurrent-rpcs", str(cap)],
-                    run_dir / f"ranking-{cap}").start().wait_ready(300)
-                try:
-                    if users is None:
-                        users = load_data({**procs, "ranking": ranking}, args.users, 0,
-                                          False).users
-                    base = asyncio.run(closed_loop(ranking.address, users,
-                                                   args.baseline_callers, args.connections,
-                                                   args.baseline_s))
-                    flood = asyncio.run(closed_loop(ranking.address, users, callers,
-                                                    args.connections, args.flood_s))
-                    capacity = len(base.get("OK", [])) / args.baseline_s
-                    offered = args.open_loop_factor * capacity
-                    opened = (asyncio.run(open_loop(ranking.address, users, offered,
-                                                    args.connections, args.flood_s))
-                              if args.open_loop_factor else {})
-                finally:
-                    code = ranking.stop()
-                run = {"max_concurrent_rpcs": cap, "exit_code": code,
-                       "baseline": summary(base, args.baseline_s),
-                       "flood": summary(flood, args.flood_s)}
-                if opened:
-                    run["open_loop"] = {"offered_rps": round(offered, 1),
-                                        "factor_of_capacity": args.open_loop_factor,
-                                        **summary(opened, args.flood_s)}
+                run, users = flood_one_cap(args, run_dir, procs, cap, callers, users)
                 print(json.dumps(run), flush=True)
                 results["runs"].append(run)
         finally:

@@ -4,7 +4,7 @@ real catalogue, with serving's thread settings (one BLAS thread, the user tower'
 ranker's served ONNX sessions). A served Recommend can cost no less than this; bench/e2e.py
 runs it in its own run, beside the served CPU per Recommend by process.
 
-    .venv/bin/python bench/pipeline_floor.py [--cases 200]    (bench/results/pipeline_floor.json)
+    .venv/bin/python -m bench.pipeline_floor [--cases 200]   (bench/results/pipeline_floor.json)
 
 Stages (export/systems.py's CrossrecSystem runs the same calls):
 - `user_tower`: fusion's model call for one profile (services/fusion/model.encode_user through
@@ -20,22 +20,17 @@ besides gRPC, the profile call and explanations); `fusion_model` = user_tower.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "gen"), str(REPO)]
+import numpy as np
+from threadpoolctl import threadpool_limits
 
-import numpy as np  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
-
-from export import rank_data as rk  # noqa: E402
-from export.cases import build_cases, default_data, validation_users  # noqa: E402
-from export.systems import rank_fn  # noqa: E402
-from machine import machine, write_results  # noqa: E402  (bench/machine.py)
-from recmodel import pipeline  # noqa: E402
+from bench.common import MODEL_REPO, RESULTS, machine, write_results
+from export import rank_data as rk
+from export.cases import build_cases, default_data, validation_users
+from export.systems import rank_fn
+from recmodel import pipeline
 
 STAGES = ("user_tower", "candidates", "features", "ranker")
 
@@ -89,9 +84,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=200, help="warm and cold cases each")
-    p.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
-                                                          str(REPO / "models")))
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline_floor.json"))
+    p.add_argument("--model-repo", default=MODEL_REPO)
+    p.add_argument("--out", default=str(RESULTS / "pipeline_floor.json"))
     args = p.parse_args(argv)
     results = {**machine(), **measure(args.model_repo, args.cases)}
     print(results["cpu_ms_per_query"])

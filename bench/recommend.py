@@ -2,7 +2,7 @@
 catalogue size, and the retrieval index kinds compared by what users see: the end NDCG@10 of
 the whole Recommend pipeline on the validation users. Writes bench/results/recommend.{json,png}.
 
-    .venv/bin/python bench/recommend.py [--requests 300] [--synthetic-items 1000000]
+    .venv/bin/python -m bench.recommend [--requests 300] [--synthetic-items 1000000]
 
 Part 1: the real Amazon Arts/Office catalogue (38,396 items, real vectors from the exported
 encoder), 300 real users ingested into an in-process FusionEngine (SQLite, trained user
@@ -23,47 +23,41 @@ users' for_platform vectors, which sit far from every item (the 10th and 11th be
 
 from __future__ import annotations
 
+import os
+
+# Idle BLAS workers must not spin on the shared cores between timed calls.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
+
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "gen"), str(REPO)]
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from dataio import AMAZON, item_texts, read_items, user_events  # noqa: E402
-from export.item_vectors import item_vectors  # noqa: E402
-from recmodel import modelrepo  # noqa: E402
-from services.common.remote import RemoteProfile  # noqa: E402
-from services.fusion.engine import FusionEngine  # noqa: E402
-from recmodel.user_model import OnnxUserModel  # noqa: E402
-from services.fusion.sqlite_store import SQLiteProfileStore  # noqa: E402
-from services.ranking.catalog import CatalogItem  # noqa: E402
-from services.ranking.sqlite_catalog import SQLiteCatalog  # noqa: E402
-from services.ranking.engine import Popularity, RankingEngine  # noqa: E402
-from recmodel import pipeline  # noqa: E402
-from recmodel.index import (EXACT, HNSW, IVF, IVF_NPROBE, KINDS, PCA,  # noqa: E402
-                                    PCA_SHORTLIST, SQ_RESCORE, PlatformIndex)
-from recmodel.ranker import OnnxRanker  # noqa: E402
-from machine import cpu_model  # noqa: E402  (bench/machine.py)
-
-RESULTS = REPO / "bench" / "results"
+from bench.common import (MODEL_REPO, RESULTS, command_line, cpu_model, git_sha, percentiles,
+                          write_results)
+from dataio import AMAZON, item_texts, read_items, user_events
+from export.item_vectors import item_vectors
+from recmodel import modelrepo, pipeline
+from recmodel.index import (EXACT, HNSW, IVF, IVF_NPROBE, KINDS, PCA, PCA_SHORTLIST, SQ_RESCORE,
+                            PlatformIndex)
+from recmodel.ranker import OnnxRanker
+from recmodel.user_model import OnnxUserModel
+from services.common.remote import RemoteProfile
+from services.fusion.engine import FusionEngine
+from services.fusion.sqlite_store import SQLiteProfileStore
+from services.ranking.catalog import CatalogItem
+from services.ranking.sqlite_catalog import SQLiteCatalog
+from services.ranking.engine import Popularity, RankingEngine
 
 
-def percentiles(ms: list[float]) -> dict:
-    a = np.asarray(ms)
-    return {"p50_ms": round(float(np.percentile(a, 50)), 3),
-            "p95_ms": round(float(np.percentile(a, 95)), 3),
-            "p99_ms": round(float(np.percentile(a, 99)), 3),
-            "mean_ms": round(float(a.mean()), 3), "n": len(ms)}
+def latency(ms: list[float]) -> dict:
+    """Percentiles, mean and count of latencies in milliseconds."""
+    return {**percentiles(ms), "mean_ms": round(float(np.mean(ms)), 3), "n": len(ms)}
 
 
 def as_remote(fusion: FusionEngine):
@@ -92,7 +86,7 @@ def recommend_latency(engine: RankingEngine, ids: list[str], platforms: list[str
         started = time.perf_counter()
         engine.recommend(user, platform, 10, exclude_seen=True)
         latencies.append((time.perf_counter() - started) * 1000)
-    return percentiles(latencies)
+    return latency(latencies)
 
 
 def real_catalog_latency(repo: str, tmp: Path, n_requests: int, seed: int):
@@ -154,7 +148,7 @@ def end_quality(tables: dict, contexts: list, targets: list[int], ranker, k: int
         gains.append(1 / np.log2(hit[0] + 2) if len(hit) else 0.0)
         hits.append(bool(len(hit)))
     return {"ndcg@10": round(float(np.mean(gains)), 5), "hr@10": round(float(np.mean(hits)), 5),
-            "cases": len(gains), "search": percentiles(search_ms)}
+            "cases": len(gains), "search": latency(search_ms)}
 
 
 def index_tables(data, kind: str, extra: dict | None = None) -> dict:
@@ -213,7 +207,7 @@ def index_comparison(repo: str, n_items: int, cases_per_setting: int, big_cases:
             snap.search(ctx.for_platform, ranker.candidates)
             interleaved[kind].append((time.perf_counter() - t) * 1000)
     for kind in KINDS:
-        out["real"]["kinds"][kind]["search_interleaved"] = percentiles(interleaved[kind])
+        out["real"]["kinds"][kind]["search_interleaved"] = latency(interleaved[kind])
     del all_tables
     relative(out["real"]["kinds"])
     if not n_items:
@@ -286,12 +280,9 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic-cases", type=int, default=300,
                         help="office cases ranked against the synthetic catalogue")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
-                                                               str(REPO / "models")))
+    parser.add_argument("--model-repo", default=MODEL_REPO)
     args = parser.parse_args(argv)
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                         capture_output=True, text=True).stdout.strip(),
+    results = {"command": command_line(), "git_sha": git_sha(),
                "cpus": os.cpu_count(), "cpu": cpu_model(),
                "index_params": {"pca_shortlist": PCA_SHORTLIST, "sq_rescore": SQ_RESCORE,
                                 "ivf_nprobe": IVF_NPROBE, "hnsw_ef_search": 128}}
@@ -304,10 +295,9 @@ def main(argv=None) -> int:
     print("index kinds by the end NDCG@10 of Recommend", flush=True)
     results["indexes"] = index_comparison(args.model_repo, args.synthetic_items, args.cases,
                                           args.synthetic_cases, args.seed)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "recommend.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(RESULTS / "recommend.json", results)
     plot(results, RESULTS / "recommend.png")
-    print(f"wrote {RESULTS / 'recommend.json'} and recommend.png")
+    print(f"wrote {RESULTS / 'recommend.png'}")
     return 0
 
 

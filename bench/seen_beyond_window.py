@@ -2,23 +2,19 @@
 before the 50-event window the ranker sees (its `seen` feature covers the window only), and
 the HR@10 were every item of the user's input masked out (an upper bound on that lever).
 
-    .venv/bin/python bench/seen_beyond_window.py --model-repo models-movielens-1m \\
+    .venv/bin/python -m bench.seen_beyond_window --model-repo models-movielens-1m \\
         --dataset movielens-1m [--users 1500]    (prints; figures quoted in export-decisions)
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "gen"), str(REPO)]
-
-from export import cli  # noqa: E402
-from export.cases import build_cases, default_data, held_out_users  # noqa: E402
-from export.metrics import K as TOP_K  # noqa: E402
-from export.systems import rank_fn  # noqa: E402
-from machine import machine  # noqa: E402  (bench/machine.py)
+from bench.common import machine
+from export import cli
+from export.cases import build_cases, default_data, held_out_users
+from export.metrics import K as TOP_K
+from export.systems import rank_fn
 
 WINDOW = 50
 

@@ -7,7 +7,7 @@ CPU time per Recommend over the whole measured phase (Linux /proc; the exporter'
 work included) and latency by mode, and the ratios to tracing off. Writes
 bench/results/tracing.json. About 2.5 minutes.
 
-    .venv/bin/python bench/tracing.py [--users 200] [--calls 1500] [--block 10]
+    .venv/bin/python -m bench.tracing [--users 200] [--calls 1500] [--block 10]
 
 Data: the whole Amazon Arts/Office catalogue, written from the encoder's cached vectors as
 bench/e2e.py does, and the first --users users' history events through fusion's Ingest.
@@ -17,26 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from bench.common import (MODEL_REPO, RESULTS, command_line, cpu_seconds, git_dirty, git_sha,
+                          machine, percentiles, write_results)
+from bench.stack_data import seed_stores
+from clients.crossrec_client import CrossrecClient, CrossrecError, Event
+from dataio import AMAZON, user_events
+from tools.stack import start_stack
+from tools.trace_collector import TraceCollector
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "gen"), str(REPO)]
-
-from clients.crossrec_client import CrossrecClient, CrossrecError, Event  # noqa: E402
-from tools.stack import start_stack  # noqa: E402
-from tools.trace_collector import TraceCollector  # noqa: E402
-from dataio import AMAZON, user_events  # noqa: E402
-from e2e import cpu_seconds, seed_stores  # noqa: E402  (bench/e2e.py)
-from machine import machine  # noqa: E402  (bench/machine.py)
-
-RESULTS = REPO / "bench" / "results"
 # name: sampling ratio (None: tracing off)
 MODES = {"off": None, "on": 1.0, "on_ratio_0.1": 0.1}
 SERVICES = ("embedding", "fusion", "ranking")
@@ -84,11 +77,6 @@ def run_calls(client, users: list[str], calls: int, offset: int) -> tuple[list, 
     return latencies, errors
 
 
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,8 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=1500, help="measured Recommends per mode")
     p.add_argument("--block", type=int, default=10, help="Recommends per mode per turn")
     p.add_argument("--warmup", type=int, default=50, help="Recommends per mode first, unmeasured")
-    p.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
-                                                          str(REPO / "models")))
+    p.add_argument("--model-repo", default=MODEL_REPO)
     return p.parse_args(argv)
 
 
@@ -105,9 +92,7 @@ def measure(args: argparse.Namespace) -> dict:
     """The three stacks, the alternating Recommends, the figures (bench/e2e.py runs this too,
     so its results hold the tracing ratio of the same run)."""
     began = time.perf_counter()
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "git_sha": git("rev-parse", "--short", "HEAD"),
-               "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    results = {"command": command_line(), "git_sha": git_sha(), "git_dirty": git_dirty(),
                **machine(), "provider": "CPUExecutionProvider",
                "params": {"users": args.users, "calls": args.calls,
                           "block": args.block, "warmup": args.warmup, "k": 10,
@@ -120,30 +105,7 @@ def measure(args: argparse.Namespace) -> dict:
             for mode, ratio in MODES.items():
                 stacks[mode] = start(mode, ratio, Path(tmp) / mode, args.model_repo,
                                      args.users)
-            time.sleep(11)  # one popularity refresh in each ranking
-            for _, _, client, users in stacks.values():
-                run_calls(client, users, args.warmup, 0)
-            time.sleep(EXPORT_EVERY_S)  # the warm-up's spans exported before measuring
-            spans_before = {m: len(c.spans) for m, (_, c, _, _) in stacks.items() if c}
-            pids = {m: {s: procs[s].proc.pid for s in SERVICES}
-                    for m, (procs, _, _, _) in stacks.items()}
-            latencies = {m: [] for m in MODES}
-            errors = dict.fromkeys(MODES, 0)
-            turns = list(stacks.items())
-            blocks = args.calls // args.block
-            before = {m: cpu_seconds(pids[m]) for m in MODES}
-            for b in range(blocks):
-                for i in range(len(turns)):
-                    mode, (_, _, client, users) = turns[(b + i) % len(turns)]
-                    lat, err = run_calls(client, users, args.block, b * args.block)
-                    latencies[mode] += lat
-                    errors[mode] += err
-                if (b + 1) % max(1, blocks // 5) == 0:
-                    print(f"  {b + 1}/{blocks} blocks", flush=True)
-            time.sleep(EXPORT_EVERY_S)  # the last spans' export is part of the cost
-            after = {m: cpu_seconds(pids[m]) for m in MODES}
-            cpu = {m: {s: after[m].get(s, 0.0) - before[m].get(s, 0.0) for s in SERVICES}
-                   for m in MODES}
+            measured = take_turns(args, stacks)
         finally:
             # Stopping flushes every span a server still holds into its collector.
             for mode, (procs, _, client, _) in stacks.items():
@@ -154,21 +116,9 @@ def measure(args: argparse.Namespace) -> dict:
                 if collector is not None:
                     collector.stop()
     # The popularity refreshes' spans (GetItemStats) count too: a few per stack in the run.
-    spans = {m: len(c.spans) - spans_before[m] for m, (_, c, _, _) in stacks.items() if c}
-    n = blocks * args.block
-    modes = {}
-    for mode in MODES:
-        lat_ms = np.asarray(latencies[mode]) * 1000
-        per_call = {s: round(cpu[mode][s] * 1000 / n, 3) for s in SERVICES}
-        modes[mode] = {"calls": n, "errors": errors[mode],
-                       "p50_ms": round(float(np.percentile(lat_ms, 50)), 2),
-                       "p95_ms": round(float(np.percentile(lat_ms, 95)), 2),
-                       "p99_ms": round(float(np.percentile(lat_ms, 99)), 2),
-                       "cpu_ms_per_recommend": {**per_call,
-                                                "all": round(sum(per_call.values()), 3)}}
-        if mode in spans:
-            modes[mode]["spans_received_per_recommend"] = round(spans[mode] / n, 2)
-    results["modes"] = modes
+    spans = {m: len(c.spans) - measured["spans_before"][m]
+             for m, (_, c, _, _) in stacks.items() if c}
+    results["modes"] = modes = by_mode(measured, spans)
     off = modes["off"]["cpu_ms_per_recommend"]
     # Embedding does no work in a plain Recommend: its few ticks are no base for a ratio.
     results["ratio_to_off"] = {
@@ -181,11 +131,55 @@ def measure(args: argparse.Namespace) -> dict:
     return results
 
 
+def take_turns(args: argparse.Namespace, stacks: dict) -> dict:
+    """The warm-up, then args.calls Recommends per mode in blocks, the modes taking turns;
+    latencies, errors and CPU seconds by mode, the spans received before measuring, and the
+    calls measured per mode."""
+    time.sleep(11)  # one popularity refresh in each ranking
+    for _, _, client, users in stacks.values():
+        run_calls(client, users, args.warmup, 0)
+    time.sleep(EXPORT_EVERY_S)  # the warm-up's spans exported before measuring
+    spans_before = {m: len(c.spans) for m, (_, c, _, _) in stacks.items() if c}
+    pids = {m: {s: procs[s].proc.pid for s in SERVICES}
+            for m, (procs, _, _, _) in stacks.items()}
+    latencies = {m: [] for m in MODES}
+    errors = dict.fromkeys(MODES, 0)
+    turns = list(stacks.items())
+    blocks = args.calls // args.block
+    before = {m: cpu_seconds(pids[m]) for m in MODES}
+    for b in range(blocks):
+        for i in range(len(turns)):
+            mode, (_, _, client, users) = turns[(b + i) % len(turns)]
+            lat, err = run_calls(client, users, args.block, b * args.block)
+            latencies[mode] += lat
+            errors[mode] += err
+        if (b + 1) % max(1, blocks // 5) == 0:
+            print(f"  {b + 1}/{blocks} blocks", flush=True)
+    time.sleep(EXPORT_EVERY_S)  # the last spans' export is part of the cost
+    after = {m: cpu_seconds(pids[m]) for m in MODES}
+    cpu = {m: {s: after[m].get(s, 0.0) - before[m].get(s, 0.0) for s in SERVICES}
+           for m in MODES}
+    return {"latencies": latencies, "errors": errors, "cpu": cpu,
+            "spans_before": spans_before, "calls": blocks * args.block}
+
+
+def by_mode(measured: dict, spans: dict[str, int]) -> dict:
+    """Per mode: calls, errors, latency percentiles, CPU per Recommend by service, spans."""
+    n = measured["calls"]
+    modes = {}
+    for mode in MODES:
+        per_call = {s: round(measured["cpu"][mode][s] * 1000 / n, 3) for s in SERVICES}
+        modes[mode] = {"calls": n, "errors": measured["errors"][mode],
+                       **percentiles(measured["latencies"][mode], scale=1000, digits=2),
+                       "cpu_ms_per_recommend": {**per_call,
+                                                "all": round(sum(per_call.values()), 3)}}
+        if mode in spans:
+            modes[mode]["spans_received_per_recommend"] = round(spans[mode] / n, 2)
+    return modes
+
+
 def main(argv=None) -> int:
-    results = measure(parse_args(argv))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tracing.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'tracing.json'}")
+    write_results(RESULTS / "tracing.json", measure(parse_args(argv)))
     return 0
 
 

@@ -1,9 +1,9 @@
 """What the ranking service's worker processes cost: the catalogue coherence check before each
-Recommend (SQLiteCatalog.refresh with nothing new, and applying another process's 1-item upsert) and
+Recommend (Catalog.refresh with nothing new, and applying another process's 1-item upsert) and
 the memory of each worker on the real 38,396-item catalogue. Writes
 bench/results/workers.json.
 
-    .venv/bin/python bench/workers.py [--calls 20000] [--processes 1,2]
+    .venv/bin/python -m bench.workers [--calls 20000] [--processes 1,2]
 
 The catalogue holds the real items with random unit vectors (memory and refresh cost do not
 depend on the values); memory is read from /proc (VmRSS, and PSS, which splits shared pages
@@ -14,23 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "gen"), str(REPO), str(REPO / "bench")]
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from tools.stack import ServiceProcess, service_args, start_stack  # noqa: E402
-from dataio import AMAZON, read_items  # noqa: E402
-from machine import cpu_model, write_results  # noqa: E402
-from recmodel.text import compose_item_text  # noqa: E402
-from services.ranking.catalog import CatalogItem  # noqa: E402
-from services.ranking.sqlite_catalog import SQLiteCatalog  # noqa: E402
+from bench.common import MODEL_REPO, RESULTS, command_line, cpu_model, git_sha, write_results
+from dataio import AMAZON, read_items
+from recmodel.text import compose_item_text
+from services.ranking.catalog import CatalogItem
+from services.ranking.sqlite_catalog import SQLiteCatalog
+from tools.stack import ServiceProcess, service_args, start_stack
 
 DIM = 384
 
@@ -120,14 +116,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calls", type=int, default=20_000)
     p.add_argument("--processes", default="1,2")
-    p.add_argument("--model-repo", default=os.environ.get("CROSSREC_MODEL_REPO",
-                                                          str(REPO / "models")))
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "workers.json"))
+    p.add_argument("--model-repo", default=MODEL_REPO)
+    p.add_argument("--out", default=str(RESULTS / "workers.json"))
     args = p.parse_args(argv)
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                         capture_output=True, text=True).stdout.strip(),
-               "cpus": os.cpu_count(), "cpu": cpu_model()}
+    results = {"command": command_line(), "git_sha": git_sha(), "cpus": os.cpu_count(),
+               "cpu": cpu_model()}
     with tempfile.TemporaryDirectory() as tmp:
         small, full = Path(tmp) / "small.sqlite3", Path(tmp) / "catalog.sqlite3"
         catalog = SQLiteCatalog(small, DIM, "exact")

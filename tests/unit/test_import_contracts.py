@@ -47,6 +47,7 @@ def test_the_house_keeps_its_import_contracts():
     ("services/fusion/engine.py", "from tools import stack",
      "services is not allowed to import tools"),
     ("recmodel/features.py", "import torch", "recmodel.features -> torch"),
+    ("export/metrics.py", "from bench import common", "export is not allowed to import bench"),
 ])
 def test_a_wrong_arrow_breaks_the_contracts_naming_it(tmp_path, source, wrong_import, broken):
     root = copy_of_the_house(tmp_path)

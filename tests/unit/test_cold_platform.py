@@ -1,9 +1,9 @@
-"""bench/cold_platform.py's scorers on tiny hand-made data."""
+"""export/cold_platform.py's scorers on tiny hand-made data."""
 
 import numpy as np
 import scipy.sparse as sp
 
-from bench.cold_platform import fuse, positions, split_halves, user_knn_scores
+from export.cold_platform import fuse, positions, split_halves, user_knn_scores
 
 
 def test_user_knn_ranks_the_nearest_neighbours_item_first():
