@@ -25,6 +25,7 @@ from opentelemetry import propagate
 from clients.crossrec_client import CrossrecClient, CrossrecError, InvalidArgument, Unavailable
 from dataio import SHARED_COLUMNS, TIME_UNITS_MS
 from recmodel.events import ACTIONS
+from services.common.flags import env_name
 from tools.cli_loads import LOAD_TIMEOUT_S, cmd_events_load, cmd_items_load
 from tools.cli_output import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE
 from tools.cli_queries import (SERVICES, cmd_delete_user, cmd_embed, cmd_health,
@@ -61,7 +62,7 @@ def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                                     "turns TLS on"),
                        ("--tls-cert", "client certificate (PEM) for mutual TLS"),
                        ("--tls-key", "client private key (PEM) for mutual TLS")):
-        env = "CROSSREC_" + flag.lstrip("-").upper().replace("-", "_")
+        env = env_name(flag)
         group.add_argument(flag, metavar="FILE", default=default(os.environ.get(env)),
                            help=f"{what} (env {env})")
 
